@@ -1,0 +1,38 @@
+"""delora_jax: DeLoRA (Decoupled Low-rank Adaptation) for JAX and Flax.
+
+Wrap a Flax parameter tree, train only the bounded low-rank adapters with any
+optax optimizer, merge back into plain parameters. Numerically identical to
+Hugging Face PEFT's ``DeloraConfig``.
+"""
+
+from delora_jax._apply import apply as apply
+from delora_jax._kernel import DeloraKernel as DeloraKernel
+from delora_jax._optim import optimizer as optimizer
+from delora_jax._rule import Rule as Rule
+from delora_jax._split import combine as combine
+from delora_jax._split import split as split
+from delora_jax._split import trainable_mask as trainable_mask
+from delora_jax._wrap import adapters as adapters
+from delora_jax._wrap import delta as delta
+from delora_jax._wrap import merge as merge
+from delora_jax._wrap import unwrap as unwrap
+from delora_jax._wrap import with_adapters as with_adapters
+from delora_jax._wrap import wrap as wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeloraKernel",
+    "Rule",
+    "adapters",
+    "apply",
+    "combine",
+    "delta",
+    "merge",
+    "optimizer",
+    "split",
+    "trainable_mask",
+    "unwrap",
+    "with_adapters",
+    "wrap",
+]

@@ -1,0 +1,118 @@
+"""optax integration: optimizer state only for adapter leaves, λ on its own terms."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import optax
+
+from delora_jax import _tree
+from delora_jax._kernel import FROZEN_FIELDS, is_kernel
+from delora_jax._split import _extra_matcher
+
+_DECAY_KEYS = ("weight_decay", "weight_decay_rate")
+
+
+def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) -> Any:
+  """Labels ``"adapter"`` (a, b, extras), ``"lam"`` and ``"frozen"`` for ``optax.partition``."""
+  extra = _extra_matcher(extra_trainable)
+  paths, leaves, treedef = _tree.flatten(tree, is_leaf=lambda x: x is None or is_kernel(x))
+  out = []
+  for p, x in zip(paths, leaves):
+    if x is None:
+      out.append(None)
+    elif is_kernel(x):
+      labels = {f: ("frozen" if getattr(x, f) is not None else None) for f in FROZEN_FIELDS}
+      labels.update(a=_opt(x.a, "adapter"), b=_opt(x.b, "adapter"), lam=_opt(x.lam, "lam"))
+      out.append(x.replace(**labels))
+    else:
+      out.append("adapter" if extra(p) else "frozen")
+  return treedef.unflatten(out)
+
+
+def _opt(value, label):
+  return None if value is None else label
+
+
+def optimizer(
+    tx: optax.GradientTransformation | Callable[..., optax.GradientTransformation],
+    /,
+    *,
+    lam_learning_rate: Any = None,
+    lam_tx: optax.GradientTransformation | None = None,
+    decay_lam: bool = False,
+    extra_trainable: str | Sequence[str] | None = None,
+    **hyperparams: Any,
+) -> optax.GradientTransformation:
+  """Wraps an optax optimizer so that only DeLoRA adapters (and extras) train.
+
+  Frozen leaves get exactly zero updates and no optimizer state; ``a``/``b``
+  (and ``extra_trainable`` leaves) get ``tx``; λ gets its own instance, with no
+  weight decay and, if given, its own learning rate (the paper's recipe). It
+  works on the full adapted tree and on the ``trainable`` half of
+  :func:`delora_jax.split` alike.
+
+  Args:
+    tx: an optax factory such as ``optax.adamw`` (then ``hyperparams`` are its
+      arguments and λ's copy is built with ``weight_decay=0`` and
+      ``learning_rate=lam_learning_rate``), or a ready ``GradientTransformation``
+      (then λ uses ``lam_tx`` if given, else the same transformation).
+    lam_learning_rate: λ's learning rate (float or schedule); needs a factory.
+    lam_tx: an explicit transformation for λ (overrides the above).
+    decay_lam: keep the factory's weight decay for λ too (off by default: decay
+      shrinks the bound).
+    extra_trainable: regex(es) of plain leaves to train with ``tx`` (a head).
+    **hyperparams: arguments of the factory ``tx``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, delora_jax
+    >>> tree = delora_jax.wrap({"kernel": jnp.ones((8, 8))}, {"kernel": 2})
+    >>> opt = delora_jax.optimizer(optax.adamw, learning_rate=3e-3, weight_decay=0.01,
+    ...                            lam_learning_rate=1e-2)
+    >>> state = opt.init(tree)
+  """
+  if isinstance(tx, optax.GradientTransformation):
+    if hyperparams:
+      raise TypeError(
+          f"optimizer: got hyperparameters {sorted(hyperparams)} with a ready "
+          "GradientTransformation; pass a factory instead, e.g. "
+          "delora_jax.optimizer(optax.adamw, learning_rate=1e-3).")
+    if lam_learning_rate is not None and lam_tx is None:
+      raise TypeError(
+          "optimizer: `lam_learning_rate` needs a factory to rebuild the optimizer for λ; "
+          "pass e.g. delora_jax.optimizer(optax.adam, learning_rate=1e-3, "
+          "lam_learning_rate=1e-2), or give `lam_tx` explicitly.")
+    main = tx
+    lam = lam_tx if lam_tx is not None else tx
+  elif callable(tx):
+    main = tx(**hyperparams)
+    lam = lam_tx if lam_tx is not None else tx(**_lam_hyperparams(tx, hyperparams, lam_learning_rate, decay_lam))
+  else:
+    raise TypeError(f"optimizer: `tx` must be an optax factory or GradientTransformation; got {tx!r}.")
+  return optax.partition(
+      {"adapter": main, "lam": lam, "frozen": optax.set_to_zero()},
+      lambda params: param_labels(params, extra_trainable),
+  )
+
+
+def _lam_hyperparams(factory, hyperparams, lam_learning_rate, decay_lam):
+  hp = dict(hyperparams)
+  params = _signature_params(factory)
+  if lam_learning_rate is not None:
+    if "learning_rate" not in hp and (params is not None and "learning_rate" not in params):
+      raise TypeError(f"optimizer: {getattr(factory, '__name__', factory)} takes no "
+                      "`learning_rate`, so `lam_learning_rate` cannot be applied.")
+    hp["learning_rate"] = lam_learning_rate
+  if not decay_lam:
+    for k in _DECAY_KEYS:
+      if k in hp or (params is not None and k in params):
+        hp[k] = 0.0
+  return hp
+
+
+def _signature_params(fn):
+  try:
+    return set(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return None

@@ -1,0 +1,155 @@
+"""`Rule`: how one group of kernels is adapted, and kernel-layout resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+INITS = ("peft", "random", "paper")
+
+
+def _as_axes(value: Any, name: str) -> tuple[int, ...] | None:
+  if value is None:
+    return None
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return (int(value),)
+  if isinstance(value, Sequence) and all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+  ):
+    if not value:
+      raise ValueError(f"`{name}` must name at least one axis; got an empty sequence.")
+    return tuple(int(v) for v in value)
+  raise TypeError(f"`{name}` must be an int or a sequence of ints; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How the kernels matched by one pattern are adapted.
+
+  Args:
+    rank: adapter rank ``r`` (PEFT's ``r``), a positive int no larger than
+      ``min(in, out)`` of every kernel it adapts.
+    lam: initial bound λ (PEFT's ``delora_lambda``, default 15). Finite.
+    init: ``"peft"`` (PEFT's default ``init_weights=True``: ``a``
+      Kaiming-uniform, ``b`` zeros, so the model is unchanged at step 0),
+      ``"random"`` (PEFT's ``init_weights=False``: ``b`` Kaiming-uniform too)
+      or ``"paper"`` (random ``a`` and ``b`` with the initial update subtracted
+      and kept frozen, so the model is unchanged at step 0 and the update grows
+      smoothly; not expressible as a PEFT adapter file).
+    dropout: PEFT's ``module_dropout``: dropout on the adapter branch's input.
+    in_axes: axes of the stored kernel that are inputs (flattened, in order,
+      to ``in``). Negative numbers count from the end.
+    out_axes: axes that are outputs. If only one of ``in_axes``/``out_axes``
+      is given, the other is every remaining non-stacked axis. If neither is
+      given the kernel (without stacked axes) must be 2-D ``(in, out)``.
+    stack_axes: number of leading stacked axes (layers under ``nn.scan`` or
+      ``nn.vmap``); each slice gets its own independent adapter.
+    dtype: dtype of ``a``, ``b``, ``lam`` and ``w_norm`` (default float32, also
+      for bf16 base kernels).
+
+  Example:
+    >>> import delora_jax
+    >>> delora_jax.Rule(8, lam=12.0)
+    Rule(rank=8, lam=12.0, init='peft', dropout=0.0, in_axes=None, out_axes=None, stack_axes=0, dtype='float32')
+    >>> attn_out = delora_jax.Rule(8, out_axes=-1)  # (heads, head_dim, embed)
+  """
+
+  rank: int
+  lam: float = 15.0
+  init: str = "peft"
+  dropout: float = 0.0
+  in_axes: Any = None
+  out_axes: Any = None
+  stack_axes: int = 0
+  dtype: Any = "float32"
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+      raise TypeError(f"`rank` must be a positive int; got {self.rank!r}.")
+    if self.rank <= 0:
+      raise ValueError(f"`rank` must be a positive int; got {self.rank}. Use e.g. Rule(8).")
+    try:
+      lam = float(self.lam)
+    except (TypeError, ValueError):
+      raise TypeError(f"`lam` must be a real number; got {self.lam!r}.") from None
+    if not math.isfinite(lam):
+      raise ValueError(f"`lam` must be finite; got {self.lam!r}. PEFT's default is 15.")
+    object.__setattr__(self, "lam", lam)
+    object.__setattr__(self, "rank", int(self.rank))
+    if self.init not in INITS:
+      raise ValueError(f"`init` must be one of {INITS}; got {self.init!r}.")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
+    object.__setattr__(self, "dropout", float(self.dropout))
+    object.__setattr__(self, "in_axes", _as_axes(self.in_axes, "in_axes"))
+    object.__setattr__(self, "out_axes", _as_axes(self.out_axes, "out_axes"))
+    if isinstance(self.stack_axes, bool) or not isinstance(self.stack_axes, (int, np.integer)) or self.stack_axes < 0:
+      raise ValueError(f"`stack_axes` must be an int >= 0; got {self.stack_axes!r}.")
+    try:
+      dtype = jnp.dtype(self.dtype)
+    except TypeError:
+      raise TypeError(f"`dtype` must be a floating dtype; got {self.dtype!r}.") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"`dtype` must be a floating dtype; got {dtype}.")
+    object.__setattr__(self, "dtype", dtype.name)
+
+  def layout(self, path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Resolves ``(in_axes, out_axes)`` as negative axes of a kernel of ``shape``."""
+    ndim = len(shape)
+    fix = ("Declare the layout in the Rule, e.g. Rule(r, in_axes=..., out_axes=..., "
+           "stack_axes=...).")
+    n = ndim - self.stack_axes
+    if n < 2:
+      raise ValueError(
+          f"{path}: kernel of shape {shape} with stack_axes={self.stack_axes} leaves "
+          f"{n} axis(es); expected at least 2 (inputs and outputs). {fix}")
+    body = list(range(self.stack_axes, ndim))
+
+    def norm(axes, name):
+      out = []
+      for ax in axes:
+        if not -ndim <= ax < ndim:
+          raise ValueError(f"{path}: `{name}` axis {ax} is out of range for kernel shape {shape}. {fix}")
+        ax = ax % ndim
+        if ax < self.stack_axes:
+          raise ValueError(
+              f"{path}: `{name}` axis {ax} is one of the {self.stack_axes} leading stacked axes "
+              f"of kernel shape {shape}. {fix}")
+        out.append(ax)
+      if len(set(out)) != len(out):
+        raise ValueError(f"{path}: `{name}`={axes} repeats an axis. {fix}")
+      return out
+
+    ins = norm(self.in_axes, "in_axes") if self.in_axes is not None else None
+    outs = norm(self.out_axes, "out_axes") if self.out_axes is not None else None
+    if ins is None and outs is None:
+      if n != 2:
+        raise ValueError(
+            f"{path}: kernel of shape {shape} is {n}-D after {self.stack_axes} stacked axes, "
+            f"so which axes are inputs and which outputs is ambiguous; expected a 2-D "
+            f"(in, out) kernel or a declared layout. {fix}")
+      ins, outs = [body[0]], [body[1]]
+    elif ins is None:
+      ins = [a for a in body if a not in outs]
+    elif outs is None:
+      outs = [a for a in body if a not in ins]
+    if set(ins) & set(outs):
+      raise ValueError(f"{path}: in_axes {tuple(ins)} and out_axes {tuple(outs)} overlap. {fix}")
+    if sorted(ins + outs) != body or not ins or not outs:
+      raise ValueError(
+          f"{path}: in_axes {tuple(ins)} and out_axes {tuple(outs)} must together cover the "
+          f"non-stacked axes {tuple(body)} of kernel shape {shape}, each side non-empty. {fix}")
+    return tuple(a - ndim for a in ins), tuple(a - ndim for a in outs)
+
+
+def as_rule(value: Any, pattern: str) -> Rule:
+  if isinstance(value, Rule):
+    return value
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return Rule(int(value))
+  raise TypeError(
+      f"rules[{pattern!r}] must be a delora_jax.Rule or an int rank; got {value!r}.")

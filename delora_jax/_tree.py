@@ -1,0 +1,66 @@
+"""Addressing leaves of Flax parameter trees (Linen dicts, FrozenDicts, NNX States) by path."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax import tree_util as jtu
+
+from delora_jax._kernel import DeloraKernel, is_kernel
+
+
+def key_name(entry: Any) -> str | None:
+  """One path entry as text; ``None`` for a Variable's or box's ``.value``."""
+  if isinstance(entry, jtu.DictKey):
+    return str(entry.key)
+  if isinstance(entry, jtu.GetAttrKey):
+    return None if entry.name == "value" else entry.name
+  if isinstance(entry, jtu.SequenceKey):
+    return str(entry.idx)
+  if isinstance(entry, jtu.FlattenedIndexKey):
+    return str(entry.key)
+  return str(entry)
+
+
+def path_str(path: tuple) -> str:
+  """``/``-joined path of a leaf, e.g. ``layers_3/attn/query/kernel``."""
+  return "/".join(n for n in map(key_name, path) if n is not None)
+
+
+def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = is_kernel):
+  """Leaves (DeLoRA nodes kept whole) with their path strings, and the treedef."""
+  leaves, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return [path_str(p) for p, _ in leaves], [x for _, x in leaves], treedef
+
+
+def kernels(tree: Any) -> dict[str, DeloraKernel]:
+  """``{path: DeloraKernel}`` of an adapted tree, in tree order."""
+  paths, leaves, _ = flatten(tree)
+  return {p: x for p, x in zip(paths, leaves) if is_kernel(x)}
+
+
+def sample_paths(paths: list[str], n: int = 6) -> str:
+  shown = ", ".join(repr(p) for p in paths[:n])
+  more = f", ... ({len(paths)} in all)" if len(paths) > n else ""
+  return f"[{shown}{more}]"
+
+
+def is_array_like(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def map_kernels(fn: Callable[[str, DeloraKernel], Any], tree: Any) -> Any:
+  """Replaces every DeLoRA node ``k`` at ``path`` by ``fn(path, k)``."""
+  paths, leaves, treedef = flatten(tree)
+  new = [fn(p, x) if is_kernel(x) else x for p, x in zip(paths, leaves)]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def require_adapted(tree: Any, fn_name: str) -> dict[str, DeloraKernel]:
+  ks = kernels(tree)
+  if not ks:
+    raise ValueError(
+        f"`{fn_name}` expects a tree adapted by `delora_jax.wrap`, but it holds no "
+        "DeLoRA-adapted kernel. Call `delora_jax.wrap(params, rules)` first.")
+  return ks

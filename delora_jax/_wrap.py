@@ -1,0 +1,299 @@
+"""`wrap` a parameter tree with DeLoRA; `merge`, `unwrap`, `adapters`, `with_adapters`."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from delora_jax import _kernel, _tree
+from delora_jax._kernel import DeloraKernel, is_kernel
+from delora_jax._rule import Rule, as_rule
+
+ADAPTER_FIELDS = ("a", "b", "lam", "w_norm")
+RESIDUAL_FIELDS = ("res_a", "res_b")
+
+
+def _compile(rules: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Rule]]:
+  if not isinstance(rules, Mapping):
+    raise TypeError(
+        "`rules` must map regex patterns to a Rule or an int rank, e.g. "
+        f"{{'.*kernel': 8}}; got {type(rules).__name__}.")
+  if not rules:
+    raise ValueError("`rules` is empty: nothing would be adapted. Pass e.g. {'.*kernel': 8}.")
+  out = []
+  for pattern, value in rules.items():
+    if not isinstance(pattern, str):
+      raise TypeError(f"rules keys must be regex strings; got {pattern!r}.")
+    try:
+      compiled = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(
+          f"rules pattern {pattern!r} is not a valid regular expression ({e}). "
+          "Patterns are matched with re.fullmatch against '/'-joined paths such as "
+          "'Dense_0/kernel'.") from None
+    out.append((pattern, compiled, as_rule(value, pattern)))
+  return out
+
+
+def _path_key(key: jax.Array, path: str) -> jax.Array:
+  """A key that depends on ``key`` and ``path`` alone (not on tree order)."""
+  digest = hashlib.blake2b(path.encode(), digest_size=8).digest()
+  hi, lo = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+  return jax.random.fold_in(jax.random.fold_in(key, hi), lo)
+
+
+def _check_kernel_leaf(path: str, pattern: str, leaf: Any) -> None:
+  hint = (f"Narrow the pattern {pattern!r} so it only selects kernels "
+          "(e.g. end it with 'kernel').")
+  if not _tree.is_array_like(leaf):
+    raise TypeError(f"{path}: rules pattern {pattern!r} matched a {type(leaf).__name__}, "
+                    f"expected a floating-point kernel array. {hint}")
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise TypeError(f"{path}: rules pattern {pattern!r} matched an array of dtype "
+                    f"{leaf.dtype}, expected a floating-point kernel. {hint}")
+  if leaf.ndim < 2:
+    raise ValueError(f"{path}: rules pattern {pattern!r} matched a {leaf.ndim}-D array of "
+                     f"shape {tuple(leaf.shape)} (a bias or scale?), expected a kernel "
+                     f"with at least 2 axes. {hint}")
+
+
+def _uniform(key, shape, bound, dtype):
+  return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+
+def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
+  in_axes, out_axes = rule.layout(path, tuple(w.shape))
+  wm = _kernel.to_matrix(jnp.asarray(w).astype(jnp.float32), in_axes, out_axes)
+  stack, n_in, n_out = wm.shape[:-2], wm.shape[-2], wm.shape[-1]
+  if rule.rank > min(n_in, n_out):
+    raise ValueError(
+        f"{path}: rank {rule.rank} exceeds min(in, out) = min({n_in}, {n_out}) of the kernel "
+        f"of shape {tuple(w.shape)}. Use a rank <= {min(n_in, n_out)} for this pattern.")
+  dtype, r = jnp.dtype(rule.dtype), rule.rank
+  ka, kb = jax.random.split(_path_key(key, path))
+  # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on torch-shaped A (r, in) / B (out, r).
+  a = _uniform(ka, (*stack, n_in, r), 1.0 / math.sqrt(n_in), dtype)
+  if rule.init == "peft":
+    b = jnp.zeros((*stack, r, n_out), dtype)
+  else:
+    b = _uniform(kb, (*stack, r, n_out), 1.0 / math.sqrt(r), dtype)
+  lam = jnp.full(stack, rule.lam, dtype)
+  w_norm = jnp.linalg.norm(wm, axis=-1).astype(dtype)
+  node = DeloraKernel(w=w, a=a, b=b, lam=lam, w_norm=w_norm, in_axes=in_axes,
+                      out_axes=out_axes, dropout=rule.dropout)
+  if rule.init == "paper":
+    s0 = _kernel.scales(a, b, lam)
+    node = node.replace(res_a=a * s0[..., None, :], res_b=b)
+  return node
+
+
+def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None) -> Any:
+  """Adds DeLoRA adapters to the kernels that ``rules`` select.
+
+  Each leaf's ``/``-joined path (e.g. ``Dense_0/kernel``; an NNX Variable's
+  ``.value`` is not part of it) is matched with ``re.fullmatch`` against the
+  patterns in order; the first match wins. Matched kernels become
+  :class:`DeloraKernel` nodes holding the untouched kernel and ``a``, ``b``,
+  ``lam``, ``w_norm``; every other leaf is returned as it was (same object).
+
+  Args:
+    params: a Flax parameter tree: Linen ``params`` dict (or FrozenDict), or an
+      NNX ``State`` from ``nnx.split``.
+    rules: ``{regex: Rule | int}``; an int is ``Rule(rank)``.
+    key: PRNG key for the adapters' initialisation; ``None`` means
+      ``jax.random.key(0)``. Each kernel draws from a key derived from this key
+      and its path alone, so the result does not depend on dict order.
+
+  Returns:
+    The adapted tree, same container types as ``params``.
+
+  Raises:
+    ValueError / TypeError: invalid patterns, patterns that select nothing (or
+      only leaves an earlier pattern took), non-kernel leaves, ranks too large,
+      ambiguous N-D kernels, or a tree that is already adapted.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
+    >>> model = nn.Dense(16)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    >>> tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(4, lam=8.0)})
+    >>> {p: x["a"].shape for p, x in delora_jax.adapters(tree).items()}
+    {'kernel': (32, 4)}
+  """
+  compiled = _compile(rules)
+  paths, leaves, treedef = _tree.flatten(params)
+  adapted = [p for p, x in zip(paths, leaves) if is_kernel(x)]
+  if adapted:
+    raise ValueError(
+        f"`params` is already adapted (DeLoRA kernels at {_tree.sample_paths(adapted)}). "
+        "Wrapping twice would stack adapters; call `delora_jax.unwrap(tree)` or "
+        "`delora_jax.merge(tree)` first.")
+  key = jax.random.key(0) if key is None else key
+  if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  hits = {pattern: [] for pattern, _, _ in compiled}
+  claimed = {pattern: [] for pattern, _, _ in compiled}
+  new = list(leaves)
+  for i, (path, leaf) in enumerate(zip(paths, leaves)):
+    owner = None
+    for pattern, regex, rule in compiled:
+      if regex.fullmatch(path):
+        hits[pattern].append(path)
+        if owner is None:
+          owner = (pattern, rule)
+    if owner is None:
+      continue
+    pattern, rule = owner
+    claimed[pattern].append(path)
+    _check_kernel_leaf(path, pattern, leaf)
+    new[i] = _adapt(path, leaf, rule, key)
+  for pattern, _, _ in compiled:
+    if not hits[pattern]:
+      raise ValueError(
+          f"rules pattern {pattern!r} matches no leaf (re.fullmatch on '/'-joined paths). "
+          f"Some paths in `params`: {_tree.sample_paths(paths)}. Fix the pattern or remove it.")
+    if not claimed[pattern]:
+      raise ValueError(
+          f"rules pattern {pattern!r} only matches leaves that earlier patterns already "
+          f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
+          "Reorder the rules or remove this one.")
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def unwrap(tree: Any) -> Any:
+  """The original parameters: each adapted kernel replaced by its untouched ``w``.
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> params = {"kernel": jnp.ones((8, 8))}
+    >>> delora_jax.unwrap(delora_jax.wrap(params, {"kernel": 2}))["kernel"] is params["kernel"]
+    True
+  """
+  _tree.require_adapted(tree, "unwrap")
+  return _tree.map_kernels(lambda _, k: k.w, tree)
+
+
+def merge(tree: Any, *, safe: bool = False) -> Any:
+  """Plain parameters with every adapted kernel replaced by ``w + ΔW``.
+
+  Same structure, shapes and dtypes as the original ``params``; ``ΔW`` is cast
+  to the base dtype before the addition (as PEFT's merge does). Works under
+  ``jit`` and ``grad`` (gradients reach ``a``, ``b``, ``lam`` only).
+
+  Args:
+    tree: an adapted tree from :func:`wrap`.
+    safe: check that every merged kernel is finite and raise ``ValueError``
+      naming the path if not (PEFT's ``safe_merge``). Needs concrete arrays,
+      so it cannot be used inside ``jit``.
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> tree = delora_jax.wrap({"kernel": jnp.ones((8, 8))}, {"kernel": 2})
+    >>> bool((delora_jax.merge(tree)["kernel"] == 1.0).all())  # b = 0 at init
+    True
+  """
+  ks = _tree.require_adapted(tree, "merge")
+  if safe:
+    out = {p: _kernel.merged(k) for p, k in ks.items()}
+    for p, m in out.items():
+      try:
+        finite = bool(jnp.isfinite(m).all())
+      except jax.errors.ConcretizationTypeError:
+        raise TypeError("merge(..., safe=True) checks values and cannot run under jit; "
+                        "call it outside jit or use safe=False.") from None
+      if not finite:
+        raise ValueError(f"{p}: merged kernel has NaN or inf entries; the adapter is broken "
+                         "(check its a, b, lam). Nothing was merged.")
+    return _tree.map_kernels(lambda p, _: out[p], tree)
+  return _tree.map_kernels(lambda _, k: _kernel.merged(k), tree)
+
+
+def delta(tree: Any) -> dict[str, jax.Array]:
+  """``{path: ΔW}`` for every adapted kernel, in the kernel's shape (adapter dtype).
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> tree = delora_jax.wrap({"kernel": jnp.ones((8, 8))}, {"kernel": 2})
+    >>> float(abs(delora_jax.delta(tree)["kernel"]).max())
+    0.0
+  """
+  ks = _tree.require_adapted(tree, "delta")
+  return {p: _kernel.delta(k) for p, k in ks.items()}
+
+
+def adapters(tree: Any) -> dict[str, dict[str, jax.Array]]:
+  """``{path: {"a", "b", "lam", "w_norm"}}`` of every adapted kernel.
+
+  Shapes as in METHOD.md: ``a (*S, in, r)``, ``b (*S, r, out)``, ``lam (*S,)``,
+  ``w_norm (*S, in)``. Kernels made with ``init="paper"`` also carry their
+  frozen initial update as ``res_a``/``res_b``.
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> tree = delora_jax.wrap({"kernel": jnp.ones((8, 6))}, {"kernel": 2})
+    >>> sorted(delora_jax.adapters(tree)["kernel"])
+    ['a', 'b', 'lam', 'w_norm']
+  """
+  ks = _tree.require_adapted(tree, "adapters")
+  out = {}
+  for p, k in ks.items():
+    fields = ADAPTER_FIELDS + (RESIDUAL_FIELDS if k.res_a is not None else ())
+    out[p] = {f: getattr(k, f) for f in fields}
+  return out
+
+
+def with_adapters(tree: Any, adapters: Mapping[str, Mapping[str, Any]]) -> Any:
+  """Returns ``tree`` with the adapter arrays replaced by ``adapters``.
+
+  ``adapters`` has the form :func:`adapters` returns and must cover exactly
+  the adapted paths, each with the same fields, shapes and dtypes. Nothing is
+  changed if any of it does not fit (the caller's tree is never modified).
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> tree = delora_jax.wrap({"kernel": jnp.ones((8, 6))}, {"kernel": 2})
+    >>> ad = delora_jax.adapters(tree)
+    >>> ad["kernel"]["lam"] = ad["kernel"]["lam"] * 2
+    >>> float(delora_jax.adapters(delora_jax.with_adapters(tree, ad))["kernel"]["lam"])
+    30.0
+  """
+  ks = _tree.require_adapted(tree, "with_adapters")
+  if not isinstance(adapters, Mapping):
+    raise TypeError(f"`adapters` must be a dict {{path: {{field: array}}}}; got {type(adapters).__name__}.")
+  unknown = [p for p in adapters if p not in ks]
+  missing = [p for p in ks if p not in adapters]
+  if unknown or missing:
+    raise ValueError(
+        f"`adapters` does not match the adapted kernels of `tree`: unknown paths "
+        f"{_tree.sample_paths(unknown)}, missing paths {_tree.sample_paths(missing)}; "
+        f"adapted paths are {_tree.sample_paths(list(ks))}. Use the paths "
+        "`delora_jax.adapters(tree)` returns.")
+  for p, k in ks.items():
+    _check_fields(p, k, adapters[p])
+  return _tree.map_kernels(lambda p, k: k.replace(**dict(adapters[p])), tree)
+
+
+def _check_fields(path: str, k: DeloraKernel, given: Any) -> None:
+  fields = ADAPTER_FIELDS + (RESIDUAL_FIELDS if k.res_a is not None else ())
+  if not isinstance(given, Mapping) or set(given) != set(fields):
+    got = sorted(given) if isinstance(given, Mapping) else type(given).__name__
+    raise ValueError(f"adapters[{path!r}] must have exactly the fields {sorted(fields)}; got {got}.")
+  for f in fields:
+    want, got = getattr(k, f), given[f]
+    if not _tree.is_array_like(got):
+      raise TypeError(f"adapters[{path!r}][{f!r}] must be an array; got {type(got).__name__}.")
+    if tuple(got.shape) != tuple(want.shape):
+      raise ValueError(
+          f"adapters[{path!r}][{f!r}] has shape {tuple(got.shape)}, expected "
+          f"{tuple(want.shape)} (rank {k.rank}). Adapters saved for another rank or "
+          "kernel shape cannot be put into this tree.")
+    if np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise ValueError(
+          f"adapters[{path!r}][{f!r}] has dtype {got.dtype}, expected {want.dtype}. "
+          f"Cast it first, e.g. x.astype('{want.dtype}').")
