@@ -1,32 +1,288 @@
-"""`apply`: run a Linen model whose params are an adapted tree."""
+"""`apply`: run a Linen model on an adapted tree, factorised wherever possible.
+
+Every adapted ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``nn.Einsum``
+call is intercepted (``nn.intercept_methods``) and computed as the frozen base
+layer plus a rank-``r`` branch, never forming ``ΔW`` or a dense weight
+gradient. Any other use of an adapted kernel (a custom module doing its own
+``jnp.dot``) gets the merged kernel ``w + ΔW``; which paths took that path is
+reported (a :class:`FallbackWarning`, :func:`explain`), or ``strict=True``
+turns it into an error.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any, Mapping
 
-from delora_jax import _tree
-from delora_jax._wrap import merge
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from delora_jax import _kernel, _tree
+from delora_jax._kernel import DeloraKernel
 
 
-def apply(model: Any, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+class FallbackWarning(UserWarning):
+  """An adapted kernel was used outside a factorised layer and was merged."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Record:
+  """What one `apply` call computed how. Hashed by identity: it is static data of
+  the nodes, so traces cached by jitted jnp functions are never shared between
+  calls (a cached trace would skip the recording and the strict check)."""
+
+  strict: bool
+  factorised: set = dataclasses.field(default_factory=set)
+  merged: set = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tracked(DeloraKernel):
+  """A DeloraKernel that knows its path and its call's record while `apply` runs."""
+
+  path: str = ""
+  rec: _Record | None = None
+
+  def __jax_array__(self):
+    rec = self.rec
+    if rec is None:
+      return super().__jax_array__()
+    if rec.strict:
+      raise TypeError(
+          f"{self.path}: this adapted kernel is used outside a factorised layer "
+          "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum with the declared layout), so "
+          "it would be computed through the merged weight w + ΔW. strict=True forbids "
+          "that; use one of those layers for it, exclude it from the rules, or call "
+          "apply(..., strict=False) to accept the merged path.")
+    rec.merged.add(self.path)
+    return _kernel.merged(self)
+
+
+jax.tree_util.register_dataclass(
+    _Tracked,
+    data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
+    meta_fields=["in_axes", "out_axes", "dropout", "path", "rec"],
+)
+
+
+def _track(params: Any, rec: _Record) -> Any:
+  fields = {f.name for f in dataclasses.fields(DeloraKernel)}
+  return _tree.map_kernels(
+      lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, rec=rec), params)
+
+
+# ---------------------------------------------------------------- delta branch
+
+
+def _dot(x, y, dims, cdt):
+  return lax.dot_general(x.astype(cdt), y.astype(cdt), (dims, ((), ())),
+                         preferred_element_type=jnp.promote_types(cdt, jnp.float32))
+
+
+def _adapter_input(mod: nn.Module, k: DeloraKernel, x: jax.Array) -> jax.Array:
+  """PEFT's module_dropout: dropout on the branch input when a 'dropout' rng is given."""
+  if k.dropout > 0.0 and mod.has_rng("dropout"):
+    keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - k.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - k.dropout), jnp.zeros_like(x))
+  return x
+
+
+def _compute_dtype(mod: nn.Module, x: jax.Array, w: jax.Array):
+  return jnp.dtype(mod.dtype) if mod.dtype is not None else jnp.result_type(x, w)
+
+
+def _layout(k: DeloraKernel, n_in: int, n_out: int) -> bool:
+  return (k.w.ndim == n_in + n_out and k.in_axes == tuple(range(-n_in - n_out, -n_out))
+          and k.out_axes == tuple(range(-n_out, 0)))
+
+
+def _base(mod: nn.Module, k: DeloraKernel, args, kwargs, **overrides):
+  params = {"kernel": lax.stop_gradient(k.w)}
+  if getattr(mod, "use_bias", False) and mod.scope.has_variable("params", "bias"):
+    params["bias"] = mod.scope.get_variable("params", "bias")
+  clone = mod.clone(parent=None, **overrides)
+  return clone.apply({"params": params}, *args, **kwargs)
+
+
+def _dense_general(mod, k, args, kwargs):
+  x = args[0] if args else kwargs["inputs"]
+  feats = tuple(mod.features) if not isinstance(mod.features, int) else (mod.features,)
+  axis = getattr(mod, "axis", -1)
+  axis = tuple(axis) if not isinstance(axis, int) else (axis,)
+  if getattr(mod, "batch_dims", ()) or not _layout(k, len(axis), len(feats)):
+    return None
+  axis = tuple(a % x.ndim for a in axis)
+  y = _base(mod, k, args, kwargs)
+  cdt = _compute_dtype(mod, x, k.w)
+  u, v = _kernel.factors(k)
+  u = u.reshape(*(k.w.shape[:len(axis)]), u.shape[-1])
+  h = _dot(_adapter_input(mod, k, x), u, (axis, tuple(range(len(axis)))), cdt)
+  d = _dot(h.astype(cdt), v, ((h.ndim - 1,), (0,)), cdt)
+  return y + d.reshape(*d.shape[:-1], *feats).astype(y.dtype)
+
+
+def _conv(mod, k, args, kwargs):
+  x = args[0] if args else kwargs["inputs"]
+  n_win = k.w.ndim - 2
+  if (mod.feature_group_count != 1 or mod.mask is not None or not mod.shared_weights
+      or not _layout(k, n_win + 1, 1)):
+    return None
+  y = _base(mod, k, args, kwargs)
+  u, v = _kernel.factors(k)
+  r = u.shape[-1]
+  # A rank-r convolution with the same geometry, then a 1x1 map to the outputs.
+  low = mod.clone(parent=None, features=r, use_bias=False, dtype=_compute_dtype(mod, x, k.w))
+  h = low.apply({"params": {"kernel": u.reshape(*k.w.shape[:-1], r)}}, _adapter_input(mod, k, x))
+  d = _dot(h, v, ((h.ndim - 1,), (0,)), h.dtype)
+  return y + d.astype(y.dtype)
+
+
+def _einsum(mod, k, args, kwargs):
+  x = args[0] if args else kwargs["inputs"]
+  eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or mod.einsum_str
+  if eq is None or "..." in eq:
+    return None
+  lhs, rest = eq.replace(" ", "").split(",")
+  rhs, out = rest.split("->")
+  con = [c for c in rhs if c not in out]
+  kept = [c for c in rhs if c in out]
+  if any(c in lhs for c in kept) or any(c not in lhs for c in con) or not con or not kept:
+    return None
+  n = len(rhs)
+  in_axes = tuple(rhs.index(c) - n for c in con)
+  out_axes = tuple(rhs.index(c) - n for c in kept)
+  if k.w.ndim != n or (k.in_axes, k.out_axes) != (in_axes, out_axes):
+    return None
+  y = _base(mod, k, args, kwargs)
+  cdt = _compute_dtype(mod, x, k.w)
+  u, v = _kernel.factors(k)
+  r = u.shape[-1]
+  z = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in eq)
+  h_sub = "".join(c for c in lhs if c not in con) + z
+  u = u.reshape(*(k.w.shape[a] for a in in_axes), r)
+  v = v.reshape(r, *(k.w.shape[a] for a in out_axes))
+  acc = jnp.promote_types(cdt, jnp.float32)
+  h = jnp.einsum(f"{lhs},{''.join(con)}{z}->{h_sub}", _adapter_input(mod, k, x).astype(cdt),
+                 u.astype(cdt), preferred_element_type=acc)
+  d = jnp.einsum(f"{h_sub},{z}{''.join(kept)}->{out}", h.astype(cdt), v.astype(cdt),
+                 preferred_element_type=acc)
+  return y + d.astype(y.dtype)
+
+
+def _handler(mod: nn.Module):
+  """The factorised implementation for ``mod``'s exact ``__call__``, or None."""
+  call = type(mod).__call__
+  if call is nn.Dense.__call__ or call is nn.DenseGeneral.__call__:
+    return _dense_general
+  if call is nn.Conv.__call__ and isinstance(mod, nn.Conv):
+    return _conv
+  if call is nn.Einsum.__call__:
+    return _einsum
+  return None
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  mod = context.module
+  if context.method_name != "__call__" or mod.scope is None:
+    return next_fun(*args, **kwargs)
+  handler = _handler(mod)
+  if handler is None or not mod.scope.has_variable("params", "kernel"):
+    return next_fun(*args, **kwargs)
+  k = mod.scope.get_variable("params", "kernel")
+  if not isinstance(k, _Tracked) or k.rec is None:
+    return next_fun(*args, **kwargs)
+  out = handler(mod, k, args, kwargs)
+  if out is None:  # layout or options the factorised form does not cover
+    return next_fun(*args, **kwargs)
+  k.rec.factorised.add(k.path)
+  return out
+
+
+def _check_variables(variables: Any, fn: str) -> None:
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    got = f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
+    raise TypeError(f"{fn}: `variables` must be a dict with a 'params' collection, as for "
+                    f"model.apply; got {got}.")
+  _tree.require_adapted(variables["params"], fn)
+
+
+def _run(model, variables, args, kwargs, strict):
+  rec = _Record(strict=strict)
+  with nn.intercept_methods(_interceptor):
+    out = model.apply({**variables, "params": _track(variables["params"], rec)}, *args, **kwargs)
+  return out, rec
+
+
+def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bool = False,
+          **kwargs: Any) -> Any:
   """Drop-in for ``model.apply(variables, *args, **kwargs)`` with adapted params.
 
   ``variables["params"]`` is a tree from :func:`delora_jax.wrap` (or
-  ``combine(trainable, frozen)``); other collections pass through.
+  ``combine(trainable, frozen)``); other collections and every keyword of
+  ``model.apply`` (``rngs``, ``mutable``, ``method``) pass through. Adapted
+  ``nn.Dense``/``DenseGeneral``/``Conv``/``Einsum`` layers are computed in
+  factorised form with ``w`` and ``w_norm`` frozen. Adapter dropout
+  (``Rule(dropout=p)``, PEFT's ``module_dropout``) is active when a
+  ``"dropout"`` rng is passed (``rngs={"dropout": key}``), as in training.
+
+  Args:
+    model: a Flax Linen module.
+    variables: ``{"params": adapted_tree, ...}``.
+    strict: raise ``TypeError`` instead of merging when an adapted kernel is
+      used outside a factorised layer. Otherwise such kernels are computed
+      through ``w + ΔW`` and a :class:`FallbackWarning` names them.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
     >>> model = nn.Dense(4)
     >>> x = jnp.ones((2, 8))
     >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> tree = delora_jax.wrap(params, {"kernel": 2})
-    >>> bool(jnp.allclose(delora_jax.apply(model, {"params": tree}, x),
-    ...                   model.apply({"params": params}, x)))
+    >>> tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(2, init="random")})
+    >>> y = delora_jax.apply(model, {"params": tree}, x, strict=True)
+    >>> bool(jnp.allclose(y, model.apply({"params": delora_jax.merge(tree)}, x), atol=1e-5))
     True
   """
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    raise TypeError("apply: `variables` must be a dict with a 'params' collection, as for "
-                    "model.apply; got " + (f"keys {sorted(variables)}" if isinstance(variables, Mapping)
-                                          else type(variables).__name__) + ".")
-  _tree.require_adapted(variables["params"], "apply")
-  return model.apply({**variables, "params": merge(variables["params"])}, *args, **kwargs)
+  _check_variables(variables, "apply")
+  out, rec = _run(model, variables, args, kwargs, strict)
+  if rec.merged:
+    warnings.warn(
+        f"delora_jax.apply: adapted kernels {_tree.sample_paths(sorted(rec.merged))} are used "
+        "outside a factorised layer and were computed through the merged weight w + ΔW "
+        "(adapter dropout does not apply there). Pass strict=True to make this an error; "
+        "delora_jax.explain(...) lists the paths.", FallbackWarning, stacklevel=2)
+  return out
+
+
+def explain(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+            **kwargs: Any) -> dict[str, list[str]]:
+  """Which adapted kernels a call computes factorised, merged, or not at all.
+
+  Traces ``apply`` abstractly (no computation) and returns
+  ``{"factorised": [...], "merged": [...], "unused": [...]}`` (paths).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((2, 8))
+    >>> tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], {"kernel": 2})
+    >>> delora_jax.explain(model, {"params": tree}, x)
+    {'factorised': ['kernel'], 'merged': [], 'unused': []}
+  """
+  _check_variables(variables, "explain")
+  box = {}
+
+  def run():
+    out, box["rec"] = _run(model, variables, args, kwargs, strict=False)
+    return out
+
+  jax.eval_shape(run)
+  rec = box["rec"]
+  paths = list(_tree.kernels(variables["params"]))
+  return {
+      "factorised": [p for p in paths if p in rec.factorised],
+      "merged": [p for p in paths if p in rec.merged],
+      "unused": [p for p in paths if p not in rec.factorised and p not in rec.merged],
+  }

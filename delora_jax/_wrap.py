@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -10,10 +11,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from delora_jax import _kernel, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Rule, as_rule
+from delora_jax._sharding import kernel_specs
 
 ADAPTER_FIELDS = ("a", "b", "lam", "w_norm")
 RESIDUAL_FIELDS = ("res_a", "res_b")
@@ -67,30 +70,82 @@ def _uniform(key, shape, bound, dtype):
   return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
-def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
-  in_axes, out_axes = rule.layout(path, tuple(w.shape))
-  wm = _kernel.to_matrix(jnp.asarray(w).astype(jnp.float32), in_axes, out_axes)
-  stack, n_in, n_out = wm.shape[:-2], wm.shape[-2], wm.shape[-1]
-  if rule.rank > min(n_in, n_out):
-    raise ValueError(
-        f"{path}: rank {rule.rank} exceeds min(in, out) = min({n_in}, {n_out}) of the kernel "
-        f"of shape {tuple(w.shape)}. Use a rank <= {min(n_in, n_out)} for this pattern.")
+def _in_norms(w: jax.Array, in_axes, out_axes) -> jax.Array:
+  """``w_norm (*S, in_flat)`` of a sharded kernel, reduced in w's own layout.
+
+  Only the small result is transposed and flattened, so the kernel is never
+  rearranged across devices (which could gather it).
+  """
+  ndim = w.ndim
+  w = w.astype(jnp.float32)
+  norms = jnp.sqrt(jnp.sum(w * w, axis=tuple(ndim + o for o in out_axes)))  # (*S, *in, sorted)
+  n_stack = ndim - len(in_axes) - len(out_axes)
+  order = sorted(ndim + i for i in in_axes)
+  perm = tuple(range(n_stack)) + tuple(n_stack + order.index(ndim + i) for i in in_axes)
+  if perm != tuple(range(norms.ndim)):
+    norms = jnp.transpose(norms, perm)
+  return norms.reshape(*norms.shape[:n_stack], -1)
+
+
+def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes,
+                    sharded: bool = False) -> dict:
+  n_in = math.prod(w.shape[i] for i in in_axes)
+  n_out = math.prod(w.shape[o] for o in out_axes)
+  stack = tuple(w.shape[:w.ndim - len(in_axes) - len(out_axes)])
   dtype, r = jnp.dtype(rule.dtype), rule.rank
-  ka, kb = jax.random.split(_path_key(key, path))
+  ka, kb = jax.random.split(key)
   # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on torch-shaped A (r, in) / B (out, r).
   a = _uniform(ka, (*stack, n_in, r), 1.0 / math.sqrt(n_in), dtype)
   if rule.init == "peft":
     b = jnp.zeros((*stack, r, n_out), dtype)
   else:
     b = _uniform(kb, (*stack, r, n_out), 1.0 / math.sqrt(r), dtype)
-  lam = jnp.full(stack, rule.lam, dtype)
-  w_norm = jnp.linalg.norm(wm, axis=-1).astype(dtype)
-  node = DeloraKernel(w=w, a=a, b=b, lam=lam, w_norm=w_norm, in_axes=in_axes,
-                      out_axes=out_axes, dropout=rule.dropout)
+  if sharded:
+    w_norm = _in_norms(w, in_axes, out_axes)
+  else:
+    w_norm = jnp.linalg.norm(_kernel.to_matrix(jnp.asarray(w).astype(jnp.float32), in_axes,
+                                               out_axes), axis=-1)
+  out = {"a": a, "b": b, "lam": jnp.full(stack, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
-    s0 = _kernel.scales(a, b, lam)
-    node = node.replace(res_a=a * s0[..., None, :], res_b=b)
-  return node
+    out.update(res_a=a * _kernel.scales(a, b, out["lam"])[..., None, :], res_b=b)
+  return out
+
+
+@functools.lru_cache(maxsize=256)
+def _sharded_init(rule: Rule, in_axes, out_axes, out_shardings: tuple):
+  """`_adapter_arrays` compiled to produce each adapter directly in its sharding."""
+  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes,
+                         sharded=True)
+  return jax.jit(fn, out_shardings=dict(out_shardings))
+
+
+def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes) -> tuple | None:
+  """Adapter shardings for a kernel laid out over several devices, else None."""
+  if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+    return None
+  sh = w.sharding
+  if not isinstance(sh, NamedSharding) or len(sh.device_set) < 2:
+    return None
+  specs = kernel_specs(path, tuple(w.shape), sh.spec, in_axes, out_axes, dict(sh.mesh.shape))
+  fields = ADAPTER_FIELDS + (RESIDUAL_FIELDS if rule.init == "paper" else ())
+  return tuple((f, NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind)) for f in fields)
+
+
+def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
+  in_axes, out_axes = rule.layout(path, tuple(w.shape))
+  n_in = math.prod(w.shape[i] for i in in_axes)
+  n_out = math.prod(w.shape[o] for o in out_axes)
+  if rule.rank > min(n_in, n_out):
+    raise ValueError(
+        f"{path}: rank {rule.rank} exceeds min(in, out) = min({n_in}, {n_out}) of the kernel "
+        f"of shape {tuple(w.shape)}. Use a rank <= {min(n_in, n_out)} for this pattern.")
+  key = _path_key(key, path)
+  shardings = _derived_shardings(path, w, rule, in_axes, out_axes)
+  if shardings is None:
+    arrays = _adapter_arrays(w, key, rule, in_axes, out_axes)
+  else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
+    arrays = _sharded_init(rule, in_axes, out_axes, shardings)(w, key)
+  return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
 
 
 def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None) -> Any:

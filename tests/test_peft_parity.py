@@ -44,7 +44,7 @@ def batches(seed, n, batch=16):
 
 
 def jax_loss(trainable, frozen, x, y):
-  out = delora_jax.apply(tm.FlaxMLP(), {"params": delora_jax.combine(trainable, frozen)}, x)
+  out = delora_jax.apply(tm.FlaxMLP(), {"params": delora_jax.combine(trainable, frozen)}, x, strict=True)
   return jnp.mean((out - y) ** 2)
 
 
@@ -71,7 +71,7 @@ def test_forward_and_gradients_match_peft(case):
   (x, y), = batches(1, 1)
   with torch.no_grad():
     want = tm.t2n(pm(torch.from_numpy(x)))
-  got = delora_jax.apply(tm.FlaxMLP(), {"params": tree}, x)
+  got = delora_jax.apply(tm.FlaxMLP(), {"params": tree}, x, strict=True)
   assert rel_err(got, want) < RTOL
   assert rel_err(tm.FlaxMLP().apply({"params": delora_jax.merge(tree)}, x), want) < RTOL
 

@@ -1,0 +1,76 @@
+"""Small Linen models covering every kernel layout delora_jax adapts."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Attention(nn.Module):
+  """q/k/v DenseGeneral (embed, heads, head_dim) and out (heads, head_dim, embed)."""
+  heads: int = 2
+  head_dim: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((self.heads, self.head_dim), name="query")(x)
+    k = nn.DenseGeneral((self.heads, self.head_dim), name="key")(x)
+    v = nn.DenseGeneral((self.heads, self.head_dim), name="value")(x)
+    att = nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim), axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(o)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _=None):
+    x = x + Attention(name="attn")(x)
+    x = x + nn.Dense(x.shape[-1], name="mlp_out")(nn.gelu(nn.Dense(16, name="mlp_in")(x)))
+    return x, None
+
+
+class Transformer(nn.Module):
+  """Two blocks, optionally under nn.scan (params get a leading layer axis)."""
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8, name="embed")(x)
+    if self.scan:
+      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=2)(name="layers")(x, None)
+    else:
+      for i in range(2):
+        x, _ = Block(name=f"layers_{i}")(x)
+    return nn.Einsum((8, 3), "bld,do->blo", name="head")(x)
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="SAME", name="conv0")(x))
+    x = nn.Conv(5, (2, 2), padding="VALID", kernel_dilation=2, name="conv1")(x)
+    return x.mean(axis=(1, 2))
+
+
+class CustomDot(nn.Module):
+  """Uses its kernel with a plain jnp.dot: not a factorised layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    return jnp.dot(x, w) + nn.Dense(5, name="dense")(x)
+
+
+TRANSFORMER_RULES = {
+    r".*attn/(query|key|value)/kernel": 2,  # 2 is replaced per test
+}
+
+
+def transformer_rules(scan: bool, init: str = "random", rank: int = 2, lam: float = 3.0):
+  from delora_jax import Rule
+  s = 1 if scan else 0
+  return {
+      r".*attn/(query|key|value)/kernel": Rule(rank, lam, init=init, in_axes=s, stack_axes=s),
+      r".*attn/out/kernel": Rule(rank, lam, init=init, out_axes=-1, stack_axes=s),
+      r".*mlp_(in|out)/kernel": Rule(rank, lam, init=init, stack_axes=s),
+      r"head/kernel": Rule(rank, lam, init=init),
+  }

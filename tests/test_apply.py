@@ -1,0 +1,232 @@
+"""Factorised apply: identity at init, factorised == merged, transforms, fallbacks."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import delora_jax
+from tests import models
+
+ATOL = 2e-5
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def setup(model, x, rules, key=1):
+  params = model.init(jax.random.key(0), x)["params"]
+  return params, delora_jax.wrap(params, rules, key=jax.random.key(key))
+
+
+CASES = {
+    "transformer": (lambda: models.Transformer(), (2, 5, 6), lambda: models.transformer_rules(False)),
+    "transformer_scan": (lambda: models.Transformer(scan=True), (2, 5, 6),
+                         lambda: models.transformer_rules(True)),
+    "conv": (lambda: models.ConvNet(), (2, 9, 9, 3),
+             lambda: {r"conv\d/kernel": delora_jax.Rule(2, 4.0, init="random", out_axes=-1)}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
+def test_identity_at_init_and_factorised_equals_merged(name):
+  make, shape, rules = CASES[name]
+  model, x = make(), jax.random.normal(jax.random.key(2), shape)
+  base = model.apply({"params": model.init(jax.random.key(0), x)["params"]}, x)
+  # init="peft": b = 0, so the adapted model is the base model exactly.
+  peft_rules = {p: r.__class__(**{**r.__dict__, "init": "peft"}) for p, r in rules().items()}
+  params, tree = setup(model, x, peft_rules)
+  np.testing.assert_array_equal(delora_jax.apply(model, {"params": tree}, x, strict=True), base)
+  np.testing.assert_array_equal(model.apply({"params": delora_jax.merge(tree)}, x), base)
+  # init="random": a non-zero update; the factorised path equals the merged weights.
+  params, tree = setup(model, x, rules())
+  report = delora_jax.explain(model, {"params": tree}, x)
+  assert report["merged"] == [] and report["unused"] == []
+  assert sorted(report["factorised"]) == sorted(delora_jax.adapters(tree))
+  fact = delora_jax.apply(model, {"params": tree}, x, strict=True)
+  merged = model.apply({"params": delora_jax.merge(tree)}, x)
+  assert rel(fact, base) > 1e-3  # the adapters do something
+  assert rel(fact, merged) < 1e-5
+
+
+def test_scan_gives_each_layer_its_own_adapter():
+  model, x = models.Transformer(scan=True), jnp.ones((1, 3, 6))
+  _, tree = setup(model, x, models.transformer_rules(True))
+  ad = delora_jax.adapters(tree)["layers/attn/query/kernel"]
+  assert ad["a"].shape == (2, 8, 2) and ad["b"].shape == (2, 2, 8) and ad["lam"].shape == (2,)
+  assert ad["w_norm"].shape == (2, 8)
+  assert not np.allclose(ad["a"][0], ad["a"][1])
+
+
+def test_scan_equals_unrolled_layers():
+  x = jax.random.normal(jax.random.key(3), (2, 4, 6))
+  unrolled, scanned = models.Transformer(), models.Transformer(scan=True)
+  p_un, t_un = setup(unrolled, x, models.transformer_rules(False))
+  stack = lambda *xs: jax.tree.map(lambda *l: jnp.stack(l), *xs)
+  p_sc = {"embed": p_un["embed"], "head": p_un["head"],
+          "layers": stack(p_un["layers_0"], p_un["layers_1"])}
+  ad_un = delora_jax.adapters(t_un)
+  t_sc = delora_jax.wrap(p_sc, models.transformer_rules(True))
+  ad_sc = {}
+  for path in delora_jax.adapters(t_sc):
+    if path.startswith("layers/"):
+      rest = path[len("layers/"):]
+      ad_sc[path] = stack(ad_un[f"layers_0/{rest}"], ad_un[f"layers_1/{rest}"])
+    else:
+      ad_sc[path] = ad_un[path]
+  t_sc = delora_jax.with_adapters(t_sc, ad_sc)
+  y_un = delora_jax.apply(unrolled, {"params": t_un}, x, strict=True)
+  y_sc = delora_jax.apply(scanned, {"params": t_sc}, x, strict=True)
+  assert rel(y_sc, y_un) < 1e-5
+
+
+def loss_fn(model):
+  def loss(trainable, frozen, x):
+    y = delora_jax.apply(model, {"params": delora_jax.combine(trainable, frozen)}, x, strict=True)
+    return jnp.mean(y ** 2)
+  return loss
+
+
+@pytest.mark.parametrize("name", ["transformer", "transformer_scan", "conv"])
+def test_gradients_factorised_equal_merged_and_skip_frozen(name):
+  make, shape, rules = CASES[name]
+  model, x = make(), jax.random.normal(jax.random.key(2), shape)
+  _, tree = setup(model, x, rules())
+  trainable, frozen = delora_jax.split(tree)
+  g_fact = jax.jit(jax.grad(loss_fn(model)))(trainable, frozen, x)
+
+  def merged_loss(trainable):
+    return jnp.mean(model.apply({"params": delora_jax.merge(delora_jax.combine(trainable, frozen))}, x) ** 2)
+  g_merged = jax.grad(merged_loss)(trainable)
+  for gf, gm in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merged)):
+    assert rel(gf, gm) < 1e-4
+  # Differentiating the full tree: w and w_norm receive exactly zero gradient.
+  g_full = jax.grad(lambda t: loss_fn(model)(*delora_jax.split(t), x))(tree)
+  for k in delora_jax._tree.kernels(g_full).values():
+    assert not np.any(np.asarray(k.w)) and not np.any(np.asarray(k.w_norm))
+
+
+def test_vmap_over_inputs_and_over_adapters():
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(0), (4, 2, 5))
+  _, tree = setup(model, x[0], {"kernel": delora_jax.Rule(2, init="random")})
+  f = lambda t, xi: delora_jax.apply(model, {"params": t}, xi, strict=True)
+  np.testing.assert_allclose(jax.vmap(f, in_axes=(None, 0))(tree, x), f(tree, x), atol=ATOL)
+  # An ensemble: adapters stacked on a leading axis, vmapped together with their kernels.
+  plain = delora_jax.unwrap(tree)
+  trees = [delora_jax.wrap(plain, {"kernel": delora_jax.Rule(2, init="random")}, key=jax.random.key(i))
+           for i in range(3)]
+  stacked = jax.tree.map(lambda *l: jnp.stack(l), *trees)
+  ys = jax.vmap(f, in_axes=(0, None))(stacked, x[0])
+  for i, t in enumerate(trees):
+    np.testing.assert_allclose(ys[i], f(t, x[0]), atol=ATOL)
+  merged = jax.vmap(delora_jax.merge)(stacked)
+  np.testing.assert_allclose(merged["kernel"][1], delora_jax.merge(trees[1])["kernel"], atol=ATOL)
+
+
+def test_remat_and_jit():
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.remat(nn.Dense)(4, name="d")(x)
+  model, x = M(), jnp.ones((2, 3))
+  _, tree = setup(model, x, {"d/kernel": delora_jax.Rule(2, init="random")})
+  y = jax.jit(lambda t: delora_jax.apply(model, {"params": t}, x, strict=True))(tree)
+  np.testing.assert_allclose(y, model.apply({"params": delora_jax.merge(tree)}, x), atol=ATOL)
+  trainable, frozen = delora_jax.split(tree)
+  g = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x) ** 2))(trainable)
+  assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(g))
+
+
+def test_custom_module_falls_back_to_merged_and_reports_it():
+  model, x = models.CustomDot(), jax.random.normal(jax.random.key(0), (3, 4))
+  _, tree = setup(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
+  want = model.apply({"params": delora_jax.merge(tree)}, x)
+  with pytest.warns(delora_jax.FallbackWarning, match=r"\['kernel'\]"):
+    got = delora_jax.apply(model, {"params": tree}, x)
+  np.testing.assert_allclose(got, want, atol=ATOL)
+  assert delora_jax.explain(model, {"params": tree}, x) == {
+      "factorised": ["dense/kernel"], "merged": ["kernel"], "unused": []}
+  with pytest.raises(TypeError, match=r"kernel: this adapted kernel is used outside a factorised layer"):
+    delora_jax.apply(model, {"params": tree}, x, strict=True)
+
+
+def test_unused_kernels_are_reported():
+  class TwoHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x, which: int = 0):
+      a, b = nn.Dense(2, name="a"), nn.Dense(2, name="b")
+      return a(x) + b(x) if which == 0 else a(x)
+  model, x = TwoHeads(), jnp.ones((1, 3))
+  _, tree = setup(model, x, {".*kernel": 2})
+  assert delora_jax.explain(model, {"params": tree}, x, 1)["unused"] == ["b/kernel"]
+
+
+def test_plain_model_apply_on_adapted_tree_raises():
+  model, x = models.Transformer(), jnp.ones((1, 2, 6))
+  _, tree = setup(model, x, models.transformer_rules(False))
+  with pytest.raises(TypeError, match="delora_jax.apply"):
+    model.apply({"params": tree}, x)
+  with pytest.raises(TypeError, match="delora_jax.apply"):
+    jax.jit(lambda t: model.apply({"params": t}, x))(tree)
+
+
+def test_adapter_dropout_follows_the_dropout_rng():
+  model = nn.Dense(6)
+  # One-hot rows: each row's dropped-out input is either 0 or 2x (p = 0.5).
+  x = jnp.repeat(jnp.eye(10), 20, axis=0) * 1.5
+  _, tree = setup(model, x, {"kernel": delora_jax.Rule(3, init="random", dropout=0.5)})
+  merged = model.apply({"params": delora_jax.merge(tree)}, x)
+  # Without a dropout rng (inference) dropout is off.
+  np.testing.assert_allclose(delora_jax.apply(model, {"params": tree}, x), merged, atol=ATOL)
+  y = delora_jax.apply(model, {"params": tree}, x, rngs={"dropout": jax.random.key(7)})
+  base = model.apply({"params": delora_jax.unwrap(tree)}, x)  # the base branch is not dropped
+  d, full = np.asarray(y - base), np.asarray(x @ delora_jax.delta(tree)["kernel"])
+  dropped = np.all(np.abs(d) < 1e-5, axis=1)
+  kept = np.all(np.abs(d - 2 * full) < 1e-4, axis=1)
+  assert np.all(dropped | kept)
+  assert 0.3 < dropped.mean() < 0.7
+  y2 = delora_jax.apply(model, {"params": tree}, x, rngs={"dropout": jax.random.key(8)})
+  assert not np.allclose(y, y2)
+
+
+def test_frozen_leaves_get_exactly_zero_update_full_tree_optimizer():
+  model, x = models.Transformer(), jax.random.normal(jax.random.key(4), (2, 3, 6))
+  _, tree = setup(model, x, models.transformer_rules(False))
+  opt = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.1)
+  state = opt.init(tree)
+
+  def loss(t):
+    return jnp.mean(delora_jax.apply(model, {"params": t}, x, strict=True) ** 2)
+  new = tree
+  for _ in range(3):
+    g = jax.grad(loss)(new)
+    upd, state = opt.update(g, state, new)
+    for path, u in zip(*delora_jax._tree.flatten(upd)[:2]):
+      if isinstance(u, delora_jax.DeloraKernel):
+        assert not np.any(np.asarray(u.w)) and not np.any(np.asarray(u.w_norm)), path
+        assert np.any(np.asarray(u.a)) or np.any(np.asarray(u.b)), path
+      else:
+        assert not np.any(np.asarray(u)), path  # biases, embed: frozen
+    new = optax.apply_updates(new, upd)
+  np.testing.assert_array_equal(delora_jax.unwrap(new)["embed"]["kernel"], tree["embed"]["kernel"])
+  for k_new, k_old in zip(delora_jax._tree.kernels(new).values(), delora_jax._tree.kernels(tree).values()):
+    np.testing.assert_array_equal(k_new.w, k_old.w)
+    np.testing.assert_array_equal(k_new.w_norm, k_old.w_norm)
+
+
+def test_strict_and_report_do_not_depend_on_earlier_calls():
+  """jnp functions are jitted and cache traces: a lenient call must not let a later
+  strict call through, nor hide the fallback from explain()."""
+  model, x = models.CustomDot(), jnp.ones((2, 4))
+  _, tree = setup(model, x, {"kernel": 2})
+  for _ in range(2):
+    with pytest.warns(delora_jax.FallbackWarning):
+      delora_jax.apply(model, {"params": tree}, x)
+    assert delora_jax.explain(model, {"params": tree}, x)["merged"] == ["kernel"]
+    with pytest.raises(TypeError, match="strict=True forbids"):
+      delora_jax.apply(model, {"params": tree}, x, strict=True)
