@@ -1,0 +1,30 @@
+"""The README's commands and quickstart are the ones CI and examples/ run."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme():
+  return (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+  blocks = re.findall(r"```bash\n(.*?)\n```", readme(), re.S)
+  test_cmd = next(b for b in blocks if "pytest" in b)
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert test_cmd in ci
+  assert any("examples/finetune.py" in b for b in blocks)
+
+
+def test_quickstart_is_examples_quickstart_verbatim_and_runs():
+  block = re.search(r"## Quickstart.*?```python\n(.*?)```", readme(), re.S).group(1)
+  assert block.strip() == (ROOT / "examples" / "quickstart.py").read_text().strip()
+  out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr
+  before, after = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
+  assert after < 0.8 * before
