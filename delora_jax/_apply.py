@@ -77,9 +77,14 @@ def _track(params: Any, rec: _Record) -> Any:
 # ---------------------------------------------------------------- delta branch
 
 
+def _acc(cdt) -> jnp.dtype:
+  """Accumulation dtype: float32 for low-precision compute, else the compute dtype."""
+  return jnp.dtype(jnp.float32) if jnp.finfo(cdt).bits < 32 else jnp.dtype(cdt)
+
+
 def _dot(x, y, dims, cdt):
   return lax.dot_general(x.astype(cdt), y.astype(cdt), (dims, ((), ())),
-                         preferred_element_type=jnp.promote_types(cdt, jnp.float32))
+                         preferred_element_type=_acc(cdt))
 
 
 def _adapter_input(mod: nn.Module, k: DeloraKernel, x: jax.Array) -> jax.Array:
@@ -164,7 +169,7 @@ def _einsum(mod, k, args, kwargs):
   h_sub = "".join(c for c in lhs if c not in con) + z
   u = u.reshape(*(k.w.shape[a] for a in in_axes), r)
   v = v.reshape(r, *(k.w.shape[a] for a in out_axes))
-  acc = jnp.promote_types(cdt, jnp.float32)
+  acc = _acc(cdt)
   h = jnp.einsum(f"{lhs},{''.join(con)}{z}->{h_sub}", _adapter_input(mod, k, x).astype(cdt),
                  u.astype(cdt), preferred_element_type=acc)
   d = jnp.einsum(f"{h_sub},{z}{''.join(kept)}->{out}", h.astype(cdt), v.astype(cdt),

@@ -230,3 +230,18 @@ def test_strict_and_report_do_not_depend_on_earlier_calls():
     assert delora_jax.explain(model, {"params": tree}, x)["merged"] == ["kernel"]
     with pytest.raises(TypeError, match="strict=True forbids"):
       delora_jax.apply(model, {"params": tree}, x, strict=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_library_code_is_clean_under_strict_dtype_promotion(dtype):
+  model = models.Transformer()
+  x = jax.random.normal(jax.random.key(0), (1, 3, 6)).astype(dtype)
+  params = jax.tree.map(lambda p: p.astype(dtype), model.init(jax.random.key(1), x)["params"])
+  with jax.numpy_dtype_promotion("strict"):
+    tree = delora_jax.wrap(params, models.transformer_rules(False))
+    trainable, frozen = delora_jax.split(tree)
+    g = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x,
+                                                    strict=True).astype(jnp.float32)))(trainable)
+    merged = delora_jax.merge(tree)
+  assert all(np.all(np.isfinite(np.asarray(l, np.float32))) for l in jax.tree.leaves(g))
+  assert merged["layers_0"]["attn"]["query"]["kernel"].dtype == jnp.dtype(dtype)
