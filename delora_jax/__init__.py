@@ -5,7 +5,9 @@ optax optimizer, merge back into plain parameters. Numerically identical to
 Hugging Face PEFT's ``DeloraConfig``.
 """
 
+from delora_jax._apply import FallbackWarning as FallbackWarning
 from delora_jax._apply import apply as apply
+from delora_jax._apply import explain as explain
 from delora_jax._kernel import DeloraKernel as DeloraKernel
 from delora_jax._optim import optimizer as optimizer
 from delora_jax._rule import Rule as Rule
@@ -18,21 +20,36 @@ from delora_jax._wrap import merge as merge
 from delora_jax._wrap import unwrap as unwrap
 from delora_jax._wrap import with_adapters as with_adapters
 from delora_jax._wrap import wrap as wrap
+from delora_jax._sharding import shardings as shardings
+
+from delora_jax._checkpoint import adapter_save_args as adapter_save_args
+from delora_jax._checkpoint import load_adapters as load_adapters
+from delora_jax._checkpoint import save_adapters as save_adapters
+from delora_jax._lora import to_lora as to_lora
+from delora_jax import peft as peft
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeloraKernel",
+    "FallbackWarning",
     "Rule",
     "adapters",
     "apply",
     "combine",
     "delta",
+    "explain",
     "merge",
+    "shardings",
     "optimizer",
     "split",
     "trainable_mask",
     "unwrap",
     "with_adapters",
     "wrap",
+    "adapter_save_args",
+    "load_adapters",
+    "peft",
+    "save_adapters",
+    "to_lora",
 ]

@@ -1,0 +1,108 @@
+"""`to_lora`: a DeLoRA update as plain LoRA factors; base-kernel checks shared by the loaders."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from delora_jax import _kernel, _tree
+from delora_jax._kernel import DeloraKernel
+
+
+def to_lora(tree: Any) -> dict[str, dict[str, jax.Array]]:
+  """The same weight updates as plain LoRA factors, ``ΔW = lora_a @ lora_b``.
+
+  For every adapted kernel, ``lora_a = diag(w_norm) @ a @ diag(s)`` and
+  ``lora_b = b`` with ``s[k] = λ / r / (max(|a_k|, 1e-4) max(|b_k|, 1e-4))``:
+  rank ``r``, no SVD, and ``lora_a @ lora_b`` is exactly the ``ΔW``
+  :func:`delora_jax.merge` adds (same factors, same product). Shapes are in
+  the kernel's matrix view (METHOD.md): ``lora_a (*S, in, r)``,
+  ``lora_b (*S, r, out)``, adapter dtype. Kernels made with ``init="paper"``
+  give rank ``2r`` factors (the frozen initial update is subtracted exactly).
+  Use the result with any LoRA implementation whose update is
+  ``x @ lora_a @ lora_b`` (scaling 1); :func:`delora_jax.peft.export_lora`
+  writes it as a PEFT LoRA adapter.
+
+  Args:
+    tree: an adapted tree from :func:`delora_jax.wrap`.
+
+  Returns:
+    ``{path: {"lora_a": array, "lora_b": array}}`` for every adapted kernel.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, delora_jax
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> tree = delora_jax.wrap({"kernel": w}, {"kernel": delora_jax.Rule(2, init="random")})
+    >>> f = delora_jax.to_lora(tree)["kernel"]
+    >>> f["lora_a"].shape, f["lora_b"].shape
+    ((16, 2), (2, 8))
+    >>> d = jnp.matmul(f["lora_a"], f["lora_b"], precision="highest")
+    >>> bool(jnp.all(d == delora_jax.delta(tree)["kernel"]))
+    True
+  """
+  ks = _tree.require_adapted(tree, "to_lora")
+  out = {}
+  for path, k in ks.items():
+    u, v = _kernel.factors(k)
+    out[path] = {"lora_a": u, "lora_b": v}
+  return out
+
+
+def base_w_norm(k: DeloraKernel) -> jax.Array:
+  """``w_norm`` recomputed from the kernel's base ``w`` the way ``wrap`` does (float32)."""
+  wm = _kernel.to_matrix(jnp.asarray(k.w).astype(jnp.float32), k.in_axes, k.out_axes)
+  return jnp.linalg.norm(wm, axis=-1)
+
+
+def norm_tolerance(dtype: Any) -> float:
+  """Relative tolerance for comparing stored and recomputed ``w_norm``."""
+  return max(1e-3, 4.0 * float(jnp.finfo(dtype).eps))
+
+
+def _mismatch(w, stored, *, in_axes, out_axes, rtol):
+  """(entries out of tolerance, max relative difference) of stored vs recomputed w_norm."""
+  from delora_jax._wrap import _in_norms  # norms reduced in w's own layout: no gather
+  want = _in_norms(w, in_axes, out_axes)
+  got = stored.astype(jnp.float32)
+  atol = 1e-6 * jnp.max(jnp.abs(want), initial=0.0)
+  err = jnp.abs(got - want)
+  n_bad = jnp.sum(err > atol + rtol * jnp.abs(want))
+  rel = jnp.max(err / jnp.maximum(jnp.abs(want), jnp.maximum(atol, 1e-30)), initial=0.0)
+  return n_bad, rel
+
+
+def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> None:
+  """Raises ``ValueError`` if ``stored`` w_norm does not belong to ``k``'s base kernel.
+
+  ``stored`` is compared with the norms recomputed from ``k.w`` (rtol 1e-3, or
+  a few ulps of the stored dtype if coarser; atol 1e-6 of the largest norm).
+  The comparison runs in one jit whose two scalar results are replicated, so
+  kernels sharded over devices of several processes are checked in place and
+  every process reads the same verdict.
+  """
+  want_shape = tuple(k.w_norm.shape) if k.w_norm is not None else tuple(base_w_norm(k).shape)
+  if tuple(stored.shape) != want_shape:
+    raise ValueError(f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
+                     f"{want_shape} for the base kernel of shape {tuple(k.w.shape)}.")
+  rtol = norm_tolerance(stored.dtype)
+  sh = getattr(k.w, "sharding", None)
+  out = None
+  if isinstance(sh, NamedSharding):
+    out = NamedSharding(sh.mesh, PartitionSpec())
+    out = (out, out)
+  fn = jax.jit(functools.partial(_mismatch, in_axes=k.in_axes, out_axes=k.out_axes, rtol=rtol),
+               out_shardings=out)
+  n_bad, rel = fn(k.w, stored)
+  n_bad, rel = int(n_bad), float(rel)
+  if n_bad:
+    raise ValueError(
+        f"{path}: the base kernel differs from the one {source} was made for: its stored "
+        f"w_norm (input-row norms of the base kernel) differs from the norms of this tree's "
+        f"kernel in {n_bad} of {math.prod(want_shape)} entries (max relative difference {rel:.3g}, "
+        f"tolerance {rtol:g}). Load the adapters into the same pretrained weights they were "
+        "trained on (pass check_base=False only if you know the bases match).")

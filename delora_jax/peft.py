@@ -1,0 +1,196 @@
+"""Hugging Face PEFT adapter folders: DeLoRA both ways, and LoRA out.
+
+Writing needs only ``numpy``, ``json`` and ``safetensors`` (no torch, no peft).
+Folders hold ``adapter_config.json`` and ``adapter_model.safetensors`` exactly as
+``PeftModel.save_pretrained`` writes them, so ``PeftModel.from_pretrained(torch_model,
+directory)`` loads them. ``module_names`` maps each adapted Flax kernel path to the
+torch module it belongs to: a dict ``{path: name}`` or a callable ``path -> name``;
+a stacked (scanned) kernel needs one name per slice (a sequence, or a template with
+``{}`` for the slice index). Ready mappings: :func:`llama_module_names`,
+:func:`bert_module_names`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from delora_jax import _tree
+from delora_jax._lora import to_lora
+from delora_jax._peft_load import load as load
+from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all
+from delora_jax._peft_names import bert_module_names as bert_module_names
+from delora_jax._peft_names import llama_module_names as llama_module_names
+from delora_jax._peft_names import safetensors_numpy
+from delora_jax._wrap import _compile
+
+__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load"]
+
+
+def _slices(x: Any, n_stack: int) -> np.ndarray:
+  x = np.asarray(jnp.asarray(x).astype(jnp.float32))
+  return x.reshape((math.prod(x.shape[:n_stack]),) + x.shape[n_stack:])
+
+
+def _default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  default = collections.Counter(values.values()).most_common(1)[0][0]
+  return default, {pattern_key(n): v for n, v in values.items() if v != default}
+
+
+def _write_json(file: str, config: dict) -> None:
+  with open(file, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _write(directory: str | os.PathLike, config: dict, tensors: dict[str, np.ndarray]) -> str:
+  """Writes both files, each to a temporary name first, then renamed into place."""
+  path = os.path.abspath(os.fspath(directory))
+  os.makedirs(path, exist_ok=True)
+  save = safetensors_numpy().save_file
+  for name, write in ((WEIGHTS, lambda f: save(tensors, f, metadata={"format": "pt"})),
+                      (CONFIG, lambda f: _write_json(f, config))):
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
+    os.close(fd)
+    try:
+      write(tmp)
+      os.replace(tmp, os.path.join(path, name))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return path
+
+
+def _dropout(ks: dict) -> float:
+  drops = sorted({float(k.dropout) for k in ks.values()})
+  if len(drops) > 1:
+    raise ValueError(f"The adapted kernels use different dropout rates {drops}; PEFT has one "
+                     "module_dropout per adapter. Use one Rule dropout for all kernels to export.")
+  return drops[0]
+
+
+def _initial_lams(rules: Any, ks: dict) -> dict[str, float]:
+  compiled = _compile(rules)
+  out = {}
+  for p, k in ks.items():
+    rule = next((r for _, rx, r in compiled if rx.fullmatch(p)), None)
+    if rule is None:
+      raise ValueError(f"{p}: no pattern of `rules` matches this adapted kernel; pass the rules "
+                       "the tree was wrapped with (or rules=None to record the trained λ).")
+    out[p] = rule.lam
+  return out
+
+
+def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules: Any = None,
+           flatten_nd: bool = False) -> str:
+  """Writes the DeLoRA adapters of ``tree`` as a PEFT DeLoRA adapter folder.
+
+  ``adapter_model.safetensors`` holds, per torch module ``m``,
+  ``base_model.model.m.delora_A`` ``(r, in)`` (= ``a.T``), ``.delora_B``
+  ``(out, r)`` (= ``b.T``), ``.delora_lambda`` ``(1,)`` (the trained λ) and
+  ``.delora_w_norm`` ``(in,)``, float32. ``adapter_config.json`` has
+  ``peft_type: DELORA``, ``target_modules`` (the exact module names), the most
+  common rank and initial λ as ``r``/``delora_lambda`` and exact-name
+  ``rank_pattern``/``lambda_pattern`` entries for the others, and
+  ``module_dropout``.
+
+  Args:
+    tree: an adapted tree (2-D kernels, ``init`` "peft" or "random").
+    directory: output folder (created; existing adapter files are replaced).
+    module_names: Flax path -> torch module name(s) (module docstring).
+    rules: the rules ``tree`` was wrapped with: their λ is written to the
+      config as the initial λ. ``None`` writes the trained λ there.
+    flatten_nd: allow N-D kernels (e.g. ``DenseGeneral``) whose matrix view is
+      a torch ``nn.Linear``'s transposed weight.
+
+  Returns:
+    The absolute path of the folder.
+
+  Example:
+    >>> import tempfile, jax, delora_jax
+    >>> w = jax.random.normal(jax.random.key(0), (12, 32))
+    >>> tree = delora_jax.wrap({"lin0": {"kernel": w}}, {"lin0/kernel": 4})
+    >>> out = delora_jax.peft.export(tree, tempfile.mkdtemp(), module_names={"lin0/kernel": "lin0"})
+    >>> import json, pathlib
+    >>> json.loads(pathlib.Path(out, "adapter_config.json").read_text())["target_modules"]
+    ['lin0']
+  """
+  ks = _tree.require_adapted(tree, "export")
+  for p, k in ks.items():
+    check_linear(p, k, flatten_nd, "export")
+  names = resolve_all(module_names, ks)
+  lam0 = _initial_lams(rules, ks) if rules is not None else None
+  tensors, ranks, lams = {}, {}, {}
+  for p, k in ks.items():
+    n_stack = k.lam.ndim
+    a, b = _slices(k.a, n_stack), _slices(k.b, n_stack)
+    lam, w_norm = _slices(k.lam, n_stack), _slices(k.w_norm, n_stack)
+    for i, name in enumerate(names[p]):
+      pre = PREFIX + name + "."
+      tensors[pre + "delora_A"] = np.ascontiguousarray(a[i].T)
+      tensors[pre + "delora_B"] = np.ascontiguousarray(b[i].T)
+      tensors[pre + "delora_lambda"] = lam[i].reshape(1).copy()
+      tensors[pre + "delora_w_norm"] = w_norm[i].copy()
+      ranks[name] = k.rank
+      lams[name] = lam0[p] if lam0 is not None else float(lam[i])
+  r, rank_pattern = _default_and_pattern(ranks)
+  lam_default, lambda_pattern = _default_and_pattern(lams)
+  config = {
+      "peft_type": "DELORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+      "inference_mode": True, "r": r, "delora_lambda": lam_default,
+      "module_dropout": _dropout(ks), "target_modules": sorted(ranks), "exclude_modules": None,
+      "bias": "none", "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
+      "rank_pattern": rank_pattern, "lambda_pattern": lambda_pattern, "modules_to_save": None,
+  }
+  return _write(directory, config, tensors)
+
+
+def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any,
+                flatten_nd: bool = False) -> str:
+  """Writes the updates of ``tree`` as a plain PEFT LoRA adapter folder.
+
+  Uses :func:`delora_jax.to_lora`: ``lora_A.weight = lora_a.T`` ``(r, in)``,
+  ``lora_B.weight = lora_b.T`` ``(out, r)``, with ``lora_alpha = r`` for every
+  module (``alpha_pattern`` mirrors ``rank_pattern``) so PEFT's scaling is 1 and
+  ``PeftModel.from_pretrained`` reproduces the DeLoRA model's outputs with
+  stock LoRA. Also works for ``init="paper"`` adapters (rank ``2r``).
+
+  Example:
+    >>> import tempfile, jax, delora_jax
+    >>> w = jax.random.normal(jax.random.key(0), (12, 32))
+    >>> tree = delora_jax.wrap({"lin0": {"kernel": w}}, {"lin0/kernel": 4})
+    >>> out = delora_jax.peft.export_lora(tree, tempfile.mkdtemp(), module_names={"lin0/kernel": "lin0"})
+    >>> import json, pathlib
+    >>> cfg = json.loads(pathlib.Path(out, "adapter_config.json").read_text())
+    >>> cfg["peft_type"], cfg["r"], cfg["lora_alpha"]
+    ('LORA', 4, 4)
+  """
+  ks = _tree.require_adapted(tree, "export_lora")
+  for p, k in ks.items():
+    check_linear(p, k, flatten_nd, "export_lora")
+  names = resolve_all(module_names, ks)
+  factors = to_lora(tree)
+  tensors, ranks = {}, {}
+  for p, k in ks.items():
+    la, lb = _slices(factors[p]["lora_a"], k.lam.ndim), _slices(factors[p]["lora_b"], k.lam.ndim)
+    for i, name in enumerate(names[p]):
+      tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la[i].T)
+      tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb[i].T)
+      ranks[name] = int(la.shape[-1])
+  r, rank_pattern = _default_and_pattern(ranks)
+  config = {
+      "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+      "inference_mode": True, "r": r, "lora_alpha": r, "rank_pattern": rank_pattern,
+      "alpha_pattern": dict(rank_pattern), "target_modules": sorted(ranks),
+      "lora_dropout": _dropout(ks), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+      "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+      "layers_to_transform": None, "layers_pattern": None,
+  }
+  return _write(directory, config, tensors)
+
