@@ -49,31 +49,30 @@ def base_params(torch_model) -> dict:
   return out
 
 
-def peft_adapters(peft_model, adapter="default") -> dict:
-  """delora_jax.adapters()-shaped dict read from a PEFT DeLoRA model."""
+def _per_layer(peft_model, read) -> dict:
+  """``{"<name>/kernel": read(layer)}`` for every DeLoRA-adapted layer."""
   out = {}
   for name in NAMES:
     layer = peft_model.base_model.model.get_submodule(name)
-    if not hasattr(layer, "delora_A"):
-      continue
-    out[f"{name}/kernel"] = {
-        "a": jnp.asarray(t2n(layer.delora_A[adapter]).T),
-        "b": jnp.asarray(t2n(layer.delora_B[adapter]).T),
-        "lam": jnp.asarray(t2n(layer.delora_lambda[adapter]).reshape(())),
-        "w_norm": jnp.asarray(t2n(layer.delora_w_norm[adapter])),
-    }
+    if hasattr(layer, "delora_A"):
+      out[f"{name}/kernel"] = read(layer)
   return out
+
+
+def peft_adapters(peft_model, adapter="default") -> dict:
+  """delora_jax.adapters()-shaped dict read from a PEFT DeLoRA model."""
+  return _per_layer(peft_model, lambda l: {
+      "a": jnp.asarray(t2n(l.delora_A[adapter]).T),
+      "b": jnp.asarray(t2n(l.delora_B[adapter]).T),
+      "lam": jnp.asarray(t2n(l.delora_lambda[adapter]).reshape(())),
+      "w_norm": jnp.asarray(t2n(l.delora_w_norm[adapter])),
+  })
 
 
 def peft_grads(peft_model, adapter="default") -> dict:
-  out = {}
-  for name in NAMES:
-    layer = peft_model.base_model.model.get_submodule(name)
-    if not hasattr(layer, "delora_A"):
-      continue
-    out[f"{name}/kernel"] = {
-        "a": t2n(layer.delora_A[adapter].grad).T,
-        "b": t2n(layer.delora_B[adapter].grad).T,
-        "lam": t2n(layer.delora_lambda[adapter].grad).reshape(()),
-    }
-  return out
+  """Gradients of a, b, λ in delora_jax orientation."""
+  return _per_layer(peft_model, lambda l: {
+      "a": t2n(l.delora_A[adapter].grad).T,
+      "b": t2n(l.delora_B[adapter].grad).T,
+      "lam": t2n(l.delora_lambda[adapter].grad).reshape(()),
+  })
