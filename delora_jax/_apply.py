@@ -120,6 +120,11 @@ def _dense_general(mod, k, args, kwargs):
   if getattr(mod, "batch_dims", ()) or not _layout(k, len(axis), len(feats)):
     return None
   axis = tuple(a % x.ndim for a in axis)
+  if axis == (x.ndim - 1,) and x.ndim > 2 and len(args) == 1 and not kwargs:
+    # Run base and branch on (tokens, in): with (B, T, in) inputs XLA:CPU makes
+    # transposed copies of the activations for the branch's weight gradients.
+    y = _dense_general(mod, k, (x.reshape(-1, x.shape[-1]),), {})
+    return y.reshape(*x.shape[:-1], *y.shape[1:])
   y = _base(mod, k, args, kwargs)
   cdt = _compute_dtype(mod, x, k.w)
   u, v = _kernel.factors(k)
