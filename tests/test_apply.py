@@ -245,3 +245,38 @@ def test_library_code_is_clean_under_strict_dtype_promotion(dtype):
     merged = delora_jax.merge(tree)
   assert all(np.all(np.isfinite(np.asarray(l, np.float32))) for l in jax.tree.leaves(g))
   assert merged["layers_0"]["attn"]["query"]["kernel"].dtype == jnp.dtype(dtype)
+
+
+def _kernel_shaped_results(hlo: str, shape: tuple[int, int]) -> list[str]:
+  """HLO instructions (not parameters or plumbing) whose result has ``shape`` in any layout."""
+  dims = ",".join(map(str, shape)), ",".join(map(str, shape[::-1]))
+  plumbing = ("parameter(", "get-tuple-element(", "tuple(", "bitcast(", "copy(")
+  return [l.strip() for l in hlo.splitlines()
+          if any(f"f32[{d}]" in l.split("=", 1)[-1].split("(")[0] for d in dims) and " = " in l
+          and not any(p in l for p in plumbing)]
+
+
+def test_factorised_step_forms_no_dense_update_or_kernel_gradient():
+  """Neither ΔW (in, out) nor a frozen kernel's gradient x^T dy appears in the compiled step."""
+  n_in, n_out = 24, 40
+  model = nn.Sequential([nn.Dense(n_out), jnp.tanh, nn.Dense(3)])
+  x = jax.random.normal(jax.random.key(0), (512, n_in))
+  params = model.init(jax.random.key(1), x)["params"]
+  tree = delora_jax.wrap(params, {"layers_0/kernel": delora_jax.Rule(3, init="random")})
+  trainable, frozen = delora_jax.split(tree)
+  opt = delora_jax.optimizer(optax.adam, learning_rate=1e-3)
+
+  def make_step(forward):
+    def step(trainable, state, frozen, x):
+      loss, g = jax.value_and_grad(lambda t: jnp.mean(forward(delora_jax.combine(t, frozen), x) ** 2))(trainable)
+      upd, state = opt.update(g, state, trainable)
+      return optax.apply_updates(trainable, upd), state, loss
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  args = (trainable, opt.init(trainable), frozen, x)
+  fact = make_step(lambda t, x: delora_jax.apply(model, {"params": t}, x, strict=True))
+  merged = make_step(lambda t, x: model.apply({"params": delora_jax.merge(t)}, x))
+  fact_hlo = fact.lower(*args).compile().as_text()
+  merged_hlo = merged.lower(*args).compile().as_text()
+  assert _kernel_shaped_results(merged_hlo, (n_in, n_out))  # the control does form them
+  assert _kernel_shaped_results(fact_hlo, (n_in, n_out)) == []
