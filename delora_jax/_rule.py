@@ -60,6 +60,7 @@ class Rule:
 
   rank: int
   lam: float = 15.0
+  _: dataclasses.KW_ONLY
   init: str = "peft"
   dropout: float = 0.0
   in_axes: Any = None
