@@ -97,6 +97,23 @@ def from_matrix(m: jax.Array, shape, in_axes, out_axes) -> jax.Array:
   return jnp.transpose(m, inv) if perm != tuple(range(ndim)) else m
 
 
+def in_norms(w: jax.Array, in_axes, out_axes) -> jax.Array:
+  """``w_norm (*S, in_flat)``: float32 norms of the kernel's input rows, in matrix-view order.
+
+  Reduced over the output axes in w's own layout, then only the small result is
+  transposed and flattened, so a sharded kernel is never rearranged (or gathered).
+  """
+  w = jnp.asarray(w).astype(jnp.float32)
+  ndim = w.ndim
+  norms = jnp.sqrt(jnp.sum(w * w, axis=tuple(ndim + o for o in out_axes)))  # (*S, *in, sorted)
+  n_stack = ndim - len(in_axes) - len(out_axes)
+  order = sorted(ndim + i for i in in_axes)
+  perm = tuple(range(n_stack)) + tuple(n_stack + order.index(ndim + i) for i in in_axes)
+  if perm != tuple(range(norms.ndim)):
+    norms = jnp.transpose(norms, perm)
+  return norms.reshape(*norms.shape[:n_stack], -1)
+
+
 def clamped_norm(x: jax.Array, axis: int) -> jax.Array:
   """``max(||x||_2, NORM_EPS)`` along ``axis``; zero gradient below the clamp.
 

@@ -53,12 +53,6 @@ def to_lora(tree: Any) -> dict[str, dict[str, jax.Array]]:
   return out
 
 
-def base_w_norm(k: DeloraKernel) -> jax.Array:
-  """``w_norm`` recomputed from the kernel's base ``w`` the way ``wrap`` does (float32)."""
-  wm = _kernel.to_matrix(jnp.asarray(k.w).astype(jnp.float32), k.in_axes, k.out_axes)
-  return jnp.linalg.norm(wm, axis=-1)
-
-
 def norm_tolerance(dtype: Any) -> float:
   """Relative tolerance for comparing stored and recomputed ``w_norm``."""
   return max(1e-3, 4.0 * float(jnp.finfo(dtype).eps))
@@ -66,14 +60,20 @@ def norm_tolerance(dtype: Any) -> float:
 
 def _mismatch(w, stored, *, in_axes, out_axes, rtol):
   """(entries out of tolerance, max relative difference) of stored vs recomputed w_norm."""
-  from delora_jax._wrap import _in_norms  # norms reduced in w's own layout: no gather
-  want = _in_norms(w, in_axes, out_axes)
+  want = _kernel.in_norms(w, in_axes, out_axes)
   got = stored.astype(jnp.float32)
   atol = 1e-6 * jnp.max(jnp.abs(want), initial=0.0)
   err = jnp.abs(got - want)
   n_bad = jnp.sum(err > atol + rtol * jnp.abs(want))
   rel = jnp.max(err / jnp.maximum(jnp.abs(want), jnp.maximum(atol, 1e-30)), initial=0.0)
   return n_bad, rel
+
+
+@functools.lru_cache(maxsize=256)
+def _mismatch_fn(in_axes, out_axes, rtol: float, out_shardings):
+  """The compiled comparison, one per layout (not one per kernel and call)."""
+  return jax.jit(functools.partial(_mismatch, in_axes=in_axes, out_axes=out_axes, rtol=rtol),
+                 out_shardings=out_shardings)
 
 
 def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> None:
@@ -85,7 +85,8 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   kernels sharded over devices of several processes are checked in place and
   every process reads the same verdict.
   """
-  want_shape = tuple(k.w_norm.shape) if k.w_norm is not None else tuple(base_w_norm(k).shape)
+  n_stack = k.w.ndim - len(k.in_axes) - len(k.out_axes)
+  want_shape = (*k.w.shape[:n_stack], math.prod(k.w.shape[i] for i in k.in_axes))
   if tuple(stored.shape) != want_shape:
     raise ValueError(f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
                      f"{want_shape} for the base kernel of shape {tuple(k.w.shape)}.")
@@ -95,9 +96,7 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   if isinstance(sh, NamedSharding):
     out = NamedSharding(sh.mesh, PartitionSpec())
     out = (out, out)
-  fn = jax.jit(functools.partial(_mismatch, in_axes=k.in_axes, out_axes=k.out_axes, rtol=rtol),
-               out_shardings=out)
-  n_bad, rel = fn(k.w, stored)
+  n_bad, rel = _mismatch_fn(k.in_axes, k.out_axes, rtol, out)(k.w, stored)
   n_bad, rel = int(n_bad), float(rel)
   if n_bad:
     raise ValueError(

@@ -70,25 +70,7 @@ def _uniform(key, shape, bound, dtype):
   return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
-def _in_norms(w: jax.Array, in_axes, out_axes) -> jax.Array:
-  """``w_norm (*S, in_flat)`` of a sharded kernel, reduced in w's own layout.
-
-  Only the small result is transposed and flattened, so the kernel is never
-  rearranged across devices (which could gather it).
-  """
-  ndim = w.ndim
-  w = w.astype(jnp.float32)
-  norms = jnp.sqrt(jnp.sum(w * w, axis=tuple(ndim + o for o in out_axes)))  # (*S, *in, sorted)
-  n_stack = ndim - len(in_axes) - len(out_axes)
-  order = sorted(ndim + i for i in in_axes)
-  perm = tuple(range(n_stack)) + tuple(n_stack + order.index(ndim + i) for i in in_axes)
-  if perm != tuple(range(norms.ndim)):
-    norms = jnp.transpose(norms, perm)
-  return norms.reshape(*norms.shape[:n_stack], -1)
-
-
-def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes,
-                    sharded: bool = False) -> dict:
+def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes) -> dict:
   n_in = math.prod(w.shape[i] for i in in_axes)
   n_out = math.prod(w.shape[o] for o in out_axes)
   stack = tuple(w.shape[:w.ndim - len(in_axes) - len(out_axes)])
@@ -100,11 +82,7 @@ def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes,
     b = jnp.zeros((*stack, r, n_out), dtype)
   else:
     b = _uniform(kb, (*stack, r, n_out), 1.0 / math.sqrt(r), dtype)
-  if sharded:
-    w_norm = _in_norms(w, in_axes, out_axes)
-  else:
-    w_norm = jnp.linalg.norm(_kernel.to_matrix(jnp.asarray(w).astype(jnp.float32), in_axes,
-                                               out_axes), axis=-1)
+  w_norm = _kernel.in_norms(w, in_axes, out_axes)
   out = {"a": a, "b": b, "lam": jnp.full(stack, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
     out.update(res_a=a * _kernel.scales(a, b, out["lam"])[..., None, :], res_b=b)
@@ -114,8 +92,7 @@ def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes,
 @functools.lru_cache(maxsize=256)
 def _sharded_init(rule: Rule, in_axes, out_axes, out_shardings: tuple):
   """`_adapter_arrays` compiled to produce each adapter directly in its sharding."""
-  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes,
-                         sharded=True)
+  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes)
   return jax.jit(fn, out_shardings=dict(out_shardings))
 
 
