@@ -37,10 +37,11 @@ import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
 import delora_jax  # noqa: E402
+from delora_jax import _apply  # noqa: E402
 from delora_jax.models import Llama, LlamaConfig  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODES = ("full", "frozen", "lora", "delora_merged", "delora")
+MODES = ("full", "frozen", "lora", "lora_plain", "delora_merged", "delora")
 LR, WEIGHT_DECAY = 1e-4, 0.01  # torch.optim.AdamW's default decay, as in the PEFT anchors
 PEER_CPU = "shared/bench/peer_peft_cpu.py"
 
@@ -51,11 +52,16 @@ def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
       logits[:, :-1].astype(jnp.float32), tokens[:, 1:]).mean()
 
 
-# ------------------------------------------------------------------ LoRA baseline
+# ------------------------------------------------------------------ LoRA baselines
 # Factorised LoRA on the same seven projections: an interceptor adds
 # ((x @ lora_a) @ lora_b) * alpha/r to each target nn.Dense. lora_a/lora_b sit
 # next to the kernel in the params tree (so nn.scan slices them per layer);
-# only they are differentiated. Same compute dtype and accumulation as delora_jax.
+# only they are differentiated. Two forms:
+#   "joined" (mode lora): the same low-rank matmul primitive delora_jax.apply runs
+#     (delora_jax._apply._lowrank: one custom-VJP op; on a single-device CPU one matmul
+#     over [x | x@A] and [W; B]), so delora/lora isolates what DeLoRA's normalisation costs;
+#   "plain" (mode lora_plain): the textbook y = x @ W + (x @ A) @ B, autodiff backward.
+# Same compute dtype and accumulation as delora_jax in both.
 
 
 def lora_init(params, rank: int, key: jax.Array, dtype=jnp.float32):
@@ -79,22 +85,26 @@ def deep_merge(a: dict, b: dict) -> dict:
   return out
 
 
-def lora_interceptor(scaling: float, flatten: bool = True):
+def lora_interceptor(scaling: float, flatten: bool = True, form: str = "plain"):
   def intercept(next_fun, args, kwargs, context):
     mod = context.module
     if (context.method_name != "__call__" or not isinstance(mod, nn.Dense) or mod.scope is None
         or mod.name not in TARGETS or not mod.has_variable("params", "lora_a")):
       return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
-    # Flatten the leading axes (base and branch): with (B, T, in) operands XLA:CPU lays out
-    # the branch's weight-gradient dots with transposed activation copies, about 25% of the
-    # small config's step time (README); a reshape costs nothing on any backend.
-    x2 = x.reshape(-1, x.shape[-1]) if flatten else x
-    y = next_fun(x2)
     a, b = mod.get_variable("params", "lora_a"), mod.get_variable("params", "lora_b")
     if scaling != 1.0:
       a = a * scaling  # folded into the (in, r) factor, as delora_jax folds its scales
     cdt = jnp.dtype(mod.dtype) if mod.dtype is not None else jnp.result_type(x, a)
+    # Flatten the leading axes (base and branch): with (B, T, in) operands XLA:CPU lays out
+    # the branch's weight-gradient dots with transposed activation copies, about 25% of the
+    # small config's step time (README); a reshape costs nothing on any backend.
+    x2 = x.reshape(-1, x.shape[-1]) if flatten or form == "joined" else x
+    if form == "joined":
+      w = lax.stop_gradient(mod.get_variable("params", "kernel")).astype(cdt)
+      y = _apply._lowrank(x2.astype(cdt), x2.astype(cdt), w, a, b, mod.precision)
+      return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = next_fun(x2)
     acc = jnp.promote_types(cdt, jnp.float32)
     contract = lambda lhs: (((lhs.ndim - 1,), (0,)), ((), ()))  # noqa: E731
     h = lax.dot_general(x2.astype(cdt), a.astype(cdt), contract(x2), preferred_element_type=acc)
@@ -129,9 +139,10 @@ def build_mode(mode: str, model: Llama, params, tokens, rank: int, lam: float,
     b, t = tokens.shape
     delta = jnp.zeros((b, t, model.config.hidden_size), model.config.dtype)
     return loss, delta, params, adamw, {"trainable_params": 0, "differentiated": delta.size}
-  if mode == "lora":
-    def loss(t, f, x):
-      with nn.intercept_methods(lora_interceptor(1.0, lora_flatten)):  # alpha = r, scaling 1
+  if mode in ("lora", "lora_plain"):
+    form = "joined" if mode == "lora" else "plain"
+    def loss(t, f, x):  # alpha = r, scaling 1
+      with nn.intercept_methods(lora_interceptor(1.0, lora_flatten, form)):
         return xent(run(deep_merge(f, t), input_ids=x), x)
     return loss, lora_init(params, rank, jax.random.key(1)), params, adamw, {}
   tree = delora_jax.wrap(params, delora_rules(model.config, rank, lam), key=jax.random.key(1))
@@ -213,8 +224,9 @@ def time_modes(runs: list[dict], tokens, steps: int, warmup: int) -> None:
 
 # ------------------------------------------------------------------ reporting
 
-RATIOS = (("delora", "lora"), ("delora", "frozen"), ("delora_merged", "lora"),
-          ("delora", "delora_merged"), ("lora", "frozen"), ("full", "frozen"))
+RATIOS = (("delora", "lora"), ("delora", "lora_plain"), ("delora", "frozen"),
+          ("delora_merged", "lora"), ("delora", "delora_merged"), ("lora", "frozen"),
+          ("lora_plain", "frozen"), ("full", "frozen"))
 
 
 def ratios(res: dict) -> dict:
@@ -293,7 +305,7 @@ def parse(argv=None):
                  help="compute and base-param dtype (adapters stay float32)")
   p.add_argument("--attention", default="auto", choices=["auto", "softmax", "xla", "cudnn"])
   p.add_argument("--lora-3d", action="store_true",
-                 help="LoRA baseline on (B, T, in) operands instead of flattened 2-D (slow on CPU)")
+                 help="lora_plain on (B, T, in) operands instead of flattened 2-D (slow on CPU)")
   p.add_argument("--out", default=None, help="write the JSON results here")
   p.add_argument("--peft", action="store_true", help="also run ../shared/bench/peer_peft_cpu.py")
   args = p.parse_args(argv)

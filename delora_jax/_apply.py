@@ -12,12 +12,15 @@ turns it into an error.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
 from delora_jax import _kernel, _tree
@@ -112,6 +115,103 @@ def _base(mod: nn.Module, k: DeloraKernel, args, kwargs, **overrides):
   return clone.apply({"params": params}, *args, **kwargs)
 
 
+# ---------------------------------------------------------------- fused dense
+
+
+def _mm(x, y, precision=None, out=None):
+  """``x @ y`` for matrices, result in ``out`` (default: the operands' dtype)."""
+  return lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=out)
+
+
+def _joined(x, h, w, v, precision):
+  # One matmul over [x | h] and [w; v]: XLA:CPU does not fuse an add into a
+  # matmul's output, so ``x @ w + h @ v`` would leave two output-sized buffers
+  # that its fusion pass re-adds inside every consumer, keeping both alive
+  # until the backward pass. One dot yields one buffer. [w; v] is a transient
+  # copy of the frozen weight, dead before the backward pass; no ΔW and no
+  # weight gradient is ever formed.
+  return _mm(jnp.concatenate([x, h], axis=1), jnp.concatenate([w, v], axis=0), precision)
+
+
+def _split(x, h, w, v, precision):
+  # GPU/TPU compilers fuse the add into the second matmul (its epilogue).
+  return _mm(x, w, precision) + _mm(h, v)
+
+
+def _join_on_cpu() -> bool:
+  """Whether CPU lowerings use the joined matmul: only where this process sees a
+  single device. On a multi-device mesh the [w; v] concatenation runs along a
+  possibly sharded input axis and would gather the kernel, so sharded (and
+  pmapped) programs keep the split form everywhere."""
+  return jax.process_count() == 1 and jax.local_device_count() == 1
+
+
+def _lowrank_out(x, xd, w, u, v, precision):
+  acc = _acc(x.dtype)
+  h = _mm(xd, u.astype(x.dtype), out=acc).astype(x.dtype)
+  args = (x, h, w, v.astype(x.dtype))
+  split = functools.partial(_split, precision=precision)
+  if not _join_on_cpu():
+    return split(*args), h
+  joined = functools.partial(_joined, precision=precision)
+  return lax.platform_dependent(*args, cpu=joined, default=split), h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lowrank(x, xd, w, u, v, precision):
+  """``x @ w + ((xd @ u) @ v)`` for ``x, xd (T, in)``, ``w (in, out)``, ``u (in, r)``,
+  ``v (r, out)``; ``x``, ``xd`` and ``w`` in the compute dtype. ``w`` gets no
+  gradient; the backward pass forms only ``(T, r)``, ``(in, r)`` and ``(r, out)``
+  products besides ``dx``, and keeps only ``xd`` and ``h = xd @ u`` as residuals."""
+  return _lowrank_out(x, xd, w, u, v, precision)[0]
+
+
+def _lowrank_fwd(x, xd, w, u, v, precision):
+  y, h = _lowrank_out(x, xd, w, u, v, precision)
+  return y, (xd, h, w, u, v)
+
+
+def _lowrank_bwd(precision, res, dy):
+  xd, h, w, u, v = res
+  cdt = xd.dtype
+  acc = _acc(cdt)
+  dy = dy.astype(cdt)
+  # Contract over the shared axis directly (no explicit transposes), the same
+  # dot_generals autodiff would emit, so a partitioner reuses the forward
+  # pass's gathers of w.
+  tn = lambda a, b, **kw: lax.dot_general(a, b, (((1,), (1,)), ((), ())), **kw)  # a @ b.T
+  nt = lambda a, b, **kw: lax.dot_general(a, b, (((0,), (0,)), ((), ())), **kw)  # a.T @ b
+  dh = tn(dy, v.astype(cdt), preferred_element_type=acc).astype(cdt)  # (T, r)
+  dv = nt(h, dy, preferred_element_type=acc).astype(v.dtype)
+  du = nt(xd, dh, preferred_element_type=acc).astype(u.dtype)
+  dx = tn(dy, w, precision=precision)
+  dxd = tn(dh, u.astype(cdt))
+  return dx, dxd, None, du, dv
+
+
+_lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
+
+
+def _fused_dense(mod, k, x, feats, n_in):
+  """Dense/DenseGeneral over the trailing ``n_in`` axes of ``x`` as one ``_lowrank``
+  on ``(tokens, in)``, with flax's own dtype promotion and bias."""
+  bias = None
+  if getattr(mod, "use_bias", False) and mod.scope.has_variable("params", "bias"):
+    bias = mod.scope.get_variable("params", "bias")
+  promote = getattr(mod, "promote_dtype", nn_dtypes.promote_dtype)
+  xc, w, bias = promote(x, k.w, bias, dtype=mod.dtype)
+  xd = _adapter_input(mod, k, xc)
+  lead, n_i = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+  n_o = math.prod(feats)
+  u, v = _kernel.factors(k)
+  y = _lowrank(xc.reshape(-1, n_i), xd.reshape(-1, n_i), lax.stop_gradient(w).reshape(n_i, n_o),
+               u, v, mod.precision)
+  if bias is not None:
+    y = y + bias.reshape(1, n_o)
+  return y.reshape(*lead, *feats)
+
+
 def _dense_general(mod, k, args, kwargs):
   x = args[0] if args else kwargs["inputs"]
   feats = tuple(mod.features) if not isinstance(mod.features, int) else (mod.features,)
@@ -120,11 +220,11 @@ def _dense_general(mod, k, args, kwargs):
   if getattr(mod, "batch_dims", ()) or not _layout(k, len(axis), len(feats)):
     return None
   axis = tuple(a % x.ndim for a in axis)
-  if axis == (x.ndim - 1,) and x.ndim > 2 and len(args) == 1 and not kwargs:
-    # Run base and branch on (tokens, in): with (B, T, in) inputs XLA:CPU makes
-    # transposed copies of the activations for the branch's weight gradients.
-    y = _dense_general(mod, k, (x.reshape(-1, x.shape[-1]),), {})
-    return y.reshape(*x.shape[:-1], *y.shape[1:])
+  if (axis == tuple(range(x.ndim - len(axis), x.ndim)) and mod.dot_general is None
+      and getattr(mod, "dot_general_cls", None) is None):
+    return _fused_dense(mod, k, x, feats, len(axis))
+  # Other contracting axes or a custom dot_general: the module's own call on the
+  # frozen kernel plus the branch.
   y = _base(mod, k, args, kwargs)
   cdt = _compute_dtype(mod, x, k.w)
   u, v = _kernel.factors(k)

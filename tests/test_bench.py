@@ -21,7 +21,7 @@ import pytest
 from delora_jax.models import Llama, LlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("full", "frozen", "lora", "delora_merged", "delora")
+MODES = ("full", "frozen", "lora", "lora_plain", "delora_merged", "delora")
 
 
 def _load_bench():
@@ -72,6 +72,7 @@ def test_relations_between_modes(tiny_run):
   r, rat = data["results"], data["ratios"]
   n = {m: r[m]["trainable_params"] for m in MODES}
   assert n["delora"] == n["delora_merged"] == n["lora"] + 14  # one λ per adapted kernel (2 x 7)
+  assert n["lora_plain"] == n["lora"]
   assert n["lora"] < n["full"] and r["frozen"]["differentiated"] == 2 * 32 * 64
   assert n["lora"] == 2 * sum(16 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
                                                          (64, 176), (64, 176), (176, 64)])
@@ -79,6 +80,11 @@ def test_relations_between_modes(tiny_run):
   assert rat["delora/lora"]["flops"] == pytest.approx(r["delora"]["flops"] / r["lora"]["flops"])
   assert 1.0 <= rat["delora/lora"]["flops"] <= 1.2
   assert r["delora"]["delora_paths"] == {"factorised": 14, "merged": 0, "unused": 0}
+  # Memory: the merged path keeps W + ΔW for every kernel until the backward pass; the
+  # factorised one never forms it (the smoke run is one CPU device: the joined form).
+  mem = {m: r[m]["memory_bytes"]["total"] for m in MODES}
+  assert mem["delora"] < mem["delora_merged"]
+  assert mem["lora"] <= mem["lora_plain"]  # the shared fused layer keeps one output buffer
   # b = 0 (LoRA, DeLoRA) and a zero embedding offset (frozen): all modes start from one model.
   first = [r[m]["first_loss"] for m in MODES]
   np.testing.assert_allclose(first, first[0], rtol=1e-5)
@@ -92,9 +98,10 @@ def test_lora_baseline_is_w_plus_ab():
   lora = bench.lora_init(params, 4, jax.random.key(1))
   lora = jax.tree.map(lambda v: v + 0.05 if v.ndim == 2 and v.shape[0] == 4 else v, lora)  # b != 0
   got = {}
-  for flatten in (True, False):
-    with nn.intercept_methods(bench.lora_interceptor(2.0, flatten)):
-      got[flatten] = model.apply({"params": bench.deep_merge(params, lora)}, x)
+  forms = [(True, "plain"), (False, "plain"), (True, "joined")]
+  for flatten, form in forms:
+    with nn.intercept_methods(bench.lora_interceptor(2.0, flatten, form)):
+      got[flatten, form] = model.apply({"params": bench.deep_merge(params, lora)}, x)
   flat, lflat = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(lora)
   for path in list(flat):
     if path[-2] in bench.TARGETS:
@@ -102,8 +109,8 @@ def test_lora_baseline_is_w_plus_ab():
       flat[path] = flat[path] + 2.0 * a @ b
   want = model.apply({"params": flax.traverse_util.unflatten_dict(flat)}, x)
   assert len(lflat) == 2 * 7 * 2
-  for flatten in (True, False):
-    np.testing.assert_allclose(np.asarray(got[flatten]), np.asarray(want), rtol=1e-4, atol=1e-5)
+  for key in forms:
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("argv, match", [
