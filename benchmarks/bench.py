@@ -303,7 +303,7 @@ def parse(argv=None):
   p.add_argument("--remat", action="store_true", help="rematerialise each layer")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="compute and base-param dtype (adapters stay float32)")
-  p.add_argument("--attention", default="auto", choices=["auto", "softmax", "xla", "cudnn"])
+  p.add_argument("--attention", default="auto", choices=["auto", "softmax", "blocked", "xla", "cudnn"])
   p.add_argument("--lora-3d", action="store_true",
                  help="lora_plain on (B, T, in) operands instead of flattened 2-D (slow on CPU)")
   p.add_argument("--out", default=None, help="write the JSON results here")

@@ -338,6 +338,13 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
   (``Rule(dropout=p)``, PEFT's ``module_dropout``) is active when a
   ``"dropout"`` rng is passed (``rngs={"dropout": key}``), as in training.
 
+  Dense layers run as one custom-VJP op whose backward keeps only the layer
+  input and the ``(tokens, r)`` projection. In programs on a single CPU device
+  it is one matmul over ``[x | x @ u]`` and ``[w; v]`` (XLA:CPU would otherwise
+  keep both halves of ``x @ w + h @ v`` alive until the backward pass); with
+  ``b = 0`` the output then equals the base model's up to float rounding rather
+  than bitwise. GPU/TPU, meshes and ``pmap`` use ``x @ w + h @ v``.
+
   Args:
     model: a Flax Linen module.
     variables: ``{"params": adapted_tree, ...}``.
