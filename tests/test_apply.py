@@ -324,3 +324,30 @@ def test_lowrank_vjp_equals_autodiff_of_the_plain_formula(form, dropout):
   # No gradient reaches the frozen weight.
   gw = jax.grad(lambda w: jnp.sum(_apply._lowrank(x, xd, w, u, v, None)))(w)
   assert not np.any(np.asarray(gw))
+
+
+_FORM_PROBE = r"""
+import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
+model = nn.Dense(40)
+x = jnp.ones((64, 24))
+tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], {"kernel": delora_jax.Rule(3)})
+trainable, frozen = delora_jax.split(tree)
+loss = lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True))
+hlo = jax.jit(jax.value_and_grad(loss)).lower(trainable).compile().as_text()
+print("JOINED" if "f32[27,40]" in hlo else "SPLIT", jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("devices, want", [(1, "JOINED 1"), (2, "SPLIT 2")])
+def test_single_device_cpu_programs_use_the_joined_matmul(devices, want):
+  """The matmul form is chosen per process: one CPU device gets the joined form, a
+  process with several devices (meshes, pmap) keeps the split one everywhere."""
+  import os
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _FORM_PROBE], env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[-2] == want
