@@ -135,7 +135,8 @@ def _joined(x, h, w, v, precision):
 
 
 def _split(x, h, w, v, precision):
-  # GPU/TPU compilers fuse the add into the second matmul (its epilogue).
+  # GPU/TPU compilers can fold the add into the second matmul (its epilogue), and a
+  # concatenation along a sharded input axis would gather the kernel.
   return _mm(x, w, precision) + _mm(h, v)
 
 
