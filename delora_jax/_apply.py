@@ -85,9 +85,13 @@ def _acc(cdt) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.finfo(cdt).bits < 32 else jnp.dtype(cdt)
 
 
+def _contract(x, y, dims, precision=None, out=None):
+  """``lax.dot_general`` over ``dims`` with no batch axes, result in ``out``."""
+  return lax.dot_general(x, y, (dims, ((), ())), precision=precision, preferred_element_type=out)
+
+
 def _dot(x, y, dims, cdt):
-  return lax.dot_general(x.astype(cdt), y.astype(cdt), (dims, ((), ())),
-                         preferred_element_type=_acc(cdt))
+  return _contract(x.astype(cdt), y.astype(cdt), dims, out=_acc(cdt))
 
 
 def _adapter_input(mod: nn.Module, k: DeloraKernel, x: jax.Array) -> jax.Array:
@@ -107,10 +111,16 @@ def _layout(k: DeloraKernel, n_in: int, n_out: int) -> bool:
           and k.out_axes == tuple(range(-n_out, 0)))
 
 
+def _bias(mod: nn.Module) -> jax.Array | None:
+  if getattr(mod, "use_bias", False) and mod.scope.has_variable("params", "bias"):
+    return mod.scope.get_variable("params", "bias")
+  return None
+
+
 def _base(mod: nn.Module, k: DeloraKernel, args, kwargs, **overrides):
   params = {"kernel": lax.stop_gradient(k.w)}
-  if getattr(mod, "use_bias", False) and mod.scope.has_variable("params", "bias"):
-    params["bias"] = mod.scope.get_variable("params", "bias")
+  if (bias := _bias(mod)) is not None:
+    params["bias"] = bias
   clone = mod.clone(parent=None, **overrides)
   return clone.apply({"params": params}, *args, **kwargs)
 
@@ -118,10 +128,7 @@ def _base(mod: nn.Module, k: DeloraKernel, args, kwargs, **overrides):
 # ---------------------------------------------------------------- fused dense
 
 
-def _mm(x, y, precision=None, out=None):
-  """``x @ y`` for matrices, result in ``out`` (default: the operands' dtype)."""
-  return lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=out)
+_NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))  # a @ b, a @ b.T, a.T @ b
 
 
 def _joined(x, h, w, v, precision):
@@ -131,13 +138,14 @@ def _joined(x, h, w, v, precision):
   # until the backward pass. One dot yields one buffer. [w; v] is a transient
   # copy of the frozen weight, dead before the backward pass; no ΔW and no
   # weight gradient is ever formed.
-  return _mm(jnp.concatenate([x, h], axis=1), jnp.concatenate([w, v], axis=0), precision)
+  return _contract(jnp.concatenate([x, h], axis=1), jnp.concatenate([w, v], axis=0), _NN,
+                   precision)
 
 
 def _split(x, h, w, v, precision):
   # GPU/TPU compilers can fold the add into the second matmul (its epilogue), and a
   # concatenation along a sharded input axis would gather the kernel.
-  return _mm(x, w, precision) + _mm(h, v)
+  return _contract(x, w, _NN, precision) + _contract(h, v, _NN)
 
 
 def _join_on_cpu() -> bool:
@@ -150,7 +158,7 @@ def _join_on_cpu() -> bool:
 
 def _lowrank_out(x, xd, w, u, v, precision):
   acc = _acc(x.dtype)
-  h = _mm(xd, u.astype(x.dtype), out=acc).astype(x.dtype)
+  h = _contract(xd, u.astype(x.dtype), _NN, out=acc).astype(x.dtype)
   args = (x, h, w, v.astype(x.dtype))
   split = functools.partial(_split, precision=precision)
   if not _join_on_cpu():
@@ -181,13 +189,11 @@ def _lowrank_bwd(precision, res, dy):
   # Contract over the shared axis directly (no explicit transposes), the same
   # dot_generals autodiff would emit, so a partitioner reuses the forward
   # pass's gathers of w.
-  tn = lambda a, b, **kw: lax.dot_general(a, b, (((1,), (1,)), ((), ())), **kw)  # a @ b.T
-  nt = lambda a, b, **kw: lax.dot_general(a, b, (((0,), (0,)), ((), ())), **kw)  # a.T @ b
-  dh = tn(dy, v.astype(cdt), preferred_element_type=acc).astype(cdt)  # (T, r)
-  dv = nt(h, dy, preferred_element_type=acc).astype(v.dtype)
-  du = nt(xd, dh, preferred_element_type=acc).astype(u.dtype)
-  dx = tn(dy, w, precision=precision)
-  dxd = tn(dh, u.astype(cdt))
+  dh = _contract(dy, v.astype(cdt), _NT, out=acc).astype(cdt)  # (T, r)
+  dv = _contract(h, dy, _TN, out=acc).astype(v.dtype)
+  du = _contract(xd, dh, _TN, out=acc).astype(u.dtype)
+  dx = _contract(dy, w, _NT, precision)
+  dxd = _contract(dh, u.astype(cdt), _NT)
   return dx, dxd, None, du, dv
 
 
@@ -197,11 +203,8 @@ _lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
 def _fused_dense(mod, k, x, feats, n_in):
   """Dense/DenseGeneral over the trailing ``n_in`` axes of ``x`` as one ``_lowrank``
   on ``(tokens, in)``, with flax's own dtype promotion and bias."""
-  bias = None
-  if getattr(mod, "use_bias", False) and mod.scope.has_variable("params", "bias"):
-    bias = mod.scope.get_variable("params", "bias")
   promote = getattr(mod, "promote_dtype", nn_dtypes.promote_dtype)
-  xc, w, bias = promote(x, k.w, bias, dtype=mod.dtype)
+  xc, w, bias = promote(x, k.w, _bias(mod), dtype=mod.dtype)
   xd = _adapter_input(mod, k, xc)
   lead, n_i = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
   n_o = math.prod(feats)
