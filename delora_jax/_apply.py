@@ -11,9 +11,12 @@ turns it into an error.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import itertools
 import math
+import types
 import warnings
 from typing import Any, Mapping
 
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
-from delora_jax import _kernel, _tree
+from delora_jax import _kernel, _lazy, _tree
 from delora_jax._kernel import DeloraKernel
 
 
@@ -33,9 +36,7 @@ class FallbackWarning(UserWarning):
 
 @dataclasses.dataclass(eq=False)
 class _Record:
-  """What one `apply` call computed how. Hashed by identity: it is static data of
-  the nodes, so traces cached by jitted jnp functions are never shared between
-  calls (a cached trace would skip the recording and the strict check)."""
+  """What one `apply`/`explain` call computed how (set for the call, never static data)."""
 
   strict: bool
   factorised: set = dataclasses.field(default_factory=set)
@@ -43,38 +44,74 @@ class _Record:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Mode:
+  """Static data of a call's tracked kernels: identical across `apply` calls with the same
+  `strict`, so jit caches (an `nn.jit` model, jnp's own jitted functions) hit on later
+  calls; `explain` passes a fresh `token` so that its trace is never a cached one."""
+
+  strict: bool
+  token: int = 0
+
+
+_RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("delora_record", default=None)
+# path -> the placeholder that stands for that kernel inside a module call being traced.
+_ACTIVE: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "delora_active", default=types.MappingProxyType({}))
+_TOKENS = itertools.count(1)
+
+
+def _note(path: str, kind: str) -> None:
+  rec = _RECORD.get()
+  if rec is not None:
+    getattr(rec, kind).add(path)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Tracked(DeloraKernel):
-  """A DeloraKernel that knows its path and its call's record while `apply` runs."""
+  """A DeloraKernel that knows its path while `apply` runs; reads as an array.
+
+  Inside a module call that delora_jax traces, reading it (``jnp.asarray``,
+  ``.astype``, ``@``, ...) yields that trace's placeholder, which the
+  factorised evaluator binds to the low-rank form; anywhere else it yields the
+  merged kernel ``w + ΔW`` and the use is recorded as merged.
+  """
 
   path: str = ""
-  rec: _Record | None = None
+  ndim: int = 0  # ndim of the stored kernel (before nn.scan slices stacked axes)
+  mode: _Mode | None = None
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def dtype(self):
+    return self.w.dtype
 
   def __jax_array__(self):
-    rec = self.rec
-    if rec is None:
+    ph = _ACTIVE.get().get(self.path)
+    if ph is not None and tuple(ph.shape) == tuple(self.w.shape):
+      return ph
+    if self.mode is None:
       return super().__jax_array__()
-    if rec.strict:
-      raise TypeError(
-          f"{self.path}: this adapted kernel is used outside a factorised layer "
-          "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum with the declared layout), so "
-          "it would be computed through the merged weight w + ΔW. strict=True forbids "
-          "that; use one of those layers for it, exclude it from the rules, or call "
-          "apply(..., strict=False) to accept the merged path.")
-    rec.merged.add(self.path)
+    if self.mode.strict:
+      raise _lazy.strict_error(self.path)
+    _note(self.path, "merged")
     return _kernel.merged(self)
 
 
 jax.tree_util.register_dataclass(
     _Tracked,
     data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-    meta_fields=["in_axes", "out_axes", "dropout", "path", "rec"],
+    meta_fields=["in_axes", "out_axes", "dropout", "path", "ndim", "mode"],
 )
 
 
-def _track(params: Any, rec: _Record) -> Any:
+def _track(params: Any, mode: _Mode) -> Any:
   fields = {f.name for f in dataclasses.fields(DeloraKernel)}
   return _tree.map_kernels(
-      lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, rec=rec), params)
+      lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, ndim=k.w.ndim,
+                            mode=mode), params)
 
 
 # ---------------------------------------------------------------- delta branch
@@ -298,21 +335,53 @@ def _handler(mod: nn.Module):
   return None
 
 
+def _owned(mod: nn.Module) -> dict[str, _Tracked]:
+  """The adapted kernels this module reads from its own scope (not its children's)."""
+  params = mod.scope.variables().get("params", {})
+  return {n: k for n, k in params.items() if isinstance(k, _Tracked) and k.mode is not None}
+
+
+def _generic(mod: nn.Module, ks: list[_Tracked], next_fun, args, kwargs):
+  """Any method of any module: traced with each kernel as a placeholder, then evaluated
+  with the low-rank form bound to it (`_lazy`)."""
+  lazies = []
+  for k in ks:
+    key = mod.make_rng("dropout") if k.dropout > 0.0 and mod.has_rng("dropout") else None
+    src = _lazy.Source(k.path, _note, in_axes=tuple(k.ndim + a for a in k.in_axes),
+                       lead=k.ndim - k.w.ndim, strict=k.mode.strict, dropout=k.dropout,
+                       dropout_key=key)
+    lazies.append(_lazy.from_kernel(k, lax.stop_gradient(k.w), src))
+  active = _ACTIVE.get()
+
+  def traced(*placeholders):
+    token = _ACTIVE.set(types.MappingProxyType(
+        {**active, **{k.path: ph for k, ph in zip(ks, placeholders)}}))
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
+
+  return _lazy.run(traced, [k.w for k in ks], lazies)
+
+
 def _interceptor(next_fun, args, kwargs, context):
+  """The one decision for Linen: a built-in layer's own factorised form, else the generic
+  evaluator for any module method that reads adapted kernels from its scope."""
   mod = context.module
-  if context.method_name != "__call__" or mod.scope is None:
+  if mod.scope is None or context.method_name == "setup":
     return next_fun(*args, **kwargs)
-  handler = _handler(mod)
-  if handler is None or not mod.scope.has_variable("params", "kernel"):
+  owned = _owned(mod)
+  active = _ACTIVE.get()
+  ks = [k for k in owned.values() if k.path not in active]
+  if not ks:
     return next_fun(*args, **kwargs)
-  k = mod.scope.get_variable("params", "kernel")
-  if not isinstance(k, _Tracked) or k.rec is None:
-    return next_fun(*args, **kwargs)
-  out = handler(mod, k, args, kwargs)
-  if out is None:  # layout or options the factorised form does not cover
-    return next_fun(*args, **kwargs)
-  k.rec.factorised.add(k.path)
-  return out
+  handler = _handler(mod) if context.method_name == "__call__" and "kernel" in owned else None
+  if handler is not None and len(owned) == 1:
+    out = handler(mod, owned["kernel"], args, kwargs)
+    if out is not None:
+      _note(owned["kernel"].path, "factorised")
+      return out
+  return _generic(mod, ks, next_fun, args, kwargs)
 
 
 def _check_variables(variables: Any, fn: str) -> None:
@@ -323,10 +392,15 @@ def _check_variables(variables: Any, fn: str) -> None:
   _tree.require_adapted(variables["params"], fn)
 
 
-def _run(model, variables, args, kwargs, strict):
-  rec = _Record(strict=strict)
-  with nn.intercept_methods(_interceptor):
-    out = model.apply({**variables, "params": _track(variables["params"], rec)}, *args, **kwargs)
+def _run(model, variables, args, kwargs, mode: _Mode):
+  rec = _Record(strict=mode.strict)
+  token = _RECORD.set(rec)
+  try:
+    with nn.intercept_methods(_interceptor):
+      out = model.apply({**variables, "params": _track(variables["params"], mode)}, *args,
+                        **kwargs)
+  finally:
+    _RECORD.reset(token)
   return out, rec
 
 
@@ -367,7 +441,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
     True
   """
   _check_variables(variables, "apply")
-  out, rec = _run(model, variables, args, kwargs, strict)
+  out, rec = _run(model, variables, args, kwargs, _Mode(bool(strict)))
   if rec.merged:
     warnings.warn(
         f"delora_jax.apply: adapted kernels {_tree.sample_paths(sorted(rec.merged))} are used "
@@ -396,7 +470,7 @@ def explain(model: nn.Module, variables: Mapping[str, Any], *args: Any,
   box = {}
 
   def run():
-    out, box["rec"] = _run(model, variables, args, kwargs, strict=False)
+    out, box["rec"] = _run(model, variables, args, kwargs, _Mode(False, next(_TOKENS)))
     return out
 
   jax.eval_shape(run)

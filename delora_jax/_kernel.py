@@ -57,6 +57,58 @@ class DeloraKernel:
   def __jax_array__(self):
     return self.__array__()
 
+  # Array-like use by layers delora_jax did not write (``kernel.astype(x.dtype)``,
+  # ``x @ kernel.T``, ...). A plain DeloraKernel refuses (see ``__array__``); inside
+  # ``delora_jax.apply`` the kernel resolves to its factorised or merged form.
+  def _array(self) -> jax.Array:
+    return self.__jax_array__()
+
+  def astype(self, dtype: Any) -> jax.Array:
+    return self._array().astype(dtype)
+
+  @property
+  def T(self) -> jax.Array:  # noqa: N802 (numpy's name)
+    return self._array().T
+
+  def transpose(self, *axes: Any) -> jax.Array:
+    return self._array().transpose(*axes)
+
+  def reshape(self, *shape: Any, **kwargs: Any) -> jax.Array:
+    return self._array().reshape(*shape, **kwargs)
+
+  def __getitem__(self, index: Any) -> jax.Array:
+    return self._array()[index]
+
+  def __matmul__(self, other: Any) -> jax.Array:
+    return jnp.matmul(self._array(), other)
+
+  def __rmatmul__(self, other: Any) -> jax.Array:
+    return jnp.matmul(other, self._array())
+
+  def __mul__(self, other: Any) -> jax.Array:
+    return self._array() * other
+
+  def __rmul__(self, other: Any) -> jax.Array:
+    return other * self._array()
+
+  def __add__(self, other: Any) -> jax.Array:
+    return self._array() + other
+
+  def __radd__(self, other: Any) -> jax.Array:
+    return other + self._array()
+
+  def __sub__(self, other: Any) -> jax.Array:
+    return self._array() - other
+
+  def __rsub__(self, other: Any) -> jax.Array:
+    return other - self._array()
+
+  def __truediv__(self, other: Any) -> jax.Array:
+    return self._array() / other
+
+  def __neg__(self) -> jax.Array:
+    return -self._array()
+
 
 jax.tree_util.register_dataclass(
     DeloraKernel,
