@@ -27,6 +27,7 @@ from delora_jax._checkpoint import load_adapters as load_adapters
 from delora_jax._checkpoint import save_adapters as save_adapters
 from delora_jax._lora import to_lora as to_lora
 from delora_jax import peft as peft
+from delora_jax import nnx as nnx
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "wrap",
     "adapter_save_args",
     "load_adapters",
+    "nnx",
     "peft",
     "save_adapters",
     "to_lora",

@@ -30,8 +30,7 @@ from delora_jax import _kernel, _lazy, _tree
 from delora_jax._kernel import DeloraKernel
 
 
-class FallbackWarning(UserWarning):
-  """An adapted kernel was used outside a factorised layer and was merged."""
+FallbackWarning = _lazy.FallbackWarning
 
 
 @dataclasses.dataclass(eq=False)
@@ -384,7 +383,13 @@ def _interceptor(next_fun, args, kwargs, context):
   return _generic(mod, ks, next_fun, args, kwargs)
 
 
-def _check_variables(variables: Any, fn: str) -> None:
+def _check_variables(variables: Any, fn: str, model: Any = None) -> None:
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(model, nnx.Module):
+    raise TypeError(
+        f"{fn}: `model` is a Flax NNX module; delora_jax.{fn} runs Linen modules. Adapt an NNX "
+        "model with delora_jax.nnx.wrap(model, rules) and call it directly: adapted(x)"
+        + (" (delora_jax.explain(adapted, x) reports it)." if fn == "apply" else "."))
   if not isinstance(variables, Mapping) or "params" not in variables:
     got = f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
     raise TypeError(f"{fn}: `variables` must be a dict with a 'params' collection, as for "
@@ -440,7 +445,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
     >>> bool(jnp.allclose(y, model.apply({"params": delora_jax.merge(tree)}, x), atol=1e-5))
     True
   """
-  _check_variables(variables, "apply")
+  _check_variables(variables, "apply", model)
   out, rec = _run(model, variables, args, kwargs, _Mode(bool(strict)))
   if rec.merged:
     warnings.warn(
@@ -451,12 +456,13 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
   return out
 
 
-def explain(model: nn.Module, variables: Mapping[str, Any], *args: Any,
-            **kwargs: Any) -> dict[str, list[str]]:
+def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
   """Which adapted kernels a call computes factorised, merged, or not at all.
 
-  Traces ``apply`` abstractly (no computation) and returns
-  ``{"factorised": [...], "merged": [...], "unused": [...]}`` (paths).
+  Traces the call abstractly (no computation) and returns
+  ``{"factorised": [...], "merged": [...], "unused": [...]}`` (paths). For Linen,
+  ``explain(model, variables, *args, **kwargs)`` as for :func:`apply`; for an NNX
+  model adapted by :func:`delora_jax.nnx.wrap`, ``explain(adapted, *args, **kwargs)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
@@ -466,6 +472,10 @@ def explain(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     >>> delora_jax.explain(model, {"params": tree}, x)
     {'factorised': ['kernel'], 'merged': [], 'unused': []}
   """
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(model, nnx.Module):
+    from delora_jax import _nnx  # noqa: PLC0415
+    return _nnx.explain(model, (() if variables is None else (variables,)) + args, kwargs)
   _check_variables(variables, "explain")
   box = {}
 
@@ -477,7 +487,7 @@ def explain(model: nn.Module, variables: Mapping[str, Any], *args: Any,
   rec = box["rec"]
   paths = list(_tree.kernels(variables["params"]))
   return {
-      "factorised": [p for p in paths if p in rec.factorised],
+      "factorised": [p for p in paths if p in rec.factorised and p not in rec.merged],
       "merged": [p for p in paths if p in rec.merged],
       "unused": [p for p in paths if p not in rec.factorised and p not in rec.merged],
   }

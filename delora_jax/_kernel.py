@@ -51,7 +51,9 @@ class DeloraKernel:
         "A DeLoRA-adapted kernel was used as a plain array: the parameter tree "
         "holds DeloraKernel nodes made by `delora_jax.wrap`, which plain "
         "`model.apply` cannot read. Call `delora_jax.apply(model, variables, "
-        "...)` instead, or pass `delora_jax.merge(params)` (plain arrays)."
+        "...)` instead, or pass `delora_jax.merge(params)` (plain arrays). In Flax NNX "
+        "code, do not put a wrapped State into a model: adapt the model itself with "
+        "`delora_jax.nnx.wrap(model, rules)` and call it."
     )
 
   def __jax_array__(self):

@@ -26,6 +26,10 @@ from delora_jax import _kernel
 from delora_jax._kernel import DeloraKernel
 
 
+class FallbackWarning(UserWarning):
+  """An adapted kernel was used outside a factorised layer and was merged."""
+
+
 def strict_error(path: str, why: str = "outside a layer delora_jax can factorise") -> TypeError:
   return TypeError(
       f"{path}: this adapted kernel is used {why}, so it would be computed through the merged "

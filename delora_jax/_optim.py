@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Callable, Sequence
 
 import optax
 
 from delora_jax import _tree
 from delora_jax._kernel import FROZEN_FIELDS, is_kernel
+from delora_jax._nnx import SUFFIX
 from delora_jax._split import _extra_matcher
 
 _DECAY_KEYS = ("weight_decay", "weight_decay_rate")
+# The trainable leaves of an adapted NNX model's state (delora_jax.nnx.wrap): <kernel>_delora/{a,b,lam}.
+_NNX_ADAPTER = re.compile(r"(?:.*/)?[^/]+" + SUFFIX + r"/(a|b|lam)")
 
 
 def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) -> Any:
@@ -26,6 +30,8 @@ def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) 
       labels = {f: ("frozen" if getattr(x, f) is not None else None) for f in FROZEN_FIELDS}
       labels.update(a=_opt(x.a, "adapter"), b=_opt(x.b, "adapter"), lam=_opt(x.lam, "lam"))
       out.append(x.replace(**labels))
+    elif m := _NNX_ADAPTER.fullmatch(p):
+      out.append("lam" if m.group(1) == "lam" else "adapter")
     else:
       out.append("adapter" if extra(p) else "frozen")
   return treedef.unflatten(out)

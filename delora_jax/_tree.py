@@ -57,7 +57,25 @@ def map_kernels(fn: Callable[[str, DeloraKernel], Any], tree: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def require_adapted(tree: Any, fn_name: str) -> dict[str, DeloraKernel]:
+_NNX_EQUIVALENT = {"merge": "delora_jax.nnx.merge(model)", "unwrap": "delora_jax.nnx.unwrap(model)",
+                   "with_adapters": "delora_jax.load_adapters(path, model)"}
+
+
+def require_adapted(tree: Any, fn_name: str, nnx_ok: bool = False) -> dict[str, DeloraKernel]:
+  """``{path: DeloraKernel}`` of an adapted Linen/State tree (or, with ``nnx_ok``, of an
+  adapted NNX model); a clear error otherwise."""
+  from flax import nnx  # noqa: PLC0415 (flax.nnx is imported lazily by the Linen-only paths)
+  if isinstance(tree, nnx.Module):
+    from delora_jax import _nnx  # noqa: PLC0415 (import cycle)
+    if not nnx_ok:
+      raise TypeError(
+          f"`{fn_name}` takes a parameter tree; got an nnx.Module. For an NNX model adapted by "
+          f"delora_jax.nnx.wrap use {_NNX_EQUIVALENT.get(fn_name, 'the delora_jax.nnx functions')}.")
+    ks = _nnx.kernels(tree)
+    if not ks:
+      raise ValueError(f"`{fn_name}` expects an NNX model adapted by `delora_jax.nnx.wrap`, but "
+                       "it holds no DeLoRA adapter. Call `delora_jax.nnx.wrap(model, rules)` first.")
+    return ks
   ks = kernels(tree)
   if not ks:
     raise ValueError(

@@ -255,7 +255,7 @@ def delta(tree: Any) -> dict[str, jax.Array]:
     >>> float(abs(delora_jax.delta(tree)["kernel"]).max())
     0.0
   """
-  ks = _tree.require_adapted(tree, "delta")
+  ks = _tree.require_adapted(tree, "delta", nnx_ok=True)
   return {p: _kernel.delta(k) for p, k in ks.items()}
 
 
@@ -272,7 +272,7 @@ def adapters(tree: Any) -> dict[str, dict[str, jax.Array]]:
     >>> sorted(delora_jax.adapters(tree)["kernel"])
     ['a', 'b', 'lam', 'w_norm']
   """
-  ks = _tree.require_adapted(tree, "adapters")
+  ks = _tree.require_adapted(tree, "adapters", nnx_ok=True)
   out = {}
   for p, k in ks.items():
     fields = ADAPTER_FIELDS + (RESIDUAL_FIELDS if k.res_a is not None else ())

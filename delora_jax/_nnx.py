@@ -1,0 +1,214 @@
+"""Flax NNX: adapted modules whose calls run factorised (see :mod:`delora_jax.nnx`).
+
+An adapted module is the original module object's copy with its class swapped
+for a subclass that (1) keeps the kernel Variable where it was (so the state's
+paths are unchanged), (2) holds the adapter next to it as ``<name>_delora``
+(``a``, ``b``, ``lam`` as :class:`DeloraParam`, ``w_norm`` as
+:class:`DeloraConst`), (3) evaluates ``__call__`` factorised through
+:mod:`delora_jax._lazy`, and (4) resolves any other read of the kernel
+attribute to the merged weight ``w + ΔW``, reported as a fallback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import types
+import warnings
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+from jax import lax
+
+from delora_jax import _kernel, _lazy
+from delora_jax._kernel import DeloraKernel
+
+SUFFIX = "_delora"
+
+
+class DeloraParam(nnx.LoRAParam):
+  """Variable type of the trainable DeLoRA factors ``a``, ``b`` and the bound ``lam``.
+
+  A subclass of ``nnx.LoRAParam``, so filters on it (``nnx.Optimizer(...,
+  wrt=nnx.LoRAParam)``, tunix's ``PeftTrainer``) train only the adapters.
+  """
+
+
+class DeloraConst(nnx.Variable):
+  """Variable type of an adapter's frozen state: ``w_norm`` (and the paper init's residual)."""
+
+
+class Adapter(nnx.Module):
+  """One kernel's adapter: trainable ``a``, ``b``, ``lam``; frozen ``w_norm``; its layout."""
+
+  def __init__(self, k: DeloraKernel, path: str, rngs: nnx.Rngs | None, strict: bool):
+    self.a = DeloraParam(k.a)
+    self.b = DeloraParam(k.b)
+    self.lam = DeloraParam(k.lam)
+    self.w_norm = DeloraConst(k.w_norm)
+    if k.res_a is not None:
+      self.res_a = DeloraConst(k.res_a)
+      self.res_b = DeloraConst(k.res_b)
+    self.in_axes, self.out_axes, self.dropout = k.in_axes, k.out_axes, k.dropout
+    self.path, self.strict = path, strict
+    self.rngs = rngs
+    self.deterministic = False
+
+  def kernel(self, w: Any) -> DeloraKernel:
+    res = vars(self)
+    return DeloraKernel(
+        w=w, a=self.a.get_value(), b=self.b.get_value(), lam=self.lam.get_value(),
+        w_norm=self.w_norm.get_value(),
+        res_a=res["res_a"].get_value() if "res_a" in res else None,
+        res_b=res["res_b"].get_value() if "res_b" in res else None,
+        in_axes=self.in_axes, out_axes=self.out_axes, dropout=self.dropout)
+
+
+# id(module) -> {kernel name: placeholder} for the module calls being traced now.
+_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "delora_nnx_active", default=types.MappingProxyType({}))
+_RECORDER: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
+    "delora_nnx_recorder", default=None)
+
+
+def _record(path: str, kind: str) -> None:
+  rec = _RECORDER.get()
+  if rec is not None:
+    rec(path, kind)
+  elif kind == "merged":
+    warnings.warn(
+        f"delora_jax.nnx: the adapted kernel {path!r} is used outside a call delora_jax can "
+        "factorise and was computed through the merged weight w + ΔW (adapter dropout does "
+        "not apply there). Pass strict=True to delora_jax.nnx.wrap to make this an error; "
+        "delora_jax.explain(adapted, *args) lists the paths.", _lazy.FallbackWarning, stacklevel=4)
+
+
+def _like(var: nnx.Variable, value: Any) -> nnx.Variable:
+  """A Variable of ``var``'s type and metadata holding ``value`` (the module reads it)."""
+  return type(var)(value, **var.get_metadata())
+
+
+def _kernel_property(name: str) -> property:
+  def get(self):
+    var = vars(self)[name]
+    ph = _ACTIVE.get().get(id(self), {}).get(name)
+    if ph is not None:
+      return _like(var, ph)
+    ad = vars(self)[name + SUFFIX]
+    if ad.strict:
+      raise _lazy.strict_error(ad.path)
+    _record(ad.path, "merged")
+    return _like(var, _kernel.merged(ad.kernel(var.get_value())))
+
+  def set_(self, value):
+    vars(self)[name] = value
+
+  return property(get, set_, doc=f"The adapted kernel {name!r} (w + ΔW when read directly).")
+
+
+def _call(self, base_call, args, kwargs):
+  names = type(self)._delora_names
+  active = _ACTIVE.get()
+  if id(self) in active:
+    return base_call(self, *args, **kwargs)
+  bases, lazies = [], []
+  for n in names:
+    w = vars(self)[n].get_value()
+    ad = vars(self)[n + SUFFIX]
+    key = None
+    if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
+      key = ad.rngs.dropout()
+    src = _lazy.Source(ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes),
+                       strict=ad.strict, dropout=ad.dropout, dropout_key=key)
+    bases.append(w)
+    lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src))
+
+  def traced(*placeholders):
+    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
+    try:
+      return base_call(self, *args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
+
+  return _lazy.run(traced, bases, lazies)
+
+
+@functools.lru_cache(maxsize=None)
+def adapted_class(cls: type, names: tuple[str, ...]) -> type:
+  """The subclass of ``cls`` whose kernels ``names`` are adapted."""
+  base_call = cls.__call__
+
+  @functools.wraps(base_call)
+  def __call__(self, *args, **kwargs):
+    return _call(self, base_call, args, kwargs)
+
+  ns = {n: _kernel_property(n) for n in names}
+  ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__,
+            __doc__=cls.__doc__)
+  return type(f"Delora{cls.__name__}", (cls,), ns)
+
+
+def is_adapted(module: Any) -> bool:
+  return isinstance(module, nnx.Module) and "_delora_names" in type(module).__dict__
+
+
+def modules(model: nnx.Module) -> dict[str, nnx.Module]:
+  """``{path: module}`` of every module in ``model``'s graph (first path of shared ones)."""
+  out = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module):
+      out.setdefault("/".join(str(p) for p in path), node)
+  return out
+
+
+def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
+  """``{kernel path: DeloraKernel}`` of an adapted model (a flat tree the Linen API reads)."""
+  out = {}
+  for prefix, mod in modules(model).items():
+    if is_adapted(mod):
+      for n in type(mod)._delora_names:
+        ad = vars(mod)[n + SUFFIX]
+        out[f"{prefix}/{n}" if prefix else n] = ad.kernel(vars(mod)[n].get_value())
+  return out
+
+
+def copy(model: nnx.Module) -> nnx.Module:
+  """A copy with new Variable objects (arrays are shared; they are immutable)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x, state), copy=True)
+
+
+def restore(model: nnx.Module, merge: bool) -> nnx.Module:
+  """A plain copy of ``model``: adapters removed, kernels ``w + ΔW`` or ``w``."""
+  new = copy(model)
+  for mod in modules(new).values():
+    if not is_adapted(mod):
+      continue
+    cls = type(mod)
+    for n in cls._delora_names:
+      var, ad = vars(mod)[n], vars(mod)[n + SUFFIX]
+      if merge:
+        var.set_value(_kernel.merged(ad.kernel(var.get_value())))
+      delattr(mod, n + SUFFIX)
+    mod.__class__ = cls._delora_base
+  return new
+
+
+def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]]:
+  """`delora_jax.explain` for an adapted NNX model: traces ``model(*args, **kwargs)`` abstractly."""
+  paths = list(kernels(model))
+  if not paths:
+    raise ValueError("explain: this nnx.Module holds no DeLoRA adapter; call "
+                     "delora_jax.nnx.wrap(model, rules) first.")
+  seen: dict[str, set] = {"factorised": set(), "merged": set()}
+  token = _RECORDER.set(lambda path, kind: seen[kind].add(path))
+  try:
+    nnx.eval_shape(lambda m: m(*args, **kwargs), model)
+  finally:
+    _RECORDER.reset(token)
+  return {
+      "factorised": [p for p in paths if p in seen["factorised"] and p not in seen["merged"]],
+      "merged": [p for p in paths if p in seen["merged"]],
+      "unused": [p for p in paths if p not in seen["factorised"] and p not in seen["merged"]],
+  }
