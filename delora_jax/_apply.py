@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
-from delora_jax import _kernel, _lazy, _tree
+from delora_jax import _infer, _kernel, _lazy, _tree
 from delora_jax._kernel import DeloraKernel
 
 
@@ -50,6 +50,7 @@ class _Mode:
 
   strict: bool
   token: int = 0
+  probe: bool = False  # layout inference: kernels are plain w, uses are recorded (`_infer`)
 
 
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("delora_record", default=None)
@@ -93,6 +94,8 @@ class _Tracked(DeloraKernel):
       return ph
     if self.mode is None:
       return super().__jax_array__()
+    if self.mode.probe:
+      return self.w
     if self.mode.strict:
       raise _lazy.strict_error(self.path)
     _note(self.path, "merged")
@@ -340,16 +343,8 @@ def _owned(mod: nn.Module) -> dict[str, _Tracked]:
   return {n: k for n, k in params.items() if isinstance(k, _Tracked) and k.mode is not None}
 
 
-def _generic(mod: nn.Module, ks: list[_Tracked], next_fun, args, kwargs):
-  """Any method of any module: traced with each kernel as a placeholder, then evaluated
-  with the low-rank form bound to it (`_lazy`)."""
-  lazies = []
-  for k in ks:
-    key = mod.make_rng("dropout") if k.dropout > 0.0 and mod.has_rng("dropout") else None
-    src = _lazy.Source(k.path, _note, in_axes=tuple(k.ndim + a for a in k.in_axes),
-                       lead=k.ndim - k.w.ndim, strict=k.mode.strict, dropout=k.dropout,
-                       dropout_key=key)
-    lazies.append(_lazy.from_kernel(k, lax.stop_gradient(k.w), src))
+def _with_placeholders(ks: list[_Tracked], next_fun, args, kwargs):
+  """``next_fun`` as a function of one placeholder per kernel in ``ks``."""
   active = _ACTIVE.get()
 
   def traced(*placeholders):
@@ -360,7 +355,47 @@ def _generic(mod: nn.Module, ks: list[_Tracked], next_fun, args, kwargs):
     finally:
       _ACTIVE.reset(token)
 
-  return _lazy.run(traced, [k.w for k in ks], lazies)
+  return traced
+
+
+def _probe_call(ks: list[_Tracked], next_fun, args, kwargs):
+  return _infer.trace(_with_placeholders(ks, next_fun, args, kwargs), [k.w for k in ks],
+                      [k.path for k in ks], [k.ndim - k.w.ndim for k in ks])
+
+
+def probe(like: Any, params: Any, paths: set[str]) -> "_infer.Uses":
+  """How ``like`` (``(model, *args)`` or ``fn(params)``) uses the kernels at ``paths``."""
+  mode = _Mode(False, next(_TOKENS), probe=True)
+  tree = _tree.map_leaves(
+      lambda p, w: _Tracked(w=w, a=None, b=None, lam=None, w_norm=None, in_axes=(), out_axes=(),
+                            path=p, ndim=w.ndim, mode=mode) if p in paths else w, params)
+  if callable(like):
+    call = lambda: like(tree)  # noqa: E731
+  elif isinstance(like, tuple) and like and isinstance(like[0], nn.Module):
+    call = lambda: like[0].apply({"params": tree}, *like[1:])  # noqa: E731
+  else:
+    raise TypeError(
+        "`like` must be (model, *example_args) for a Linen model, or a function "
+        f"like(params) that runs the model's apply on them; got {type(like).__name__}.")
+
+  def run():
+    with nn.intercept_methods(_interceptor):
+      jax.eval_shape(call)
+
+  return _infer.probe(run)
+
+
+def _generic(mod: nn.Module, ks: list[_Tracked], next_fun, args, kwargs):
+  """Any method of any module: traced with each kernel as a placeholder, then evaluated
+  with the low-rank form bound to it (`_lazy`)."""
+  lazies = []
+  for k in ks:
+    key = mod.make_rng("dropout") if k.dropout > 0.0 and mod.has_rng("dropout") else None
+    src = _lazy.Source(k.path, _note, in_axes=tuple(k.ndim + a for a in k.in_axes),
+                       lead=k.ndim - k.w.ndim, strict=k.mode.strict, dropout=k.dropout,
+                       dropout_key=key)
+    lazies.append(_lazy.from_kernel(k, lax.stop_gradient(k.w), src))
+  return _lazy.run(_with_placeholders(ks, next_fun, args, kwargs), [k.w for k in ks], lazies)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -374,6 +409,8 @@ def _interceptor(next_fun, args, kwargs, context):
   ks = [k for k in owned.values() if k.path not in active]
   if not ks:
     return next_fun(*args, **kwargs)
+  if ks[0].mode.probe:
+    return _probe_call(ks, next_fun, args, kwargs)
   handler = _handler(mod) if context.method_name == "__call__" and "kernel" in owned else None
   if handler is not None and len(owned) == 1:
     out = handler(mod, owned["kernel"], args, kwargs)

@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 from jax import lax
 
-from delora_jax import _kernel, _lazy
+from delora_jax import _infer, _kernel, _lazy
 from delora_jax._kernel import DeloraKernel
 
 SUFFIX = "_delora"
@@ -212,3 +212,71 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
       "merged": [p for p in paths if p in seen["merged"]],
       "unused": [p for p in paths if p not in seen["factorised"] and p not in seen["merged"]],
   }
+
+
+# ---------------------------------------------------------------- layout inference
+
+
+def _probe_property(name: str) -> property:
+  def get(self):
+    var = vars(self)[name]
+    ph = _ACTIVE.get().get(id(self), {}).get(name)
+    return var if ph is None else _like(var, ph)
+
+  def set_(self, value):
+    vars(self)[name] = value
+
+  return property(get, set_)
+
+
+def _probe_call(self, base_call, args, kwargs):
+  names = type(self)._delora_names
+  active = _ACTIVE.get()
+  if id(self) in active:
+    return base_call(self, *args, **kwargs)
+
+  def traced(*placeholders):
+    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
+    try:
+      return base_call(self, *args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
+
+  paths = vars(self)["_delora_paths"]
+  bases = [vars(self)[n].get_value() for n in names]
+  return _infer.trace(traced, bases, [paths[n] for n in names], [0] * len(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_class(cls: type, names: tuple[str, ...]) -> type:
+  base_call = cls.__call__
+
+  def __call__(self, *args, **kwargs):
+    return _probe_call(self, base_call, args, kwargs)
+
+  ns = {n: _probe_property(n) for n in names}
+  ns.update(__call__=__call__, _delora_names=names, __module__=cls.__module__)
+  return type(f"Probe{cls.__name__}", (cls,), ns)
+
+
+def probe(model: nnx.Module, like: Any, paths: set[str]) -> "_infer.Uses":
+  """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
+  new = copy(model)
+  mods = modules(new)
+  owners: dict[str, dict[str, str]] = {}
+  for path in paths:
+    prefix, _, name = path.rpartition("/")
+    if prefix in mods and isinstance(vars(mods[prefix]).get(name), nnx.Variable):
+      owners.setdefault(prefix, {})[name] = path
+  for prefix, names in owners.items():
+    mod = mods[prefix]
+    object.__setattr__(mod, "_delora_paths", names)
+    mod.__class__ = _probe_class(type(mod), tuple(sorted(names)))
+  if callable(like):
+    call = like
+  elif isinstance(like, tuple):
+    call = lambda m: m(*like)  # noqa: E731
+  else:
+    raise TypeError("`like` must be a tuple of example arguments for model(*like), or a "
+                    f"function like(model) that calls it; got {type(like).__name__}.")
+  return _infer.probe(lambda: nnx.eval_shape(call, new))

@@ -102,7 +102,8 @@ class Rule:
     """Resolves ``(in_axes, out_axes)`` as negative axes of a kernel of ``shape``."""
     ndim = len(shape)
     fix = ("Declare the layout in the Rule, e.g. Rule(r, in_axes=..., out_axes=..., "
-           "stack_axes=...).")
+           "stack_axes=...), or let wrap infer it from the model: "
+           "wrap(params, rules, like=(model, *example_args)).")
     n = ndim - self.stack_axes
     if n < 2:
       raise ValueError(

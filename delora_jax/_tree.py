@@ -50,6 +50,12 @@ def is_array_like(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+def map_leaves(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+  """Replaces every plain leaf ``x`` at ``path`` by ``fn(path, x)``."""
+  paths, leaves, treedef = flatten(tree)
+  return jax.tree_util.tree_unflatten(treedef, [fn(p, x) for p, x in zip(paths, leaves)])
+
+
 def map_kernels(fn: Callable[[str, DeloraKernel], Any], tree: Any) -> Any:
   """Replaces every DeLoRA node ``k`` at ``path`` by ``fn(path, k)``."""
   paths, leaves, treedef = flatten(tree)

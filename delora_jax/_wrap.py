@@ -6,14 +6,14 @@ import functools
 import hashlib
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from delora_jax import _kernel, _tree
+from delora_jax import _infer, _kernel, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Rule, as_rule
 from delora_jax._sharding import kernel_specs
@@ -125,7 +125,8 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
 
 
-def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None) -> Any:
+def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None,
+         like: Any = None) -> Any:
   """Adds DeLoRA adapters to the kernels that ``rules`` select.
 
   Each leaf's ``/``-joined path (e.g. ``Dense_0/kernel``; an NNX Variable's
@@ -141,6 +142,13 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
     key: PRNG key for the adapters' initialisation; ``None`` means
       ``jax.random.key(0)``. Each kernel draws from a key derived from this key
       and its path alone, so the result does not depend on dict order.
+    like: ``(model, *example_args)`` (or a function ``like(params)`` that runs
+      ``model.apply({"params": params, ...}, ...)``): one abstract call of the
+      model (nothing is computed) from which each selected kernel's layout is
+      taken, the axes it contracts being its inputs and the axes ``nn.scan``
+      slices off its stacked axes. Rules may then leave ``in_axes``,
+      ``out_axes`` and ``stack_axes`` out; declared layouts are checked against
+      the model's use (a mismatch is a ``ValueError`` naming both).
 
   Returns:
     The adapted tree, same container types as ``params``.
@@ -157,7 +165,23 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
     >>> tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(4, lam=8.0)})
     >>> {p: x["a"].shape for p, x in delora_jax.adapters(tree).items()}
     {'kernel': (32, 4)}
+    >>> attn = nn.DenseGeneral((2, 8))  # an N-D kernel (32, 2, 8): layout taken from the call
+    >>> x = jnp.ones((1, 32))
+    >>> tree = delora_jax.wrap(attn.init(jax.random.key(0), x)["params"], {"kernel": 4},
+    ...                        like=(attn, x))
+    >>> delora_jax.adapters(tree)["kernel"]["b"].shape
+    (4, 16)
   """
+  probe = None
+  if like is not None:
+    from delora_jax import _apply  # noqa: PLC0415 (import cycle)
+    probe = lambda paths: _apply.probe(like, params, paths)  # noqa: E731
+  return wrap_with(params, rules, key=key, probe=probe)
+
+
+def wrap_with(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None,
+              probe: Callable[[set[str]], Any] | None) -> Any:
+  """`wrap`, with layouts inferred by ``probe(selected paths) -> _infer.Uses`` if given."""
   compiled = _compile(rules)
   paths, leaves, treedef = _tree.flatten(params)
   adapted = [p for p, x in zip(paths, leaves) if is_kernel(x)]
@@ -171,20 +195,18 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
     key = jax.random.wrap_key_data(key)
   hits = {pattern: [] for pattern, _, _ in compiled}
   claimed = {pattern: [] for pattern, _, _ in compiled}
-  new = list(leaves)
-  for i, (path, leaf) in enumerate(zip(paths, leaves)):
+  owners = {}
+  for i, path in enumerate(paths):
     owner = None
     for pattern, regex, rule in compiled:
       if regex.fullmatch(path):
         hits[pattern].append(path)
         if owner is None:
           owner = (pattern, rule)
-    if owner is None:
-      continue
-    pattern, rule = owner
-    claimed[pattern].append(path)
-    _check_kernel_leaf(path, pattern, leaf)
-    new[i] = _adapt(path, leaf, rule, key)
+    if owner is not None:
+      claimed[owner[0]].append(path)
+      _check_kernel_leaf(path, owner[0], leaves[i])
+      owners[i] = owner
   for pattern, _, _ in compiled:
     if not hits[pattern]:
       raise ValueError(
@@ -195,6 +217,13 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
           f"rules pattern {pattern!r} only matches leaves that earlier patterns already "
           f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
           "Reorder the rules or remove this one.")
+  if probe is not None:
+    uses = probe({paths[i] for i in owners})
+    owners = {i: (pat, _infer.resolve(paths[i], tuple(leaves[i].shape), rule, uses))
+              for i, (pat, rule) in owners.items()}
+  new = list(leaves)
+  for i, (_, rule) in owners.items():
+    new[i] = _adapt(paths[i], leaves[i], rule, key)
   return jax.tree_util.tree_unflatten(treedef, new)
 
 

@@ -99,10 +99,8 @@ def wrap(model: nnx.Module, rules: Mapping[str, Rule | int], *, key: jax.Array |
                      "delora_jax.nnx.unwrap(model) or delora_jax.nnx.merge(model) first.")
   from delora_jax import _wrap  # noqa: PLC0415 (import cycle)
   state = nnx.state(model)
-  if like is not None:
-    from delora_jax import _infer  # noqa: PLC0415
-    rules = _infer.nnx_rules(model, rules, like)
-  tree = _wrap.wrap(state, rules, key=key)
+  probe = None if like is None else (lambda paths: _nnx.probe(model, like, paths))
+  tree = _wrap.wrap_with(state, rules, key=key, probe=probe)
   ks = _tree.kernels(tree)
   new = _nnx.copy(model)
   mods = _nnx.modules(new)
