@@ -11,18 +11,19 @@ turns it into an error.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
 import itertools
 import math
-import types
 import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
@@ -54,9 +55,6 @@ class _Mode:
 
 
 _RECORD: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("delora_record", default=None)
-# path -> the placeholder that stands for that kernel inside a module call being traced.
-_ACTIVE: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "delora_active", default=types.MappingProxyType({}))
 _TOKENS = itertools.count(1)
 
 
@@ -70,14 +68,14 @@ def _note(path: str, kind: str) -> None:
 class _Tracked(DeloraKernel):
   """A DeloraKernel that knows its path while `apply` runs; reads as an array.
 
-  Inside a module call that delora_jax traces, reading it (``jnp.asarray``,
-  ``.astype``, ``@``, ...) yields that trace's placeholder, which the
-  factorised evaluator binds to the low-rank form; anywhere else it yields the
-  merged kernel ``w + ΔW`` and the use is recorded as merged.
+  Inside a module call that delora_jax traces, the module's scope holds a plain
+  placeholder array in its place (`_substituted`). Read anywhere else
+  (``jnp.asarray``, ``.astype``, ``@``, ...) it yields the merged kernel
+  ``w + ΔW`` and the use is recorded as merged.
   """
 
   path: str = ""
-  ndim: int = 0  # ndim of the stored kernel (before nn.scan slices stacked axes)
+  stored_ndim: int = 0  # ndim of the stored kernel (before nn.scan slices stacked axes)
   mode: _Mode | None = None
 
   @property
@@ -88,10 +86,11 @@ class _Tracked(DeloraKernel):
   def dtype(self):
     return self.w.dtype
 
+  @property
+  def ndim(self):
+    return self.w.ndim
+
   def __jax_array__(self):
-    ph = _ACTIVE.get().get(self.path)
-    if ph is not None and tuple(ph.shape) == tuple(self.w.shape):
-      return ph
     if self.mode is None:
       return super().__jax_array__()
     if self.mode.probe:
@@ -105,14 +104,14 @@ class _Tracked(DeloraKernel):
 jax.tree_util.register_dataclass(
     _Tracked,
     data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-    meta_fields=["in_axes", "out_axes", "dropout", "path", "ndim", "mode"],
+    meta_fields=["in_axes", "out_axes", "dropout", "path", "stored_ndim", "mode"],
 )
 
 
 def _track(params: Any, mode: _Mode) -> Any:
   fields = {f.name for f in dataclasses.fields(DeloraKernel)}
   return _tree.map_kernels(
-      lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, ndim=k.w.ndim,
+      lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, stored_ndim=k.w.ndim,
                             mode=mode), params)
 
 
@@ -343,24 +342,37 @@ def _owned(mod: nn.Module) -> dict[str, _Tracked]:
   return {n: k for n, k in params.items() if isinstance(k, _Tracked) and k.mode is not None}
 
 
-def _with_placeholders(ks: list[_Tracked], next_fun, args, kwargs):
-  """``next_fun`` as a function of one placeholder per kernel in ``ks``."""
-  active = _ACTIVE.get()
+@contextlib.contextmanager
+def _substituted(mod: nn.Module, values: Mapping[str, Any]):
+  """Within the block, ``mod``'s scope reads ``values`` (placeholder arrays) for those params.
+
+  The module then sees plain arrays, so every JAX API works on them (``lax.*``, jitted
+  helpers, methods), and a jit cache never keeps a placeholder as a hidden constant.
+  """
+  scope = mod.scope
+  old = scope._collection("params")  # noqa: SLF001 (flax has no public hook for this)
+  new = {**old, **values}
+  scope._variables["params"] = type(old)(new) if isinstance(old, FrozenDict) else new  # noqa: SLF001
+  try:
+    yield
+  finally:
+    scope._variables["params"] = old  # noqa: SLF001
+
+
+def _with_placeholders(mod: nn.Module, names: list[str], next_fun, args, kwargs):
+  """``next_fun`` as a function of one placeholder array per kernel ``names`` of ``mod``."""
 
   def traced(*placeholders):
-    token = _ACTIVE.set(types.MappingProxyType(
-        {**active, **{k.path: ph for k, ph in zip(ks, placeholders)}}))
-    try:
+    with _substituted(mod, dict(zip(names, placeholders))):
       return next_fun(*args, **kwargs)
-    finally:
-      _ACTIVE.reset(token)
 
   return traced
 
 
-def _probe_call(ks: list[_Tracked], next_fun, args, kwargs):
-  return _infer.trace(_with_placeholders(ks, next_fun, args, kwargs), [k.w for k in ks],
-                      [k.path for k in ks], [k.ndim - k.w.ndim for k in ks])
+def _probe_call(mod, owned: dict[str, _Tracked], next_fun, args, kwargs):
+  names, ks = list(owned), list(owned.values())
+  return _infer.trace(_with_placeholders(mod, names, next_fun, args, kwargs), [k.w for k in ks],
+                      [k.path for k in ks], [k.stored_ndim - k.w.ndim for k in ks])
 
 
 def probe(like: Any, params: Any, paths: set[str]) -> "_infer.Uses":
@@ -368,7 +380,7 @@ def probe(like: Any, params: Any, paths: set[str]) -> "_infer.Uses":
   mode = _Mode(False, next(_TOKENS), probe=True)
   tree = _tree.map_leaves(
       lambda p, w: _Tracked(w=w, a=None, b=None, lam=None, w_norm=None, in_axes=(), out_axes=(),
-                            path=p, ndim=w.ndim, mode=mode) if p in paths else w, params)
+                            path=p, stored_ndim=w.ndim, mode=mode) if p in paths else w, params)
   if callable(like):
     call = lambda: like(tree)  # noqa: E731
   elif isinstance(like, tuple) and like and isinstance(like[0], nn.Module):
@@ -385,17 +397,18 @@ def probe(like: Any, params: Any, paths: set[str]) -> "_infer.Uses":
   return _infer.probe(run)
 
 
-def _generic(mod: nn.Module, ks: list[_Tracked], next_fun, args, kwargs):
+def _generic(mod: nn.Module, owned: dict[str, _Tracked], next_fun, args, kwargs):
   """Any method of any module: traced with each kernel as a placeholder, then evaluated
   with the low-rank form bound to it (`_lazy`)."""
+  names, ks = list(owned), list(owned.values())
   lazies = []
   for k in ks:
     key = mod.make_rng("dropout") if k.dropout > 0.0 and mod.has_rng("dropout") else None
-    src = _lazy.Source(k.path, _note, in_axes=tuple(k.ndim + a for a in k.in_axes),
-                       lead=k.ndim - k.w.ndim, strict=k.mode.strict, dropout=k.dropout,
-                       dropout_key=key)
-    lazies.append(_lazy.from_kernel(k, lax.stop_gradient(k.w), src))
-  return _lazy.run(_with_placeholders(ks, next_fun, args, kwargs), [k.w for k in ks], lazies)
+    src = _lazy.Source(k.path, _note, in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
+                       lead=k.stored_ndim - k.w.ndim, strict=k.mode.strict, dropout=k.dropout)
+    lazies.append(_lazy.from_kernel(k, lax.stop_gradient(k.w), src, key))
+  return _lazy.run(_with_placeholders(mod, names, next_fun, args, kwargs), [k.w for k in ks],
+                   lazies)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -404,20 +417,18 @@ def _interceptor(next_fun, args, kwargs, context):
   mod = context.module
   if mod.scope is None or context.method_name == "setup":
     return next_fun(*args, **kwargs)
-  owned = _owned(mod)
-  active = _ACTIVE.get()
-  ks = [k for k in owned.values() if k.path not in active]
-  if not ks:
+  owned = _owned(mod)  # empty inside a traced call of this scope: it holds placeholders then
+  if not owned:
     return next_fun(*args, **kwargs)
-  if ks[0].mode.probe:
-    return _probe_call(ks, next_fun, args, kwargs)
+  if next(iter(owned.values())).mode.probe:
+    return _probe_call(mod, owned, next_fun, args, kwargs)
   handler = _handler(mod) if context.method_name == "__call__" and "kernel" in owned else None
   if handler is not None and len(owned) == 1:
     out = handler(mod, owned["kernel"], args, kwargs)
     if out is not None:
       _note(owned["kernel"].path, "factorised")
       return out
-  return _generic(mod, ks, next_fun, args, kwargs)
+  return _generic(mod, owned, next_fun, args, kwargs)
 
 
 def _check_variables(variables: Any, fn: str, model: Any = None) -> None:

@@ -43,9 +43,10 @@ class LayoutError(ValueError):
   """The model contracts an adapted kernel over axes other than its declared inputs."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Source:
-  """Where a lazy kernel came from: its path, its call's record, dropout."""
+  """Where a lazy kernel came from: its path, its call's record, dropout (static data:
+  hashed by identity)."""
 
   path: str
   record: Callable[[str, str], None]  # (path, "factorised" | "merged")
@@ -53,7 +54,6 @@ class Source:
   lead: int = 0  # stacked axes sliced off before the layer sees the kernel (nn.scan)
   strict: bool = False
   dropout: float = 0.0
-  dropout_key: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,7 @@ class Lazy:
   outs: tuple[int, ...]
   src: Source
   axes: tuple[tuple[int, ...], ...] = ()
+  key: Any = None  # dropout key of the adapter branch (None: no dropout)
 
   @property
   def shape(self):
@@ -96,7 +97,11 @@ class Lazy:
     return self.base + self.delta()
 
 
-def from_kernel(k: DeloraKernel, w: jax.Array, src: Source) -> Lazy:
+jax.tree_util.register_dataclass(
+    Lazy, data_fields=["base", "u", "v", "key"], meta_fields=["stacks", "ins", "outs", "src", "axes"])
+
+
+def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> Lazy:
   """The Lazy value of kernel ``k`` whose (possibly sliced) base array is ``w``.
 
   Leading axes of ``w`` beyond its layout are stacked axes, each slice with its own adapter.
@@ -110,7 +115,7 @@ def from_kernel(k: DeloraKernel, w: jax.Array, src: Source) -> Lazy:
   u = u.reshape(*stack_shape, *(w.shape[p] for p in ins), u.shape[-1])
   v = v.reshape(*stack_shape, v.shape[-2], *(w.shape[p] for p in outs))
   axes = tuple((src.lead + p,) for p in range(nd))
-  return Lazy(w, u, v, stacks, ins, outs, src, axes)
+  return Lazy(w, u, v, stacks, ins, outs, src, axes, key)
 
 
 # ---------------------------------------------------------------- view ops
@@ -181,7 +186,7 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
   u = lz.u.reshape(*sizes["s"], *sizes["i"], lz.u.shape[-1])
   v = lz.v.reshape(*sizes["s"], lz.v.shape[len(lz.stacks)], *sizes["o"])
   return Lazy(lax.reshape(lz.base, tuple(new_shape)), u, v, tuple(new_order["s"]),
-              tuple(new_order["i"]), tuple(new_order["o"]), lz.src, tuple(axes))
+              tuple(new_order["i"]), tuple(new_order["o"]), lz.src, tuple(axes), lz.key)
 
 
 # ---------------------------------------------------------------- contractions
@@ -194,8 +199,8 @@ def _acc(dtype) -> jnp.dtype:
 
 def _branch_input(lz: Lazy, x: jax.Array) -> jax.Array:
   src = lz.src
-  if src.dropout > 0.0 and src.dropout_key is not None:
-    keep = jax.random.bernoulli(src.dropout_key, 1.0 - src.dropout, x.shape)
+  if src.dropout > 0.0 and lz.key is not None:
+    keep = jax.random.bernoulli(lz.key, 1.0 - src.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - src.dropout), jnp.zeros_like(x))
   return x
 

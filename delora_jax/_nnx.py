@@ -85,8 +85,14 @@ def _record(path: str, kind: str) -> None:
 
 
 def _like(var: nnx.Variable, value: Any) -> nnx.Variable:
-  """A Variable of ``var``'s type and metadata holding ``value`` (the module reads it)."""
-  return type(var)(value, **var.get_metadata())
+  """A Variable of ``var``'s type and metadata holding ``value`` (the module reads it).
+
+  Built from the metadata as it is (no ``__init__``: that would re-run metadata checks and
+  their deprecation warnings on every call)."""
+  cls = type(var)
+  if hasattr(cls, "from_metadata"):
+    return cls.from_metadata(value, var.get_metadata())
+  return cls(value, **var.get_metadata())
 
 
 def _kernel_property(name: str) -> property:
@@ -120,9 +126,9 @@ def _call(self, base_call, args, kwargs):
     if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
       key = ad.rngs.dropout()
     src = _lazy.Source(ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes),
-                       strict=ad.strict, dropout=ad.dropout, dropout_key=key)
+                       strict=ad.strict, dropout=ad.dropout)
     bases.append(w)
-    lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src))
+    lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
 
   def traced(*placeholders):
     token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))

@@ -52,12 +52,32 @@ class ConvNet(nn.Module):
 
 
 class CustomDot(nn.Module):
-  """Uses its kernel with a plain jnp.dot: not a factorised layer."""
+  """Contracts its kernel with a plain jnp.dot: computed factorised by the generic path."""
 
   @nn.compact
   def __call__(self, x):
     w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 5))
     return jnp.dot(x, w) + nn.Dense(5, name="dense")(x)
+
+
+class CustomColumnSums(nn.Module):
+  """Uses its kernel elementwise (its column sums scale the input's row sums), which no
+  low-rank form can compute: it gets the merged kernel w + ΔW and is reported."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    return x.sum(-1, keepdims=True) * jnp.sum(w, axis=0)[None] + nn.Dense(5, name="dense")(x)
+
+
+class CustomGather(nn.Module):
+  """Looks rows of its kernel up by index (an embedding-style gather `kernel[ids]`), which
+  no low-rank form computes: it gets the merged kernel w + ΔW and is reported."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    return w[jnp.argmax(x, axis=-1)] + nn.Dense(5, name="dense")(x)
 
 
 TRANSFORMER_RULES = {

@@ -158,8 +158,26 @@ def test_remat_and_jit(form):
   assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(g))
 
 
-def test_custom_module_falls_back_to_merged_and_reports_it():
+def test_custom_module_contracting_its_kernel_is_factorised():
+  """A module of the user's own doing `jnp.dot(x, kernel)` runs factorised, strict or not."""
   model, x = models.CustomDot(), jax.random.normal(jax.random.key(0), (3, 4))
+  _, tree = setup(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
+  assert delora_jax.explain(model, {"params": tree}, x) == {
+      "factorised": ["dense/kernel", "kernel"], "merged": [], "unused": []}
+  got = delora_jax.apply(model, {"params": tree}, x, strict=True)
+  want = model.apply({"params": delora_jax.merge(tree)}, x)
+  assert rel(got, want) < 1e-5
+  assert rel(got, model.apply({"params": delora_jax.unwrap(tree)}, x)) > 1e-3
+
+
+# Modules using their kernel in a way no low-rank form computes: through a jitted jnp
+# function (jnp.sum) and through the tracked kernel's own indexing (kernel[ids]).
+UNFACTORISABLE = {"column_sums": models.CustomColumnSums, "gather": models.CustomGather}
+
+
+@pytest.mark.parametrize("name", list(UNFACTORISABLE), ids=list(UNFACTORISABLE))
+def test_custom_module_falls_back_to_merged_and_reports_it(name):
+  model, x = UNFACTORISABLE[name](), jax.random.normal(jax.random.key(0), (3, 4))
   _, tree = setup(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
   want = model.apply({"params": delora_jax.merge(tree)}, x)
   with pytest.warns(delora_jax.FallbackWarning, match=r"\['kernel'\]"):
@@ -167,7 +185,7 @@ def test_custom_module_falls_back_to_merged_and_reports_it():
   np.testing.assert_allclose(got, want, atol=ATOL)
   assert delora_jax.explain(model, {"params": tree}, x) == {
       "factorised": ["dense/kernel"], "merged": ["kernel"], "unused": []}
-  with pytest.raises(TypeError, match=r"kernel: this adapted kernel is used outside a factorised layer"):
+  with pytest.raises(TypeError, match=r"kernel: this adapted kernel is used .*strict=True forbids"):
     delora_jax.apply(model, {"params": tree}, x, strict=True)
 
 
@@ -235,10 +253,11 @@ def test_frozen_leaves_get_exactly_zero_update_full_tree_optimizer():
     np.testing.assert_array_equal(k_new.w_norm, k_old.w_norm)
 
 
-def test_strict_and_report_do_not_depend_on_earlier_calls():
+@pytest.mark.parametrize("name", list(UNFACTORISABLE), ids=list(UNFACTORISABLE))
+def test_strict_and_report_do_not_depend_on_earlier_calls(name):
   """jnp functions are jitted and cache traces: a lenient call must not let a later
   strict call through, nor hide the fallback from explain()."""
-  model, x = models.CustomDot(), jnp.ones((2, 4))
+  model, x = UNFACTORISABLE[name](), jnp.ones((2, 4))
   _, tree = setup(model, x, {"kernel": 2})
   for _ in range(2):
     with pytest.warns(delora_jax.FallbackWarning):
