@@ -97,7 +97,10 @@ def bench_gemma(rank, batch, seq):
       num_embed=256, embed_dim=64, hidden_dim=128, num_heads=4, head_dim=16, num_kv_heads=2,
       final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
       attention_types=(_modules.AttentionType.GLOBAL,) * 2)
-  model = gm.nn.Transformer(config=cfg)
+  # float32 compute on both sides: the plain Transformer runs parts of attention in its default
+  # bfloat16 `dtype`, while gm.nn.LoRA's wrapped modules run them in float32, so with the default
+  # the two steps would differ in the base model's own converts, not in the adapters.
+  model = gm.nn.Transformer(config=cfg, dtype=jnp.float32)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.num_embed)
   params = model.init(jax.random.key(0), tokens)["params"]
 

@@ -45,6 +45,7 @@ def adapter_save_args(tree: Any, *, opt_state: Any = None) -> ocp.args.Composite
     ...   print(mngr.latest_step())
     0
   """
+  tree = _flat_if_nnx(tree)
   ads = _adapters(tree)
   items = {ADAPTERS: ocp.args.StandardSave(ads)}
   leaves = None
@@ -66,7 +67,8 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
 
   Args:
     directory: the checkpoint folder to create.
-    tree: an adapted tree from :func:`delora_jax.wrap`.
+    tree: an adapted tree from :func:`delora_jax.wrap`, or an NNX model from
+      :func:`delora_jax.nnx.wrap`.
     opt_state: optionally, an optimizer state to store alongside (e.g. of
       :func:`delora_jax.optimizer`); its array leaves are written.
     overwrite: replace an existing checkpoint at ``directory`` (the old one is
@@ -110,7 +112,8 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
       the root folder of an ``ocp.CheckpointManager`` saved with
       :func:`adapter_save_args` (default step names).
     tree: the adapted target tree (from :func:`delora_jax.wrap` with the same
-      rules, on the same base weights).
+      rules, on the same base weights), or an adapted NNX model (then a new
+      adapted model is returned; the given one is not modified).
     opt_state: a target optimizer state (e.g. ``opt.init(tree)``): if given,
       the stored state is restored into its structure and returned too.
     step: the step to read under a ``CheckpointManager`` root.
@@ -141,6 +144,14 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
       kernel: rank 2 in the checkpoint, 4 in the target
     ...
   """
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(tree, nnx.Module):  # an adapted NNX model: load into its flat kernel view
+    from delora_jax import _nnx  # noqa: PLC0415
+    got = load_adapters(directory, _flat_if_nnx(tree), opt_state=opt_state, step=step,
+                        shardings=shardings, check_base=check_base)
+    flat, state = got if opt_state is not None else (got, None)
+    new = _nnx.with_kernels(tree, _tree.kernels(flat))
+    return new if opt_state is None else (new, state)
   ks = _tree.require_adapted(tree, "load_adapters")
   path = _checkpoint_dir(directory, step)
   with _checkpointer() as ckptr:
@@ -166,6 +177,14 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
     return new_tree
   treedef = leaves[2]
   return new_tree, jax.tree_util.tree_unflatten(treedef, list(got[OPT]) if OPT in items else [])
+
+
+def _flat_if_nnx(tree: Any) -> Any:
+  """An adapted NNX model as the flat ``{path: DeloraKernel}`` tree the checkpoint code reads."""
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(tree, nnx.Module):
+    return dict(_tree.require_adapted(tree, "save_adapters", nnx_ok=True))
+  return tree
 
 
 def _checkpointer() -> ocp.Checkpointer:

@@ -197,6 +197,12 @@ def _acc(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
 
 
+def _cast(x: jax.Array, dtype) -> jax.Array:
+  """``x`` in ``dtype``, emitting no convert when it already is (XLA:CPU keeps f32->f32
+  converts inside fusions, and cost analysis counts them)."""
+  return x if x.dtype == jnp.dtype(dtype) else lax.convert_element_type(x, dtype)
+
+
 def _branch_input(lz: Lazy, x: jax.Array) -> jax.Array:
   src = lz.src
   if src.dropout > 0.0 and lz.key is not None:
@@ -235,16 +241,17 @@ def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array
   u_con = tuple(ns + i for i in range(len(lz.ins)))
   x_con = tuple(x_of[p] for p in lz.ins)
   u_b = tuple(lz.stacks.index(p) for p in kb)
-  h = lax.dot_general(xd.astype(cdt), lz.u.astype(cdt), ((x_con, u_con), (xb, u_b)),
-                      precision=precision, preferred_element_type=acc)
+  pref = None if acc == cdt else acc
+  h = lax.dot_general(_cast(xd, cdt), _cast(lz.u, cdt), ((x_con, u_con), (xb, u_b)),
+                      precision=precision, preferred_element_type=pref)
   # h: (*batch, *x_free, *rest_stack, r)
   rest = [p for p in lz.stacks if p not in kb]
   nb, nxf = len(kb), x.ndim - len(xc) - len(xb)
   h_rest = tuple(range(nb + nxf, nb + nxf + len(rest)))
   v_b = u_b + tuple(lz.stacks.index(p) for p in rest)
-  d = lax.dot_general(h.astype(cdt), lz.v.astype(cdt),
+  d = lax.dot_general(_cast(h, cdt), _cast(lz.v, cdt),
                       (((h.ndim - 1,), (ns,)), (tuple(range(nb)) + h_rest, v_b)),
-                      precision=precision, preferred_element_type=acc)
+                      precision=precision, preferred_element_type=pref)
   # d: (*batch, *rest_stack, *x_free, *outs) -> dot_general's order for the original operands.
   k_free = [p for p in range(lz.base.ndim) if p not in kc and p not in kb]
   pos = {p: nb + i for i, p in enumerate(rest)}
@@ -254,7 +261,7 @@ def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array
   perm = list(range(nb)) + (kf + xf if lazy_is_lhs else xf + kf)
   d = lax.transpose(d, perm) if perm != list(range(d.ndim)) else d
   lz.src.record(lz.src.path, "factorised")
-  return out + d.astype(out.dtype)
+  return out + _cast(d, out.dtype)
 
 
 def _conv(lz: Lazy, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | None:
@@ -270,15 +277,16 @@ def _conv(lz: Lazy, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | N
   uk = jnp.transpose(lz.u, perm)
   cdt = x.dtype
   acc = _acc(cdt)
+  pref = None if acc == cdt else acc
   p = {k: v for k, v in params.items() if k != "preferred_element_type"}
-  h = lax.conv_general_dilated_p.bind(_branch_input(lz, x).astype(cdt), uk.astype(cdt), **p,
-                                      preferred_element_type=acc)
+  h = lax.conv_general_dilated_p.bind(_cast(_branch_input(lz, x), cdt), _cast(uk, cdt), **p,
+                                      preferred_element_type=pref)
   f = dn.out_spec[1]
-  d = jnp.tensordot(h.astype(cdt), lz.v.reshape(lz.v.shape[0], -1).astype(cdt),
-                    axes=((f,), (0,)), preferred_element_type=acc)
+  d = jnp.tensordot(_cast(h, cdt), _cast(lz.v.reshape(lz.v.shape[0], -1), cdt),
+                    axes=((f,), (0,)), preferred_element_type=pref)
   d = jnp.moveaxis(d, -1, f)
   lz.src.record(lz.src.path, "factorised")
-  return out + d.astype(out.dtype)
+  return out + _cast(d, out.dtype)
 
 
 # ---------------------------------------------------------------- the interpreter

@@ -179,6 +179,19 @@ def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
   return out
 
 
+def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
+  """A copy of the adapted ``model`` whose adapters hold the arrays of ``ks`` (same paths)."""
+  new = copy(model)
+  for prefix, mod in modules(new).items():
+    if is_adapted(mod):
+      for n in type(mod)._delora_names:
+        k, ad = ks[f"{prefix}/{n}" if prefix else n], vars(mod)[n + SUFFIX]
+        for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
+          if f in vars(ad):
+            getattr(ad, f).set_value(getattr(k, f))
+  return new
+
+
 def copy(model: nnx.Module) -> nnx.Module:
   """A copy with new Variable objects (arrays are shared; they are immutable)."""
   graphdef, state = nnx.split(model)

@@ -415,3 +415,24 @@ def test_dropout_with_rngs_is_active_in_train_and_off_in_eval():
   assert rel(adapted(x), merged) > 1e-3
   adapted.eval()
   assert rel(adapted(x), merged) <= REL
+
+
+def test_save_and_load_adapters_of_an_adapted_nnx_model(tmp_path):
+  model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+  rules = {".*kernel": delora_jax.Rule(2, init="random")}
+  adapted = delora_jax.nnx.wrap(model, rules, key=jax.random.key(0))
+  opt = delora_jax.optimizer(optax.adam, learning_rate=1e-3)
+  state = opt.init(nnx.state(adapted, delora_jax.nnx.DeloraParam))
+  path = delora_jax.save_adapters(tmp_path / "ckpt", adapted, opt_state=state)
+  target = delora_jax.nnx.wrap(model, rules, key=jax.random.key(9))
+  x = jax.random.normal(jax.random.key(2), (4, 6))
+  before = np.asarray(target(x))
+  got, got_state = delora_jax.load_adapters(path, target, opt_state=state)
+  np.testing.assert_array_equal(got(x), adapted(x))
+  np.testing.assert_array_equal(target(x), before)  # the target model is not modified
+  for p, ad in delora_jax.adapters(adapted).items():
+    for f, v in ad.items():
+      np.testing.assert_array_equal(delora_jax.adapters(got)[p][f], v, err_msg=f"{p}/{f}")
+  assert jax.tree.structure(got_state) == jax.tree.structure(state)
+  with pytest.raises(ValueError, match=r"layers/0/kernel: rank 2 in the checkpoint, 3 in the target"):
+    delora_jax.load_adapters(path, delora_jax.nnx.wrap(model, {".*kernel": 3}))
