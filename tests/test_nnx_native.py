@@ -436,3 +436,22 @@ def test_save_and_load_adapters_of_an_adapted_nnx_model(tmp_path):
   assert jax.tree.structure(got_state) == jax.tree.structure(state)
   with pytest.raises(ValueError, match=r"layers/0/kernel: rank 2 in the checkpoint, 3 in the target"):
     delora_jax.load_adapters(path, delora_jax.nnx.wrap(model, {".*kernel": 3}))
+
+
+def test_adapter_dropout_in_nnx_follows_rngs_and_eval():
+  model = nnx.Linear(10, 6, rngs=nnx.Rngs(0))
+  adapted = delora_jax.nnx.wrap(model, {"kernel": delora_jax.Rule(3, init="random", dropout=0.5)},
+                                rngs=nnx.Rngs(dropout=1))
+  # One-hot rows: each row's dropped-out branch input is either 0 or 2x (p = 0.5).
+  x = jnp.repeat(jnp.eye(10), 20, axis=0) * 1.5
+  merged = delora_jax.nnx.merge(adapted)(x)
+  y1, y2 = adapted(x), adapted(x)
+  d = np.asarray(y1 - model(x))  # the base branch is never dropped
+  full = np.asarray(x @ delora_jax.delta(adapted)["kernel"])
+  dropped = np.all(np.abs(d) < 1e-5, axis=1)
+  kept = np.all(np.abs(d - 2 * full) < 1e-4, axis=1)
+  assert np.all(dropped | kept)
+  assert 0.3 < dropped.mean() < 0.7
+  assert not np.allclose(y1, y2)  # a new key each call
+  adapted.eval()  # deterministic: no adapter dropout
+  np.testing.assert_allclose(adapted(x), merged, rtol=1e-5, atol=1e-5)
