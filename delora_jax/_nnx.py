@@ -113,6 +113,21 @@ def _kernel_property(name: str) -> property:
   return property(get, set_, doc=f"The adapted kernel {name!r} (w + ΔW when read directly).")
 
 
+def _with_placeholders(self, names, base_call, args, kwargs):
+  """``self``'s call as a function of one placeholder per kernel ``names`` (read through the
+  kernel properties while it runs)."""
+  active = _ACTIVE.get()
+
+  def traced(*placeholders):
+    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
+    try:
+      return base_call(self, *args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
+
+  return traced
+
+
 def _call(self, base_call, args, kwargs):
   names = type(self)._delora_names
   active = _ACTIVE.get()
@@ -129,30 +144,27 @@ def _call(self, base_call, args, kwargs):
                        strict=ad.strict, dropout=ad.dropout)
     bases.append(w)
     lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
+  return _lazy.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
 
-  def traced(*placeholders):
-    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
-    try:
-      return base_call(self, *args, **kwargs)
-    finally:
-      _ACTIVE.reset(token)
 
-  return _lazy.run(traced, bases, lazies)
+def _subclass(cls: type, names: tuple[str, ...], prefix: str, call, prop) -> type:
+  """``cls`` with ``__call__`` routed through ``call`` and each kernel ``names`` a ``prop``."""
+  base_call = cls.__call__
+
+  @functools.wraps(base_call)
+  def __call__(self, *args, **kwargs):
+    return call(self, base_call, args, kwargs)
+
+  ns = {n: prop(n) for n in names}
+  ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__,
+            __doc__=cls.__doc__)
+  return type(f"{prefix}{cls.__name__}", (cls,), ns)
 
 
 @functools.lru_cache(maxsize=None)
 def adapted_class(cls: type, names: tuple[str, ...]) -> type:
   """The subclass of ``cls`` whose kernels ``names`` are adapted."""
-  base_call = cls.__call__
-
-  @functools.wraps(base_call)
-  def __call__(self, *args, **kwargs):
-    return _call(self, base_call, args, kwargs)
-
-  ns = {n: _kernel_property(n) for n in names}
-  ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__,
-            __doc__=cls.__doc__)
-  return type(f"Delora{cls.__name__}", (cls,), ns)
+  return _subclass(cls, names, "Delora", _call, _kernel_property)
 
 
 def is_adapted(module: Any) -> bool:
@@ -253,29 +265,15 @@ def _probe_call(self, base_call, args, kwargs):
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
-
-  def traced(*placeholders):
-    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
-    try:
-      return base_call(self, *args, **kwargs)
-    finally:
-      _ACTIVE.reset(token)
-
   paths = vars(self)["_delora_paths"]
   bases = [vars(self)[n].get_value() for n in names]
-  return _infer.trace(traced, bases, [paths[n] for n in names], [0] * len(names))
+  return _infer.trace(_with_placeholders(self, names, base_call, args, kwargs), bases,
+                      [paths[n] for n in names], [0] * len(names))
 
 
 @functools.lru_cache(maxsize=None)
 def _probe_class(cls: type, names: tuple[str, ...]) -> type:
-  base_call = cls.__call__
-
-  def __call__(self, *args, **kwargs):
-    return _probe_call(self, base_call, args, kwargs)
-
-  ns = {n: _probe_property(n) for n in names}
-  ns.update(__call__=__call__, _delora_names=names, __module__=cls.__module__)
-  return type(f"Probe{cls.__name__}", (cls,), ns)
+  return _subclass(cls, names, "Probe", _probe_call, _probe_property)
 
 
 def probe(model: nnx.Module, like: Any, paths: set[str]) -> "_infer.Uses":

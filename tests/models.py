@@ -94,3 +94,21 @@ def transformer_rules(scan: bool, init: str = "random", rank: int = 2, lam: floa
       r".*mlp_(in|out)/kernel": Rule(rank, lam, init=init, stack_axes=s),
       r"head/kernel": Rule(rank, lam, init=init),
   }
+
+
+def train_steps(loss, trainable, opt, steps: int):
+  """``steps`` jitted optimizer steps of ``loss(trainable)``: (trainable, losses)."""
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  @jax.jit
+  def step(t, s):
+    value, g = jax.value_and_grad(loss)(t)
+    upd, s = opt.update(g, s, t)
+    return optax.apply_updates(t, upd), s, value
+
+  state, losses = opt.init(trainable), []
+  for _ in range(steps):
+    trainable, state, value = step(trainable, state)
+    losses.append(float(value))
+  return trainable, losses

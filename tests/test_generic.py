@@ -19,6 +19,7 @@ import pytest
 from jax import lax
 
 import delora_jax
+from tests import models
 
 REL = 1e-5  # float32, matmul precision "highest" (conftest): factorised vs merged
 INIT = nn.initializers.normal(0.5)
@@ -309,22 +310,12 @@ def test_jitted_train_step_on_a_custom_einsum_lowers_the_loss():
                          {"kernel": delora_jax.Rule(2, 1.0)})
   trainable, frozen = delora_jax.split(tree)
   opt = delora_jax.optimizer(optax.adam, learning_rate=3e-2)
-  state = opt.init(trainable)
 
   def loss(t):
     y = delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True)
     return jnp.mean((y - target) ** 2)
 
-  @jax.jit
-  def step(t, state):
-    value, g = jax.value_and_grad(loss)(t)
-    upd, state = opt.update(g, state, t)
-    return optax.apply_updates(t, upd), state, value
-
-  losses = []
-  for _ in range(30):
-    trainable, state, value = step(trainable, state)
-    losses.append(float(value))
+  trainable, losses = models.train_steps(loss, trainable, opt, 30)
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0]
   # Only the adapter moved: the frozen half is the one we started from.

@@ -19,6 +19,7 @@ from tunix.models.llama3 import model as tunix_llama3
 
 import delora_jax
 from delora_jax import _lazy
+from tests import models
 
 RTOL = 1e-5
 # tunix builds its models with flax APIs flax now deprecates (its code, not ours: the
@@ -120,23 +121,13 @@ def test_gemma_train_step_lowers_loss_and_eager_calls_do_not_retrace(gemma, monk
   tree = delora_jax.wrap(params, {k: delora_jax.Rule(4, 4.0) for k in GEMMA_RULES}, like=(model, tok))
   trainable, frozen = delora_jax.split(tree)
   opt = delora_jax.optimizer(optax.adam, learning_rate=1e-2)
-  state = opt.init(trainable)
   target = jax.nn.one_hot(jnp.roll(tok, -1, axis=1), 64)
 
   def loss(t):
     logits = delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, tok).logits
     return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(logits), axis=-1))
 
-  @jax.jit
-  def step(t, s):
-    value, g = jax.value_and_grad(loss)(t)
-    u, s = opt.update(g, s, t)
-    return optax.apply_updates(t, u), s, value
-
-  losses = []
-  for _ in range(15):
-    trainable, state, value = step(trainable, state)
-    losses.append(float(value))
+  trainable, losses = models.train_steps(loss, trainable, opt, 15)
   assert losses[-1] < losses[0] - 0.05
   # gemma's Transformer is nn.jit-wrapped: after the first eager call, later ones hit its cache
   # (the factorised evaluator runs only while tracing).
