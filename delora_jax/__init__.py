@@ -23,6 +23,7 @@ from delora_jax._wrap import wrap as wrap
 from delora_jax._sharding import shardings as shardings
 
 from delora_jax._checkpoint import adapter_save_args as adapter_save_args
+from delora_jax._diagnostics import diagnostics as diagnostics
 from delora_jax._checkpoint import load_adapters as load_adapters
 from delora_jax._checkpoint import save_adapters as save_adapters
 from delora_jax._lora import to_lora as to_lora
@@ -39,6 +40,7 @@ __all__ = [
     "apply",
     "combine",
     "delta",
+    "diagnostics",
     "explain",
     "merge",
     "shardings",

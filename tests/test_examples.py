@@ -60,6 +60,19 @@ def test_finetune_improves_and_reloads(finetune_run):
   assert r["update"]["bound_ratio_max"] <= 1 + 1e-5
   for key in ("adapters", "head", "peft", "predictions"):
     assert os.path.exists(r["paths"][key]), key
+  # Diagnostics logged during training: every layer, every logged step, bound use in [0, 1].
+  with open(r["paths"]["diagnostics"], encoding="utf-8") as f:
+    hist = json.load(f)
+  assert len(hist["kernels"]) == 12 and hist["step"][0] == 1 and hist["step"][-1] == 80
+  for path, figs in hist["kernels"].items():
+    assert len(figs["bound_use"]) == len(hist["step"]), path
+    assert all(0.0 <= b <= 1.0 + 1e-6 for b in figs["bound_use"]), path
+    assert figs["relative_update"][-1] > 0.0, path
+  last = max(f["bound_use"][-1] for f in hist["kernels"].values())
+  np.testing.assert_allclose(last, r["update"]["bound_ratio_max"], rtol=1e-6)
+  with open(r["paths"]["plot"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "bound_max=" in stdout and "rel_mean=" in stdout  # the progress bar shows them
 
 
 def test_finetune_peft_export_matches_torch(finetune_run):
@@ -88,10 +101,17 @@ def test_finetune_peft_export_matches_torch(finetune_run):
 
 
 def test_lr_robustness_quick(tmp_path):
-  js, png = tmp_path / "lr.json", tmp_path / "lr.png"
-  _run("lr_robustness.py", "--quick", "--json", str(js), "--png", str(png), cwd=tmp_path)
+  js, png, diag = tmp_path / "lr.json", tmp_path / "lr.png", tmp_path / "diag.png"
+  _run("lr_robustness.py", "--quick", "--json", str(js), "--png", str(png),
+       "--png-diagnostics", str(diag), cwd=tmp_path)
   res = json.loads(js.read_text())
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert diag.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for x in res["runs"]:  # per-layer histories; only DeLoRA has a bound to use
+    kernels = x["history"]["kernels"]
+    assert len(kernels) == 12 and all(len(k["relative_update"]) == len(x["history"]["step"])
+                                      for k in kernels.values())
+    assert all(("bound_use" in k) == (x["method"] == "DeLoRA") for k in kernels.values())
   runs = {(x["method"], x["lr"]): x for x in res["runs"]}
   lrs = sorted({lr for _, lr in runs})
   assert len(runs) == 2 * len(lrs) == 6
@@ -101,9 +121,10 @@ def test_lr_robustness_quick(tmp_path):
   assert runs["DeLoRA", hi]["rel_update"] < 2 * runs["DeLoRA", lo]["rel_update"]
   assert runs["DeLoRA", hi]["rel_update"] < runs["LoRA", hi]["rel_update"]
   # --plot-only redraws the figure from the JSON alone.
-  png2 = tmp_path / "again.png"
-  _run("lr_robustness.py", "--plot-only", "--json", str(js), "--png", str(png2), cwd=tmp_path)
-  assert png2.stat().st_size > 10_000
+  png2, diag2 = tmp_path / "again.png", tmp_path / "again_diag.png"
+  _run("lr_robustness.py", "--plot-only", "--json", str(js), "--png", str(png2),
+       "--png-diagnostics", str(diag2), cwd=tmp_path)
+  assert png2.stat().st_size > 10_000 and diag2.stat().st_size > 10_000
 
 
 def test_committed_lr_robustness_results():
@@ -114,3 +135,9 @@ def test_committed_lr_robustness_results():
     lrs = sorted(x["lr"] for x in res["runs"] if x["method"] == method)
     assert len(lrs) >= 7 and lrs[-1] / lrs[0] >= 1e3, (method, lrs)
   assert os.path.getsize(os.path.join(EXAMPLES, "lr_robustness.png")) > 10_000
+  assert os.path.getsize(os.path.join(EXAMPLES, "lr_robustness_diagnostics.png")) > 10_000
+  assert all("history" in x for x in res["runs"])
+
+
+def test_committed_finetune_diagnostics_plot():
+  assert os.path.getsize(os.path.join(ROOT, "docs", "img", "finetune_diagnostics.png")) > 10_000

@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +31,14 @@ def test_quickstart_is_examples_quickstart_verbatim_and_runs():
   assert out.returncode == 0, out.stderr
   before, after = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
   assert after < 0.8 * before
+
+
+def test_nnx_snippet_runs_and_trains():
+  block = re.search(r"### Flax NNX.*?```python\n(.*?)```", readme(), re.S).group(1)
+  ns = {}
+  exec("import jax, jax.numpy as jnp, optax, delora_jax\n" + block, ns)  # noqa: S102 (our README)
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+  y = jnp.sin(x[:, :4])
+  losses = [float(ns["step"](ns["adapted"], ns["opt"], x, y)) for _ in range(30)]
+  assert losses[-1] < 0.8 * losses[0]
+  assert type(ns["merged"]).__name__ == "Linear"
