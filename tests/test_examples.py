@@ -31,7 +31,7 @@ def _run(script, *args, cwd):
   proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-  return proc.stdout
+  return proc.stdout + "\n" + proc.stderr  # tqdm writes its bar to stderr
 
 
 def _result(stdout):
