@@ -33,7 +33,9 @@ class Rule:
   Args:
     rank: adapter rank ``r`` (PEFT's ``r``), a positive int no larger than
       ``min(in, out)`` of every kernel it adapts.
-    lam: initial bound λ (PEFT's ``delora_lambda``, default 15). Finite.
+    lam: initial bound λ (PEFT's ``delora_lambda``, default 15). Finite in the adapter
+      ``dtype``; not 0 with ``init="peft"`` (``b = 0`` and ``λ = 0`` give zero gradients
+      forever).
     init: ``"peft"`` (PEFT's default ``init_weights=True``: ``a``
       Kaiming-uniform, ``b`` zeros, so the model is unchanged at step 0),
       ``"random"`` (PEFT's ``init_weights=False``: ``b`` Kaiming-uniform too)
@@ -83,6 +85,10 @@ class Rule:
     object.__setattr__(self, "rank", int(self.rank))
     if self.init not in INITS:
       raise ValueError(f"`init` must be one of {INITS}; got {self.init!r}.")
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.floating,
+                                                                        np.integer)):
+      raise TypeError(f"`dropout` must be a probability in [0, 1) (PEFT's module_dropout); got "
+                      f"{self.dropout!r}. Use e.g. Rule(8, dropout=0.1).")
     if not 0.0 <= float(self.dropout) < 1.0:
       raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
     object.__setattr__(self, "dropout", float(self.dropout))
@@ -97,6 +103,16 @@ class Rule:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"`dtype` must be a floating dtype; got {dtype}.")
     object.__setattr__(self, "dtype", dtype.name)
+    with np.errstate(over="ignore"):
+      stored = np.asarray(lam, dtype=dtype)
+    if not np.isfinite(stored):
+      raise ValueError(
+          f"`lam`={lam!r} overflows the adapter dtype {dtype.name} (it would be stored as "
+          f"{stored}). Use a smaller λ (PEFT's default is 15) or a wider `dtype`.")
+    if lam == 0.0 and self.init == "peft":
+      raise ValueError(
+          "`lam`=0 with init='peft' (b = 0) gives exactly zero gradients to a, b and λ, so the "
+          "adapter could never train. Use a non-zero λ (PEFT's default is 15), or init='random'.")
 
   def layout(self, path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Resolves ``(in_axes, out_axes)`` as negative axes of a kernel of ``shape``."""

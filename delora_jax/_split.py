@@ -14,6 +14,9 @@ from delora_jax._kernel import FROZEN_FIELDS, TRAINABLE_FIELDS, DeloraKernel, is
 def _extra_matcher(extra_trainable: str | Sequence[str] | None):
   if extra_trainable is None:
     return lambda path: False
+  if not isinstance(extra_trainable, (str, list, tuple)):
+    raise TypeError("`extra_trainable` must be a regex string or a list of them (e.g. "
+                    f"'head/.*' or ['.*bias']); got {extra_trainable!r}.")
   pats = [extra_trainable] if isinstance(extra_trainable, str) else list(extra_trainable)
   compiled = []
   for p in pats:
@@ -115,9 +118,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
         raise ValueError(f"combine: {p} has different layouts in the two halves.")
       fields = TRAINABLE_FIELDS + FROZEN_FIELDS
       out.append(t.replace(**{k: _pick(p, "." + k, getattr(t, k), getattr(f, k)) for k in fields}))
-    else:
-      if t is None and f is None:
-        raise ValueError(f"combine: {p} is missing from both halves.")
+    else:  # a leaf that is None in both halves was None in the tree split
       out.append(_pick(p, "", t, f))
   return jax.tree_util.tree_unflatten(tdef, out)
 

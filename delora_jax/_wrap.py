@@ -191,7 +191,11 @@ def wrap_with(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | 
         "Wrapping twice would stack adapters; call `delora_jax.unwrap(tree)` or "
         "`delora_jax.merge(tree)` first.")
   key = jax.random.key(0) if key is None else key
-  if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+  if isinstance(key, np.ndarray):
+    key = jnp.asarray(key)
+  if not isinstance(key, jax.Array):
+    raise TypeError(f"`key` must be a PRNG key such as jax.random.key(0); got {key!r}.")
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
   hits = {pattern: [] for pattern, _, _ in compiled}
   claimed = {pattern: [] for pattern, _, _ in compiled}
@@ -265,9 +269,13 @@ def merge(tree: Any, *, safe: bool = False) -> Any:
     for p, m in out.items():
       try:
         finite = bool(jnp.isfinite(m).all())
+        base_finite = finite or bool(jnp.isfinite(jnp.asarray(ks[p].w)).all())
       except jax.errors.ConcretizationTypeError:
         raise TypeError("merge(..., safe=True) checks values and cannot run under jit; "
                         "call it outside jit or use safe=False.") from None
+      if not base_finite:
+        raise ValueError(f"{p}: the base kernel itself has NaN or inf entries (before any "
+                         "adapter is added); check the pretrained weights. Nothing was merged.")
       if not finite:
         raise ValueError(f"{p}: merged kernel has NaN or inf entries; the adapter is broken "
                          "(check its a, b, lam). Nothing was merged.")
