@@ -238,6 +238,10 @@ def _lowrank_bwd(precision, res, dy):
 _lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
 
 
+def _path(k: DeloraKernel) -> str:
+  return getattr(k, "path", "") or "kernel"
+
+
 def _fused_dense(mod, k, x, feats, n_in):
   """Dense/DenseGeneral over the trailing ``n_in`` axes of ``x`` as one ``_lowrank``
   on ``(tokens, in)``, with flax's own dtype promotion and bias."""
@@ -246,6 +250,11 @@ def _fused_dense(mod, k, x, feats, n_in):
   xd = _adapter_input(mod, k, xc)
   lead, n_i = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
   n_o = math.prod(feats)
+  if n_i * n_o != math.prod(k.w.shape):
+    raise ValueError(
+        f"{_path(k)}: the layer's input has trailing shape {tuple(x.shape[x.ndim - n_in:])}, but its "
+        f"kernel {tuple(k.w.shape)} expects inputs of shape {tuple(k.w.shape[:n_in])}. Pass inputs "
+        "of the width the model was built (and wrapped) for.")
   u, v = _kernel.factors(k)
   y = _lowrank(xc.reshape(-1, n_i), xd.reshape(-1, n_i), lax.stop_gradient(w).reshape(n_i, n_o),
                u, v, mod.precision)

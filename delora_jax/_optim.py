@@ -22,6 +22,8 @@ def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) 
   """Labels ``"adapter"`` (a, b, extras), ``"lam"`` and ``"frozen"`` for ``optax.partition``."""
   extra = _extra_matcher(extra_trainable)
   paths, leaves, treedef = _tree.flatten(tree, is_leaf=lambda x: x is None or is_kernel(x))
+  # The trainable half of `split` (its kernels have w = None) holds only leaves meant to train.
+  trainable_half = any(is_kernel(x) and x.w is None for x in leaves)
   out = []
   for p, x in zip(paths, leaves):
     if x is None:
@@ -32,8 +34,15 @@ def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) 
       out.append(x.replace(**labels))
     elif m := _NNX_ADAPTER.fullmatch(p):
       out.append("lam" if m.group(1) == "lam" else "adapter")
+    elif extra(p):
+      out.append("adapter")
+    elif trainable_half:
+      raise ValueError(
+          f"optimizer: {p} is in the trainable half (split(..., extra_trainable=...) put it there) "
+          "but the optimizer's `extra_trainable` does not match it, so it would get a zero update "
+          "and never train. Pass the same extra_trainable to delora_jax.optimizer.")
     else:
-      out.append("adapter" if extra(p) else "frozen")
+      out.append("frozen")
   return treedef.unflatten(out)
 
 

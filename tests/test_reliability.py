@@ -83,3 +83,44 @@ def test_conftest_keeps_the_users_xla_flags():
     got_flags, devices = out.stdout.strip().splitlines()[-2:]
     assert flags in got_flags and "--xla_force_host_platform_device_count=8" in got_flags
     assert devices == "8"
+
+
+def test_paper_init_bound_holds_for_the_trained_part_exactly():
+  from delora_jax import _kernel
+  w = jax.random.normal(jax.random.key(0), (12, 10))
+  tree = delora_jax.wrap({"kernel": w}, {"kernel": delora_jax.Rule(4, 2.0, init="paper")})
+  for seed in range(4):  # as if trained: a, b and λ moved
+    ks = jax.random.split(jax.random.key(seed), 3)
+    t = delora_jax._tree.map_kernels(
+        lambda _, k: k.replace(a=k.a + jax.random.normal(ks[0], k.a.shape),
+                               b=k.b + jax.random.normal(ks[1], k.b.shape),
+                               lam=k.lam * (1 + seed)), tree)
+    k = t["kernel"]
+    lam = float(jnp.abs(k.lam))
+    trained = k.a * _kernel.scales(k.a, k.b, k.lam)[..., None, :] @ k.b
+    res = float(jnp.linalg.norm(k.res_a @ k.res_b))
+    rel = delora_jax.delta(t)["kernel"] / k.w_norm[:, None]
+    assert float(jnp.linalg.norm(trained)) <= lam * (1 + 1e-6)
+    assert float(jnp.linalg.norm(rel)) <= (lam + res) * (1 + 1e-6)
+    np.testing.assert_allclose(rel, trained - k.res_a @ k.res_b, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_input_width_names_the_kernel():
+  import flax.linen as nn
+  model = nn.Dense(4)
+  params = model.init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+  tree = delora_jax.wrap(params, {"kernel": 2})
+  with pytest.raises(ValueError, match=r"kernel: the layer's input has trailing shape \(5,\), "
+                                       r"but its kernel \(6, 4\) expects inputs of shape \(6,\)"):
+    delora_jax.apply(model, {"params": tree}, jnp.ones((2, 5)))
+
+
+def test_optimizer_without_the_split_extra_trainable_is_an_error_at_init():
+  import optax
+  tree = delora_jax.wrap({"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}, {"kernel": 2})
+  trainable, _ = delora_jax.split(tree, extra_trainable=".*bias")
+  with pytest.raises(ValueError, match=r"bias is in the trainable half .* never train"):
+    delora_jax.optimizer(optax.adam, learning_rate=1e-3).init(trainable)
+  state = delora_jax.optimizer(optax.adam, learning_rate=1e-3, extra_trainable=".*bias").init(trainable)
+  assert state is not None
+  delora_jax.optimizer(optax.adam, learning_rate=1e-3).init(tree)  # the full tree: bias frozen
