@@ -1,10 +1,12 @@
 """`apply`: run a Linen model on an adapted tree, factorised wherever possible.
 
-Every adapted ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``nn.Einsum``
-call is intercepted (``nn.intercept_methods``) and computed as the frozen base
-layer plus a rank-``r`` branch, never forming ``ΔW`` or a dense weight
-gradient. Any other use of an adapted kernel (a custom module doing its own
-``jnp.dot``) gets the merged kernel ``w + ΔW``; which paths took that path is
+Every method of a module that reads an adapted kernel from its own scope is
+intercepted (``nn.intercept_methods``). flax's own Dense/DenseGeneral run as one
+fused low-rank op (``_lowrank``); any other layer is traced with the kernel as a
+placeholder and evaluated by :mod:`delora_jax._lazy`, which computes every
+contraction over the kernel's input axes as the frozen base plus a rank-``r``
+branch, never forming ``ΔW`` or a dense weight gradient. Any other use of an
+adapted kernel gets the merged kernel ``w + ΔW``; which paths took that path is
 reported (a :class:`FallbackWarning`, :func:`explain`), or ``strict=True``
 turns it into an error.
 """
@@ -128,20 +130,12 @@ def _contract(x, y, dims, precision=None, out=None):
   return lax.dot_general(x, y, (dims, ((), ())), precision=precision, preferred_element_type=out)
 
 
-def _dot(x, y, dims, cdt):
-  return _contract(x.astype(cdt), y.astype(cdt), dims, out=_acc(cdt))
-
-
 def _adapter_input(mod: nn.Module, k: DeloraKernel, x: jax.Array) -> jax.Array:
   """PEFT's module_dropout: dropout on the branch input when a 'dropout' rng is given."""
   if k.dropout > 0.0 and mod.has_rng("dropout"):
     keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - k.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - k.dropout), jnp.zeros_like(x))
   return x
-
-
-def _compute_dtype(mod: nn.Module, x: jax.Array, w: jax.Array):
-  return jnp.dtype(mod.dtype) if mod.dtype is not None else jnp.result_type(x, w)
 
 
 def _layout(k: DeloraKernel, n_in: int, n_out: int) -> bool:
@@ -153,14 +147,6 @@ def _bias(mod: nn.Module) -> jax.Array | None:
   if getattr(mod, "use_bias", False) and mod.scope.has_variable("params", "bias"):
     return mod.scope.get_variable("params", "bias")
   return None
-
-
-def _base(mod: nn.Module, k: DeloraKernel, args, kwargs, **overrides):
-  params = {"kernel": lax.stop_gradient(k.w)}
-  if (bias := _bias(mod)) is not None:
-    params["bias"] = bias
-  clone = mod.clone(parent=None, **overrides)
-  return clone.apply({"params": params}, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- fused dense
@@ -271,77 +257,18 @@ def _dense_general(mod, k, args, kwargs):
   if getattr(mod, "batch_dims", ()) or not _layout(k, len(axis), len(feats)):
     return None
   axis = tuple(a % x.ndim for a in axis)
-  if (axis == tuple(range(x.ndim - len(axis), x.ndim)) and mod.dot_general is None
-      and getattr(mod, "dot_general_cls", None) is None):
-    return _fused_dense(mod, k, x, feats, len(axis))
-  # Other contracting axes or a custom dot_general: the module's own call on the
-  # frozen kernel plus the branch.
-  y = _base(mod, k, args, kwargs)
-  cdt = _compute_dtype(mod, x, k.w)
-  u, v = _kernel.factors(k)
-  u = u.reshape(*(k.w.shape[:len(axis)]), u.shape[-1])
-  h = _dot(_adapter_input(mod, k, x), u, (axis, tuple(range(len(axis)))), cdt)
-  d = _dot(h.astype(cdt), v, ((h.ndim - 1,), (0,)), cdt)
-  return y + d.reshape(*d.shape[:-1], *feats).astype(y.dtype)
-
-
-def _conv(mod, k, args, kwargs):
-  x = args[0] if args else kwargs["inputs"]
-  n_win = k.w.ndim - 2
-  if (mod.feature_group_count != 1 or mod.mask is not None or not mod.shared_weights
-      or not _layout(k, n_win + 1, 1)):
-    return None
-  y = _base(mod, k, args, kwargs)
-  u, v = _kernel.factors(k)
-  r = u.shape[-1]
-  # A rank-r convolution with the same geometry, then a 1x1 map to the outputs.
-  low = mod.clone(parent=None, features=r, use_bias=False, dtype=_compute_dtype(mod, x, k.w))
-  h = low.apply({"params": {"kernel": u.reshape(*k.w.shape[:-1], r)}}, _adapter_input(mod, k, x))
-  d = _dot(h, v, ((h.ndim - 1,), (0,)), h.dtype)
-  return y + d.astype(y.dtype)
-
-
-def _einsum(mod, k, args, kwargs):
-  x = args[0] if args else kwargs["inputs"]
-  eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or mod.einsum_str
-  if eq is None or "..." in eq:
-    return None
-  lhs, rest = eq.replace(" ", "").split(",")
-  rhs, out = rest.split("->")
-  con = [c for c in rhs if c not in out]
-  kept = [c for c in rhs if c in out]
-  if any(c in lhs for c in kept) or any(c not in lhs for c in con) or not con or not kept:
-    return None
-  n = len(rhs)
-  in_axes = tuple(rhs.index(c) - n for c in con)
-  out_axes = tuple(rhs.index(c) - n for c in kept)
-  if k.w.ndim != n or (k.in_axes, k.out_axes) != (in_axes, out_axes):
-    return None
-  y = _base(mod, k, args, kwargs)
-  cdt = _compute_dtype(mod, x, k.w)
-  u, v = _kernel.factors(k)
-  r = u.shape[-1]
-  z = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in eq)
-  h_sub = "".join(c for c in lhs if c not in con) + z
-  u = u.reshape(*(k.w.shape[a] for a in in_axes), r)
-  v = v.reshape(r, *(k.w.shape[a] for a in out_axes))
-  acc = _acc(cdt)
-  h = jnp.einsum(f"{lhs},{''.join(con)}{z}->{h_sub}", _adapter_input(mod, k, x).astype(cdt),
-                 u.astype(cdt), preferred_element_type=acc)
-  d = jnp.einsum(f"{h_sub},{z}{''.join(kept)}->{out}", h.astype(cdt), v.astype(cdt),
-                 preferred_element_type=acc)
-  return y + d.astype(y.dtype)
+  if (axis != tuple(range(x.ndim - len(axis), x.ndim)) or mod.dot_general is not None
+      or getattr(mod, "dot_general_cls", None) is not None):
+    return None  # other contracting axes or a custom dot_general: the generic evaluator
+  return _fused_dense(mod, k, x, feats, len(axis))
 
 
 def _handler(mod: nn.Module):
-  """The factorised implementation for ``mod``'s exact ``__call__``, or None."""
+  """The fused one-op form of flax's own Dense/DenseGeneral (``_lowrank``: one output buffer
+  on XLA:CPU), or None. Every other layer goes through the generic evaluator (`_lazy`)."""
   call = type(mod).__call__
   if call is nn.Dense.__call__ or call is nn.DenseGeneral.__call__:
     return _dense_general
-  if call is nn.Conv.__call__ and isinstance(mod, nn.Conv):
-    return _conv
-  if call is nn.Einsum.__call__:
-    return _einsum
   return None
 
 
@@ -472,9 +399,10 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
 
   ``variables["params"]`` is a tree from :func:`delora_jax.wrap` (or
   ``combine(trainable, frozen)``); other collections and every keyword of
-  ``model.apply`` (``rngs``, ``mutable``, ``method``) pass through. Adapted
-  ``nn.Dense``/``DenseGeneral``/``Conv``/``Einsum`` layers are computed in
-  factorised form with ``w`` and ``w_norm`` frozen. Adapter dropout
+  ``model.apply`` (``rngs``, ``mutable``, ``method``) pass through. Every layer
+  that contracts an adapted kernel over its input axes (``nn.Dense``, ``Conv``,
+  ``Einsum``, gemma's ``Einsum``, a custom ``jnp.einsum``/``@``/``lax.dot_general``)
+  is computed in factorised form with ``w`` and ``w_norm`` frozen. Adapter dropout
   (``Rule(dropout=p)``, PEFT's ``module_dropout``) is active when a
   ``"dropout"`` rng is passed (``rngs={"dropout": key}``), as in training.
 
