@@ -31,8 +31,8 @@ def kernel_figures(k: _kernel.DeloraKernel) -> dict[str, jax.Array]:
   """The four figures of one adapted kernel, each of its stacked shape (``()`` if not stacked)."""
   a, b, lam = k.a.astype(jnp.float32), k.b.astype(jnp.float32), k.lam.astype(jnp.float32)
   w_norm = lax.stop_gradient(k.w_norm).astype(jnp.float32)
-  learned = a * _kernel.scales(a, b, lam)[..., None, :]  # diag(1/w_norm) ΔW = learned @ b
-  u, v = w_norm[..., :, None] * learned, b
+  na, nb = _kernel.normalised(a, b, lam)  # diag(1/w_norm) ΔW = na @ nb (trained part)
+  u, v = w_norm[..., :, None] * na, nb
   if k.res_a is not None:  # the paper init's frozen residual is part of the update
     u = jnp.concatenate([u, -w_norm[..., :, None] * k.res_a.astype(jnp.float32)], axis=-1)
     v = jnp.concatenate([v, k.res_b.astype(jnp.float32)], axis=-2)
@@ -42,7 +42,7 @@ def kernel_figures(k: _kernel.DeloraKernel) -> dict[str, jax.Array]:
       "lam": lam,
       "update_norm": update,
       "relative_update": update / jnp.maximum(base, jnp.finfo(jnp.float32).tiny),
-      "bound_use": _frob(learned, b) / jnp.maximum(jnp.abs(lam), jnp.finfo(jnp.float32).tiny),
+      "bound_use": _frob(na, nb) / jnp.maximum(jnp.abs(lam), jnp.finfo(jnp.float32).tiny),
   }
 
 

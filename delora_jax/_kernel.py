@@ -168,32 +168,57 @@ def in_norms(w: jax.Array, in_axes, out_axes) -> jax.Array:
   return norms.reshape(*norms.shape[:n_stack], -1)
 
 
+def _wide(x: jax.Array) -> jax.Array:
+  """``x`` in at least float32, where sums of squares neither underflow nor overflow."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def clamped_norm(x: jax.Array, axis: int) -> jax.Array:
-  """``max(||x||_2, NORM_EPS)`` along ``axis``; zero gradient below the clamp.
+  """``max(||x||_2, NORM_EPS)`` along ``axis``, in at least float32; zero gradient below the clamp.
 
   The square root is taken of the clamped sum of squares, so the gradient is
-  finite (zero) at the zero vector, as torch's ``clamp(norm, min)`` gives.
+  finite (zero) at the zero vector, as torch's ``clamp(norm, min)`` gives. The
+  sum is taken in float32 even for float16 factors, whose range holds neither
+  ``NORM_EPS ** 2`` (it rounds to 0) nor the square of a moderately large entry.
   """
+  x = _wide(x)
   sq = jnp.sum(x * x, axis=axis)
   return jnp.sqrt(jnp.maximum(sq, jnp.asarray(NORM_EPS * NORM_EPS, sq.dtype)))
 
 
 def scales(a: jax.Array, b: jax.Array, lam: jax.Array) -> jax.Array:
-  """``s[k] = (λ / r) / (max(|a_k|, eps) max(|b_k|, eps))``, shape ``(*S, r)``."""
+  """``s[k] = (λ / r) / (max(|a_k|, eps) max(|b_k|, eps))``, shape ``(*S, r)``, at least float32."""
   r = a.shape[-1]
-  return (lam[..., None] / r) / (clamped_norm(a, -2) * clamped_norm(b, -1))
+  return (_wide(lam)[..., None] / r) / (clamped_norm(a, -2) * clamped_norm(b, -1))
+
+
+def normalised(a: jax.Array, b: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(a diag(λ / (r |a_k|)), diag(1 / |b_k|) b)``: ``a diag(s) b`` split into two bounded halves.
+
+  Their product is ``a diag(s) b``, but neither half carries the product of the
+  norms: every column of the first has norm ``|λ| / r`` and every row of the
+  second norm at most 1, whatever the scale of ``a`` and ``b``. So nothing
+  overflows for large factors (a huge learning rate) nor for float16 factors
+  with a small norm, where ``s`` alone exceeds float16's range. The scale is
+  computed in float32 and the halves are returned in the factors' dtype.
+  """
+  r = a.shape[-1]
+  sa = (_wide(lam)[..., None] / r) / clamped_norm(a, -2)
+  sb = 1.0 / clamped_norm(b, -1)
+  return ((_wide(a) * sa[..., None, :]).astype(a.dtype),
+          (_wide(b) * sb[..., :, None]).astype(b.dtype))
 
 
 def factors(k: DeloraKernel) -> tuple[jax.Array, jax.Array]:
   """Low-rank factors ``(u, v)`` with ``ΔW = u @ v`` (matrix view).
 
-  ``u = diag(w_norm) a diag(s)`` is ``(*S, in, r)`` (``(*S, in, 2r)`` with a
-  residual), ``v`` is ``(*S, r, out)``. ``w_norm`` and the residual are
-  treated as constants (no gradient flows into them).
+  ``u = diag(w_norm) a diag(λ / (r |a_k|))`` is ``(*S, in, r)`` (``(*S, in, 2r)``
+  with a residual), ``v = diag(1 / |b_k|) b`` is ``(*S, r, out)`` (see
+  :func:`normalised`). ``w_norm`` and the residual are treated as constants (no
+  gradient flows into them).
   """
   w_norm = lax.stop_gradient(k.w_norm)
-  u = k.a * scales(k.a, k.b, k.lam)[..., None, :]
-  v = k.b
+  u, v = normalised(k.a, k.b, k.lam)
   if k.res_a is not None:
     u = jnp.concatenate([u, -lax.stop_gradient(k.res_a)], axis=-1)
     v = jnp.concatenate([v, lax.stop_gradient(k.res_b)], axis=-2)

@@ -6,6 +6,8 @@ import inspect
 import re
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from delora_jax import _tree
@@ -105,10 +107,67 @@ def optimizer(
     lam = lam_tx if lam_tx is not None else tx(**_lam_hyperparams(tx, hyperparams, lam_learning_rate, decay_lam))
   else:
     raise TypeError(f"optimizer: `tx` must be an optax factory or GradientTransformation; got {tx!r}.")
-  return optax.partition(
-      {"adapter": main, "lam": lam, "frozen": optax.set_to_zero()},
-      lambda params: param_labels(params, extra_trainable),
+  return optax.chain(
+      optax.partition(
+          {"adapter": main, "lam": lam, "frozen": optax.set_to_zero()},
+          lambda params: param_labels(params, extra_trainable),
+      ),
+      bounded_factors(),
   )
+
+
+def factor_limit(dtype: Any) -> float:
+  """The largest column norm of ``a`` (row norm of ``b``) that :func:`bounded_factors` lets stand.
+
+  ``1e12`` for float32/bfloat16/float64 factors, ``sqrt(max)`` (256) for float16: far above
+  anything training at a sane learning rate reaches, and low enough that a step which
+  multiplies the factors by the ``|1 - lr * weight_decay|`` of AdamW at lr=1e3 stays finite.
+  """
+  return float(min(1e12, float(jnp.finfo(dtype).max) ** 0.5))
+
+
+def _clip(x: jax.Array, u: jax.Array, axis: int) -> jax.Array:
+  """The update ``u`` of factor ``x``, changed only where a norm along ``axis`` would exceed the limit."""
+  if x is None or u is None or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    return u
+  limit = factor_limit(jnp.result_type(x))
+  new = x.astype(jnp.float32) + u.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(new * new, axis=axis, keepdims=True))
+  over = norm > limit
+  rescaled = (new * jnp.where(over, limit / norm, 1.0) - x.astype(jnp.float32)).astype(u.dtype)
+  return jnp.where(over, rescaled, u)
+
+
+def bounded_factors() -> optax.GradientTransformation:
+  """Keeps ``a``'s column norms and ``b``'s row norms below :func:`factor_limit`, unseen by the model.
+
+  DeLoRA's update depends on ``a`` and ``b`` only through their normalised columns and rows, so
+  rescaling a column of ``a`` (or a row of ``b``) changes neither the forward pass nor the
+  bound. Nothing else keeps their scale in check: AdamW's decoupled decay multiplies them by
+  ``1 - lr * weight_decay`` each step, which is -9 at lr=1e3 and weight_decay=0.01, so they
+  grow 9-fold a step until their squares overflow. This last step of
+  :func:`delora_jax.optimizer` shrinks, onto the limit, any column or row whose norm the
+  update would take past it. Below the limit the update is returned exactly as it came (the
+  usual case: results in the normal range are unchanged bit for bit). It needs ``params``
+  (``opt.update(grads, state, params)``, which AdamW needs anyway); without them the updates
+  pass unchanged.
+  """
+  def update(updates, state, params=None):
+    if params is None:  # e.g. plain Adam called without params: the factors grow only linearly
+      return updates, state
+    is_leaf = lambda x: x is None or is_kernel(x)  # noqa: E731
+    paths, ups, treedef = _tree.flatten(updates, is_leaf=is_leaf)
+    ps = treedef.flatten_up_to(params)
+    out = []
+    for path, u, p in zip(paths, ups, ps):
+      if is_kernel(u):
+        u = u.replace(a=_clip(p.a, u.a, -2), b=_clip(p.b, u.b, -1))
+      elif u is not None and (m := _NNX_ADAPTER.fullmatch(path)) and m.group(1) != "lam":
+        u = _clip(p, u, -2 if m.group(1) == "a" else -1)
+      out.append(u)
+    return treedef.unflatten(out), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _lam_hyperparams(factory, hyperparams, lam_learning_rate, decay_lam):

@@ -29,9 +29,28 @@ def path_str(path: tuple) -> str:
 
 
 def flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = is_kernel):
-  """Leaves (DeLoRA nodes kept whole) with their path strings, and the treedef."""
+  """Leaves (DeLoRA nodes kept whole) with their path strings, and the treedef.
+
+  Raises ``ValueError`` if two leaves get the same path (a key holding ``/``).
+  """
   leaves, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [path_str(p) for p, _ in leaves], [x for _, x in leaves], treedef
+  paths = [path_str(p) for p, _ in leaves]
+  if len(set(paths)) != len(paths):
+    _raise_collision([p for p, _ in leaves], paths)
+  return paths, [x for _, x in leaves], treedef
+
+
+def _raise_collision(raw: list[tuple], paths: list[str]) -> None:
+  seen: dict[str, tuple] = {}
+  for entries, p in zip(raw, paths):
+    if p in seen:
+      keys = sorted({n for e in (*seen[p], *entries) if (n := key_name(e)) and "/" in n})
+      raise ValueError(
+          f"two leaves of the tree have the path {p!r}: a key that holds '/' ({keys}) joins to the "
+          "same path as nested keys, so rules, adapters and checkpoints could not tell them apart "
+          "and one kernel would get the other's adapter. Rename the key(s) holding '/' (e.g. "
+          "replace '/' by '_') before calling delora_jax.")
+    seen[p] = entries
 
 
 def kernels(tree: Any) -> dict[str, DeloraKernel]:

@@ -85,7 +85,8 @@ def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes)
   w_norm = _kernel.in_norms(w, in_axes, out_axes)
   out = {"a": a, "b": b, "lam": jnp.full(stack, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
-    out.update(res_a=a * _kernel.scales(a, b, out["lam"])[..., None, :], res_b=b)
+    res_a, res_b = _kernel.normalised(a, b, out["lam"])  # exactly what `factors` computes at init
+    out.update(res_a=res_a, res_b=res_b)
   return out
 
 

@@ -112,3 +112,11 @@ def train_steps(loss, trainable, opt, steps: int):
     trainable, state, value = step(trainable, state)
     losses.append(float(value))
   return trainable, losses
+
+
+class MLP(nn.Module):
+  """The README quickstart's model."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1, name="out")(nn.gelu(nn.Dense(64, name="hidden")(x)))

@@ -124,3 +124,147 @@ def test_optimizer_without_the_split_extra_trainable_is_an_error_at_init():
   state = delora_jax.optimizer(optax.adam, learning_rate=1e-3, extra_trainable=".*bias").init(trainable)
   assert state is not None
   delora_jax.optimizer(optax.adam, learning_rate=1e-3).init(tree)  # the full tree: bias frozen
+
+
+# --- #4: float16 adapters ----------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["peft", "random", "paper"])
+def test_float16_adapters_are_finite_and_match_float32(init):
+  from tests.models import MLP  # noqa: PLC0415
+  model, x = MLP(), jax.random.normal(jax.random.key(0), (16, 8))
+  params = model.init(jax.random.key(1), x)["params"]
+  tree16 = delora_jax.wrap(params, {"hidden/kernel": delora_jax.Rule(4, 2.0, init=init, dtype="float16")})
+  k16 = tree16["hidden"]["kernel"]
+  # The same adapter values in float32 (random draws differ between dtypes).
+  k32 = k16.replace(**{f: getattr(k16, f).astype(jnp.float32) for f in ("a", "b", "lam", "w_norm")
+                       if getattr(k16, f) is not None},
+                    **({"res_a": k16.res_a.astype(jnp.float32), "res_b": k16.res_b.astype(jnp.float32)}
+                       if k16.res_a is not None else {}))
+  out = {}
+  for dtype, k in (("float16", k16), ("float32", k32)):
+    tree = {**tree16, "hidden": {**tree16["hidden"], "kernel": k}}
+    trainable, frozen = delora_jax.split(tree)
+    loss = lambda t: jnp.mean(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x) ** 2)  # noqa: E731
+    value, grads = jax.value_and_grad(loss)(trainable)
+    merged = delora_jax.merge(tree)["hidden"]["kernel"]
+    for leaf in [value, merged, *jax.tree.leaves(grads)]:
+      assert bool(jnp.all(jnp.isfinite(leaf))), (dtype, leaf)
+    out[dtype] = (value, merged, grads["hidden"]["kernel"].a)
+  # float16 factors round the update to ~1e-3 relative; the base kernel stays float32.
+  np.testing.assert_allclose(out["float16"][1], out["float32"][1], rtol=0, atol=2e-3)
+  np.testing.assert_allclose(out["float16"][0], out["float32"][0], rtol=1e-2)
+  g16, g32 = np.asarray(out["float16"][2], np.float32), np.asarray(out["float32"][2])
+  np.testing.assert_allclose(g16, g32, rtol=0, atol=2e-2 * np.abs(g32).max() + 1e-6)
+
+
+def test_float16_zero_b_norm_is_clamped_not_zero():
+  from delora_jax import _kernel  # noqa: PLC0415
+  b = jnp.zeros((3, 5), jnp.float16)
+  norm = _kernel.clamped_norm(b, -1)
+  np.testing.assert_allclose(norm, _kernel.NORM_EPS, rtol=1e-6)  # 1e-8 is 0 in float16
+  a = jnp.full((4, 3), 1e-3, jnp.float16)  # s = λ/r/(|a||b|) ~ 1e7 overflows float16...
+  u, v = _kernel.normalised(a, jnp.full((3, 5), 1e-3, jnp.float16), jnp.asarray(1.0, jnp.float16))
+  assert u.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(u @ v)))  # ...its halves do not
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(u, np.float32), axis=0), 1 / 3, rtol=1e-3)
+
+
+# --- #7: huge learning rates -------------------------------------------------------------
+
+def _quickstart_run(tx, steps, **hyper):
+  """The README quickstart's model and loop; returns the per-step losses and the final tree."""
+  from tests.models import MLP  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  model, x = MLP(), jax.random.normal(jax.random.key(0), (256, 8))
+  y = jnp.sin(x.sum(axis=1, keepdims=True))
+  params = model.init(jax.random.key(1), x)["params"]
+  tree = delora_jax.wrap(params, {"hidden/kernel": delora_jax.Rule(rank=4, lam=4.0)})
+  trainable, frozen = delora_jax.split(tree)
+  opt = delora_jax.optimizer(tx, **hyper)
+  state = opt.init(trainable)
+
+  def loss_fn(t):
+    return jnp.mean((delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x) - y) ** 2)
+
+  @jax.jit
+  def step(t, s):
+    loss, g = jax.value_and_grad(loss_fn)(t)
+    u, s = opt.update(g, s, t)
+    return optax.apply_updates(t, u), s, loss
+
+  losses = []
+  for _ in range(steps):
+    trainable, state, loss = step(trainable, state)
+    losses.append(float(loss))
+  return np.asarray(losses), delora_jax.combine(trainable, frozen)
+
+
+@pytest.mark.parametrize("name, hyper", [
+    ("adamw", {"weight_decay": 0.01}), ("adamw", {"weight_decay": 0.1}), ("adam", {}),
+    ("nadamw", {"weight_decay": 0.01}), ("adamax", {}), ("amsgrad", {}),
+], ids=["adamw_wd0.01", "adamw_wd0.1", "adam", "nadamw", "adamax", "amsgrad"])
+def test_adam_family_at_lr_1e3_stays_finite_with_the_bound_held(name, hyper):
+  import optax  # noqa: PLC0415
+  losses, tree = _quickstart_run(getattr(optax, name), 400, learning_rate=1e3, **hyper)
+  assert np.all(np.isfinite(losses)), np.flatnonzero(~np.isfinite(losses))[:5]
+  k = tree["hidden"]["kernel"]
+  for leaf in (k.a, k.b, k.lam):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  d = delora_jax.diagnostics(tree)["kernels"]["hidden/kernel"]
+  assert float(d["bound_use"]) <= 1.0 + 1e-5
+  assert bool(jnp.isfinite(delora_jax.merge(tree)["hidden"]["kernel"]).all())
+
+
+def test_factor_bound_does_not_touch_updates_in_the_normal_range():
+  import optax  # noqa: PLC0415
+  from delora_jax import _optim  # noqa: PLC0415
+  tree = delora_jax.wrap({"kernel": jax.random.normal(jax.random.key(0), (8, 6))},
+                         {"kernel": delora_jax.Rule(3, 2.0, init="random")})
+  trainable, _ = delora_jax.split(tree)
+  updates = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), trainable)
+  got, _ = _optim.bounded_factors().update(updates, optax.EmptyState(), trainable)
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(u, g)  # bit for bit
+
+
+def test_factor_bound_rescales_unseen_by_the_model():
+  import optax  # noqa: PLC0415
+  from delora_jax import _optim  # noqa: PLC0415
+  tree = delora_jax.wrap({"kernel": jax.random.normal(jax.random.key(0), (8, 6))},
+                         {"kernel": delora_jax.Rule(3, 2.0, init="random")})
+  trainable, frozen = delora_jax.split(tree)
+  k = trainable["kernel"]
+  # An update that multiplies the factors by -9 (AdamW at lr=1e3, weight_decay=0.01), 12 times over.
+  grow = k.replace(a=k.a * (-(9.0 ** 12) - 1), b=k.b * (-(9.0 ** 12) - 1), lam=jnp.zeros_like(k.lam))
+  got, _ = _optim.bounded_factors().update({"kernel": grow}, optax.EmptyState(), trainable)
+  new = optax.apply_updates(trainable, got)["kernel"]
+  limit = _optim.factor_limit(jnp.float32)
+  assert float(jnp.linalg.norm(new.a, axis=0).max()) <= limit * (1 + 1e-6)
+  assert float(jnp.linalg.norm(new.b, axis=1).max()) <= limit * (1 + 1e-6)
+  before = delora_jax.delta(delora_jax.combine(trainable, frozen))["kernel"]
+  after = delora_jax.delta(delora_jax.combine({"kernel": new}, frozen))["kernel"]
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6 * float(jnp.abs(before).max()))
+
+
+# --- #1: keys holding '/' ----------------------------------------------------------------
+
+def test_keys_holding_a_slash_that_collide_are_refused_everywhere():
+  w1, w2 = jnp.ones((4, 4)), 2 * jnp.ones((4, 4))
+  params = {"a/b": {"kernel": w1}, "a": {"b": {"kernel": w2}}}
+  with pytest.raises(ValueError, match=r"two leaves of the tree have the path 'a/b/kernel'.*\['a/b'\].*Rename"):
+    delora_jax.wrap(params, {".*kernel": 2})
+  # A tree put together by hand from two adapted halves is refused by everything that reads paths.
+  t1 = delora_jax.wrap({"kernel": w1}, {"kernel": 2})
+  t2 = delora_jax.wrap({"kernel": w2}, {"kernel": 2}, key=jax.random.key(1))
+  mixed = {"a/b": t1, "a": {"b": t2}}
+  for fn in (delora_jax.adapters, delora_jax.merge, delora_jax.split):
+    with pytest.raises(ValueError, match="two leaves of the tree have the path 'a/b/kernel'"):
+      fn(mixed)
+
+
+def test_keys_holding_a_slash_without_a_collision_still_work(tmp_path):
+  params = {"a/b": {"kernel": jnp.ones((4, 4))}, "c": {"kernel": 2 * jnp.ones((4, 4))}}
+  tree = delora_jax.wrap(params, {".*kernel": 2})
+  assert sorted(delora_jax.adapters(tree)) == ["a/b/kernel", "c/kernel"]
+  path = delora_jax.save_adapters(tmp_path / "ckpt", tree)
+  back = delora_jax.load_adapters(path, delora_jax.wrap(params, {".*kernel": 2}, key=jax.random.key(5)))
+  np.testing.assert_array_equal(back["a/b"]["kernel"].a, tree["a/b"]["kernel"].a)
