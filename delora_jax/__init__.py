@@ -22,6 +22,7 @@ from delora_jax._wrap import with_adapters as with_adapters
 from delora_jax._wrap import wrap as wrap
 from delora_jax._sharding import shardings as shardings
 
+from delora_jax._checkpoint import CheckpointError as CheckpointError
 from delora_jax._checkpoint import adapter_save_args as adapter_save_args
 from delora_jax._diagnostics import diagnostics as diagnostics
 from delora_jax._checkpoint import load_adapters as load_adapters
@@ -33,6 +34,7 @@ from delora_jax import nnx as nnx
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "DeloraKernel",
     "FallbackWarning",
     "Rule",

@@ -12,29 +12,47 @@ optax state). The frozen base is never written (``w_norm`` and, for
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+import shutil
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from delora_jax import _atomic
 from delora_jax import _ckpt_meta as meta_lib
 from delora_jax import _tree
+from delora_jax._kernel import is_kernel
+from delora_jax._split import _extra_matcher
 from delora_jax._lora import check_base_norms
 from delora_jax._wrap import adapters as _adapters
 from delora_jax._wrap import with_adapters
 
-ADAPTERS, META, OPT = "delora_adapters", "delora_meta", "delora_opt_state"
+ADAPTERS, META, OPT, EXTRA = "delora_adapters", "delora_meta", "delora_opt_state", "delora_extra"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _COMMIT_FILE = "commit_success.txt"
+# Everything save_adapters writes at the top of a checkpoint folder; overwrite=True replaces
+# only a folder that holds nothing else.
+_OWN_ENTRIES = {ADAPTERS, META, OPT, EXTRA, _COMMIT_FILE, "_CHECKPOINT_METADATA"}
+_LOAD_ATTEMPTS = 3
 
 
-def adapter_save_args(tree: Any, *, opt_state: Any = None) -> ocp.args.Composite:
-  """orbax save arguments for the adapters of ``tree`` (and ``opt_state``).
+class CheckpointError(ValueError, OSError):
+  """A checkpoint could not be written (disk full, no permission, ...); nothing was replaced."""
+
+
+def adapter_save_args(tree: Any, *, opt_state: Any = None,
+                      extra_trainable: str | Sequence[str] | None = None) -> ocp.args.Composite:
+  """orbax save arguments for the adapters of ``tree`` (and ``opt_state``, extra leaves).
 
   For ``ocp.CheckpointManager.save(step, args=...)``; add items of your own
   with ``ocp.args.Composite(**adapter_save_args(tree), data=...)``. Restore
   with :func:`load_adapters` (``directory=manager.directory, step=step``).
+
+  Args:
+    tree: as for :func:`save_adapters`.
+    opt_state: as for :func:`save_adapters`.
+    extra_trainable: as for :func:`save_adapters`.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, delora_jax
@@ -45,6 +63,7 @@ def adapter_save_args(tree: Any, *, opt_state: Any = None) -> ocp.args.Composite
     ...   print(mngr.latest_step())
     0
   """
+  extras = _extras(tree, extra_trainable)
   tree = _flat_if_nnx(tree)
   ads = _adapters(tree)
   items = {ADAPTERS: ocp.args.StandardSave(ads)}
@@ -53,17 +72,46 @@ def adapter_save_args(tree: Any, *, opt_state: Any = None) -> ocp.args.Composite
     leaves = meta_lib.opt_leaves(opt_state)
     if leaves[1]:
       items[OPT] = ocp.args.StandardSave(list(leaves[1]))
-  items[META] = ocp.args.JsonSave(meta_lib.build(_tree.kernels(tree), ads, leaves))
+  if extras:
+    items[EXTRA] = ocp.args.StandardSave(extras)
+  items[META] = ocp.args.JsonSave(meta_lib.build(_tree.kernels(tree), ads, leaves, extras))
   return ocp.args.Composite(**items)
 
 
+def _extras(tree: Any, extra_trainable: Any) -> dict[str, Any]:
+  """``{path: leaf}`` of the plain array leaves that ``extra_trainable`` selects."""
+  if extra_trainable is None:
+    return {}
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(tree, nnx.Module):
+    raise ValueError(
+        "save_adapters: `extra_trainable` is for Linen parameter trees; an NNX model's other "
+        "Variables (a head) are saved with orbax directly: "
+        "ocp.StandardCheckpointer().save(path, nnx.state(model, nnx.Param)).")
+  match = _extra_matcher(extra_trainable)
+  paths, leaves, _ = _tree.flatten(tree)
+  out = {p: x for p, x in zip(paths, leaves)
+         if not is_kernel(x) and _tree.is_array_like(x) and match(p)}
+  if not out:
+    raise ValueError(
+        f"save_adapters: `extra_trainable`={extra_trainable!r} selects no plain array leaf of the "
+        f"tree (re.fullmatch on '/'-joined paths such as {_tree.sample_paths(paths)}), so nothing "
+        "beyond the adapters would be saved. Fix the pattern (the one given to split).")
+  return out
+
+
 def save_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = None,
+                  extra_trainable: str | Sequence[str] | None = None,
                   overwrite: bool = False) -> str:
   """Writes the DeLoRA adapters of ``tree`` (not the frozen base) to ``directory``.
 
-  The write is atomic (orbax writes a temporary folder and renames it when
-  complete), so a crash never leaves a half-written checkpoint under the final
-  name. Sharded arrays are written from their shards.
+  The write is atomic and never deletes first: the checkpoint is written into a
+  staging folder of its own beside ``directory``, then takes its name in one
+  rename (with ``overwrite=True``, one exchange of the two folders, after which
+  the old one is deleted). So a crash or a full disk at any moment leaves either
+  the old checkpoint or the new one under the name, complete, never neither and
+  never a mix; concurrent saves to one path each either succeed with their own
+  data or raise. Sharded arrays are written from their shards.
 
   Args:
     directory: the checkpoint folder to create.
@@ -71,11 +119,21 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
       :func:`delora_jax.nnx.wrap`.
     opt_state: optionally, an optimizer state to store alongside (e.g. of
       :func:`delora_jax.optimizer`); its array leaves are written.
-    overwrite: replace an existing checkpoint at ``directory`` (the old one is
-      deleted first, so this replacement is not atomic).
+    extra_trainable: regex(es) of plain leaves to store too (the
+      ``extra_trainable`` of :func:`delora_jax.split`: a trained head, biases),
+      with shapes, dtypes and checksums; :func:`load_adapters` puts them back.
+    overwrite: replace an existing checkpoint at ``directory``. Only a folder
+      that ``save_adapters`` wrote (nothing else in it) is replaced; a plain
+      file or any other folder is refused and left alone.
 
   Returns:
     The absolute path written.
+
+  Raises:
+    ValueError: ``directory`` exists (without ``overwrite``), is not an adapter
+      checkpoint, or was created by another save while this one ran.
+    CheckpointError: the write itself failed (a ``ValueError`` and ``OSError``:
+      disk full, no permission); whatever was at ``directory`` is unchanged.
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp, delora_jax
@@ -84,15 +142,97 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
     >>> restored = delora_jax.load_adapters(path, tree)
     >>> bool((restored["kernel"].a == tree["kernel"].a).all())
     True
+    >>> _ = delora_jax.save_adapters(path, tree, overwrite=True)  # atomic replacement
   """
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"save_adapters: `directory` must be a path; got {type(directory).__name__}.")
   path = os.path.abspath(os.fspath(directory))
-  if os.path.exists(path) and not overwrite:
+  _check_target(path, overwrite)
+  args = adapter_save_args(tree, opt_state=opt_state, extra_trainable=extra_trainable)
+  staging = _atomic.staging_path(path, _shared_token())
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic.remove_stale(path)
+  try:
+    with _checkpointer() as ckptr:
+      ckptr.save(staging, args=args)
+  except Exception as e:  # orbax/tensorstore raise many types (RESOURCE_EXHAUSTED, OSError, ...)
+    if primary:
+      _remove_staging(staging)
+    kept = "the checkpoint already there is unchanged" if os.path.lexists(path) else "nothing was written"
+    raise CheckpointError(
+        f"save_adapters: writing the checkpoint {path!r} failed ({type(e).__name__}: {e}); {kept}. "
+        "Check the free space and permissions of its parent folder, or pass another "
+        "`directory`.") from e
+  failure = None
+  if primary:
+    try:
+      _atomic.commit(staging, path, overwrite=overwrite)
+    except FileExistsError:
+      failure = (f"save_adapters: {path!r} was created by another save while this one ran, and "
+                 "`overwrite` is False, so that one was kept and this save discarded. Pass "
+                 "overwrite=True to replace it, or save to another `directory`.")
+    except OSError as e:
+      _remove_staging(staging)
+      failure = (f"save_adapters: could not move the finished checkpoint into place at {path!r} "
+                 f"({e}); whatever was there is unchanged. Check the permissions of its folder.")
+  failure = _agree(failure)
+  if failure is not None:
+    raise ValueError(failure) if "another save" in failure else CheckpointError(failure)
+  return path
+
+
+def _check_target(path: str, overwrite: bool) -> None:
+  if not os.path.lexists(path):
+    return
+  if not overwrite:
     raise ValueError(f"save_adapters: `directory` {path!r} already exists. Pick a new folder, "
                      "or pass overwrite=True to replace it.")
-  args = adapter_save_args(tree, opt_state=opt_state)
-  with _checkpointer() as ckptr:
-    ckptr.save(path, args=args, force=overwrite)
-  return path
+  if not os.path.isdir(path) or os.path.islink(path):
+    raise ValueError(
+        f"save_adapters: `directory` {path!r} is a {'link' if os.path.islink(path) else 'file'}, not "
+        "an adapter checkpoint; overwrite=True replaces only checkpoints save_adapters wrote, so it "
+        "was left alone. Pass another `directory`, or remove it yourself.")
+  entries = set(os.listdir(path))
+  foreign = sorted(entries - _OWN_ENTRIES)
+  if foreign or META not in entries or ADAPTERS not in entries:
+    found = f"it holds {foreign[:6]}" if foreign else f"it lacks {sorted({META, ADAPTERS} - entries)}"
+    raise ValueError(
+        f"save_adapters: `directory` {path!r} is not an adapter checkpoint ({found}); "
+        "overwrite=True replaces only checkpoints save_adapters wrote, so nothing was touched. "
+        "Pass another `directory`, or remove that folder yourself.")
+
+
+def _remove_staging(staging: str) -> None:
+  parent, name = os.path.split(staging)
+  for entry in os.listdir(parent):
+    if entry.startswith(name):  # the staging folder and orbax's temporary folder for it
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _shared_token() -> str:
+  """The staging token, the same on every process of a multi-process save (process 0's)."""
+  token = _atomic.staging_token()
+  if jax.process_count() == 1:
+    return token
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  data = np.frombuffer(token.encode().ljust(128, b"\0")[:128], np.uint8)
+  data = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
+  return bytes(data).rstrip(b"\0").decode()
+
+
+def _agree(failure: str | None) -> str | None:
+  """Process 0's outcome of the commit, on every process (also a barrier after it)."""
+  if jax.process_count() == 1:
+    return failure
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  code = np.int32(0 if failure is None else 1 + ("another save" in failure))
+  code = int(multihost_utils.broadcast_one_to_all(code))
+  if code == 0 or failure is not None:
+    return failure
+  return ("save_adapters: process 0 could not move the finished checkpoint into place "
+          "(see its error)." if code == 1 else "save_adapters: another save created the folder first.")
 
 
 def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = None,
@@ -105,7 +245,10 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
   with what orbax stored (no partial restores). After reading, the arrays are
   verified against their checksums and the stored ``w_norm`` must match the
   norms of ``tree``'s base kernels (a different base model is an error). On
-  any error nothing is returned and ``tree`` is untouched.
+  any error nothing is returned and ``tree`` is untouched. Extra leaves saved
+  with ``save_adapters(..., extra_trainable=...)`` are checked the same way and
+  put back at their paths. A read that races an ``overwrite=True`` save of the
+  same folder is retried, so it returns the old or the new checkpoint whole.
 
   Args:
     directory: a folder written by :func:`save_adapters`, or with ``step``
@@ -153,30 +296,66 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
     new = _nnx.with_kernels(tree, _tree.kernels(flat))
     return new if opt_state is None else (new, state)
   ks = _tree.require_adapted(tree, "load_adapters")
-  path = _checkpoint_dir(directory, step)
+  for attempt in range(_LOAD_ATTEMPTS):
+    path = _checkpoint_dir(directory, step)
+    identity = _identity(path)
+    try:
+      got = _read(path, tree, ks, opt_state, shardings, check_base)
+    except (ValueError, OSError):
+      # An overwrite swapped the folder while it was read (the old one is then deleted under
+      # the reader): read the new one instead. Any other failure is the checkpoint's own.
+      if attempt + 1 < _LOAD_ATTEMPTS and _identity(path) != identity:
+        continue
+      raise
+    return got
+  raise AssertionError("unreachable")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
+def _read(path: str, tree: Any, ks: dict, opt_state: Any, shardings: Any, check_base: bool) -> Any:
   with _checkpointer() as ckptr:
     meta = _read_meta(ckptr, path)
     leaves = meta_lib.opt_leaves(opt_state) if opt_state is not None else None
     meta_lib.check_target(meta, ks, leaves, path)
+    plain = _plain_leaves(tree)
+    meta_lib.check_extras(meta, plain, path)
     _check_stored_layout(ckptr, path, meta)
     items = {ADAPTERS: ocp.args.StandardRestore(_abstract_adapters(tree, shardings))}
     if leaves is not None and leaves[1]:
       items[OPT] = ocp.args.StandardRestore([_abstract(x, _sharding_of(x)) for x in leaves[1]])
+    if meta.get("extra"):
+      items[EXTRA] = ocp.args.StandardRestore(
+          {p: _abstract(plain[p], _sharding_of(plain[p])) for p in meta["extra"]})
     try:
       got = ckptr.restore(path, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable data
       raise ValueError(f"load_adapters: could not read the arrays of {path!r} ({type(e).__name__}: "
                        f"{e}). The checkpoint is corrupt or incomplete; restore an earlier one.") from e
   restored = got[ADAPTERS]
-  meta_lib.verify_checksums(meta, restored, got[OPT] if OPT in items else [], path)
+  extras = dict(got[EXTRA]) if EXTRA in items else {}
+  meta_lib.verify_checksums(meta, restored, got[OPT] if OPT in items else [], path, extras)
   if check_base:
     for p, k in ks.items():
       check_base_norms(p, k, restored[p]["w_norm"], f"the checkpoint {path!r}")
   new_tree = with_adapters(tree, restored)
+  if extras:
+    new_tree = _tree.map_leaves(lambda p, x: extras.get(p, x), new_tree)
   if opt_state is None:
     return new_tree
   treedef = leaves[2]
   return new_tree, jax.tree_util.tree_unflatten(treedef, list(got[OPT]) if OPT in items else [])
+
+
+def _plain_leaves(tree: Any) -> dict[str, Any]:
+  paths, leaves, _ = _tree.flatten(tree)
+  return {p: x for p, x in zip(paths, leaves) if not is_kernel(x) and _tree.is_array_like(x)}
 
 
 def _flat_if_nnx(tree: Any) -> Any:
@@ -189,7 +368,7 @@ def _flat_if_nnx(tree: Any) -> Any:
 
 def _checkpointer() -> ocp.Checkpointer:
   handlers = {ADAPTERS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
-              OPT: ocp.StandardCheckpointHandler()}
+              OPT: ocp.StandardCheckpointHandler(), EXTRA: ocp.StandardCheckpointHandler()}
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
 
 
@@ -235,7 +414,8 @@ def _check_stored_layout(ckptr, path: str, meta: dict) -> None:
   """The arrays orbax stored must be exactly those the metadata lists (no partial restores)."""
   try:
     items = ckptr.metadata(path).item_metadata
-    stored = {ADAPTERS: items[ADAPTERS], OPT: items[OPT] if OPT in items.keys() else None}
+    stored = {ADAPTERS: items[ADAPTERS], OPT: items[OPT] if OPT in items.keys() else None,
+              EXTRA: items[EXTRA] if EXTRA in items.keys() else None}
   except Exception as e:
     raise ValueError(f"load_adapters: the array index of {path!r} is unreadable ({type(e).__name__}: "
                      f"{e}); the checkpoint is corrupt.") from e

@@ -47,7 +47,8 @@ def opt_leaves(opt_state: Any) -> tuple[list[str], list[Any], Any]:
   return keys, leaves, treedef
 
 
-def build(ks: dict[str, DeloraKernel], ads: dict[str, dict[str, Any]], leaves) -> dict:
+def build(ks: dict[str, DeloraKernel], ads: dict[str, dict[str, Any]], leaves,
+          extras: dict[str, Any] | None = None) -> dict:
   kernels = {}
   for p, k in ks.items():
     kernels[p] = {
@@ -60,6 +61,8 @@ def build(ks: dict[str, DeloraKernel], ads: dict[str, dict[str, Any]], leaves) -
         "fields": {f: _array_entry(x) for f, x in ads[p].items()},
     }
   meta = {"format": FORMAT, "version": VERSION, "kernels": kernels, "opt_state": None}
+  if extras:  # plain leaves saved with extra_trainable (a head, biases), by path
+    meta["extra"] = {p: _array_entry(x) for p, x in extras.items()}
   if leaves is not None:
     keys, arrays, _ = leaves
     meta["opt_state"] = [{"path": key, **_array_entry(x)} for key, x in zip(keys, arrays)]
@@ -146,6 +149,26 @@ def check_target(meta: dict, ks: dict[str, DeloraKernel], leaves, path: str) -> 
            "(opt.init(tree) or opt.init(trainable)). Nothing was restored.")
 
 
+def check_extras(meta: dict, plain: dict[str, Any], path: str) -> None:
+  """Every extra leaf in the checkpoint must be a plain leaf of the target, same shape and dtype."""
+  stored = meta.get("extra") or {}
+  if not isinstance(stored, dict):
+    raise ValueError(f"load_adapters: the metadata of {path!r} is corrupt (its 'extra' table).")
+  problems = []
+  for p, e in stored.items():
+    x = plain.get(p)
+    if x is None:
+      problems.append(f"{p}: an extra leaf in the checkpoint (saved with extra_trainable), "
+                      "absent from the target tree")
+    elif (e.get("shape"), e.get("dtype")) != (list(x.shape), _dtype(x)):
+      problems.append(f"{p}: {e.get('dtype')}{tuple(e.get('shape') or ())} in the checkpoint, "
+                      f"{_dtype(x)}{tuple(x.shape)} in the target")
+  if problems:
+    _raise(problems, path, "the target tree's extra leaves",
+           "Load into a tree of the same model (the same head and biases) that the checkpoint "
+           "was saved from. Nothing was restored.")
+
+
 def _first_diff(a: list, b: list) -> str:
   for x, y in zip(a, b):
     if x != y:
@@ -158,7 +181,8 @@ def expected_stored(meta: dict) -> dict:
          for p, m in meta["kernels"].items()}
   opt = meta.get("opt_state")
   opt = [(tuple(e["shape"]), e["dtype"]) for e in opt] if opt else None
-  return {"delora_adapters": ads, "delora_opt_state": opt}
+  extra = {p: (tuple(e["shape"]), e["dtype"]) for p, e in (meta.get("extra") or {}).items()} or None
+  return {"delora_adapters": ads, "delora_opt_state": opt, "delora_extra": extra}
 
 
 def check_stored(meta: dict, stored: dict, path: str) -> None:
@@ -177,11 +201,12 @@ def _summary(x: Any) -> str:
   if x is None:
     return "nothing"
   if isinstance(x, dict):
-    return f"{len(x)} kernels {list(x)[:3]}"
+    return f"{len(x)} entries {list(x)[:3]}"
   return f"{len(x)} arrays"
 
 
-def verify_checksums(meta: dict, restored: dict, opt_restored: list, path: str) -> None:
+def verify_checksums(meta: dict, restored: dict, opt_restored: list, path: str,
+                     extras: dict[str, Any] | None = None) -> None:
   def differs(entry: dict, x: Any) -> bool:
     got = checksum(x)  # None where this process does not hold every shard: nothing to compare
     return entry.get("checksum") is not None and got is not None and got != entry["checksum"]
@@ -190,6 +215,7 @@ def verify_checksums(meta: dict, restored: dict, opt_restored: list, path: str) 
          if differs(e, restored[p][f])]
   bad += [f"opt_state{e.get('path', i)}" for i, (e, x) in
           enumerate(zip(meta.get("opt_state") or [], opt_restored)) if differs(e, x)]
+  bad += [p for p, e in (meta.get("extra") or {}).items() if differs(e, (extras or {})[p])]
   if bad:
     raise ValueError(f"load_adapters: the checkpoint {path!r} is corrupt: the data read for "
                      f"{bad[:_SHOWN]} differs from what was written (checksum mismatch). Restore an "
