@@ -64,6 +64,10 @@ def _check_kernel_leaf(path: str, pattern: str, leaf: Any) -> None:
     raise ValueError(f"{path}: rules pattern {pattern!r} matched a {leaf.ndim}-D array of "
                      f"shape {tuple(leaf.shape)} (a bias or scale?), expected a kernel "
                      f"with at least 2 axes. {hint}")
+  if 0 in tuple(leaf.shape):
+    raise ValueError(f"{path}: rules pattern {pattern!r} matched a kernel of shape "
+                     f"{tuple(leaf.shape)}, which has no entries: there is nothing to adapt (and no "
+                     f"norm to normalise by). {hint}")
 
 
 def _uniform(key, shape, bound, dtype):

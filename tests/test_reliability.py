@@ -268,3 +268,8 @@ def test_keys_holding_a_slash_without_a_collision_still_work(tmp_path):
   path = delora_jax.save_adapters(tmp_path / "ckpt", tree)
   back = delora_jax.load_adapters(path, delora_jax.wrap(params, {".*kernel": 2}, key=jax.random.key(5)))
   np.testing.assert_array_equal(back["a/b"]["kernel"].a, tree["a/b"]["kernel"].a)
+
+
+def test_an_empty_kernel_is_refused_by_name():
+  with pytest.raises(ValueError, match=r"enc/kernel: rules pattern '.\*kernel' matched a kernel of shape \(0, 4\), which has no entries"):
+    delora_jax.wrap({"enc": {"kernel": jnp.ones((0, 4))}}, {".*kernel": 2})
