@@ -273,3 +273,34 @@ def test_keys_holding_a_slash_without_a_collision_still_work(tmp_path):
 def test_an_empty_kernel_is_refused_by_name():
   with pytest.raises(ValueError, match=r"enc/kernel: rules pattern '.\*kernel' matched a kernel of shape \(0, 4\), which has no entries"):
     delora_jax.wrap({"enc": {"kernel": jnp.ones((0, 4))}}, {".*kernel": 2})
+
+
+def test_nnx_adamw_at_lr_1e3_stays_finite():
+  import optax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden, self.out = nnx.Linear(8, 64, rngs=rngs), nnx.Linear(64, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.gelu(self.hidden(x)))
+
+  x = jax.random.normal(jax.random.key(0), (256, 8))
+  y = jnp.sin(x.sum(axis=1, keepdims=True))
+  model = delora_jax.nnx.wrap(MLP(nnx.Rngs(1)), {"hidden/kernel": delora_jax.Rule(4, 4.0)})
+  opt = nnx.Optimizer(model, delora_jax.optimizer(optax.adamw, learning_rate=1e3, weight_decay=0.01),
+                      wrt=delora_jax.nnx.DeloraParam)
+
+  @nnx.jit
+  def step(model, opt):
+    diff = nnx.DiffState(0, delora_jax.nnx.DeloraParam)
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2), argnums=diff)(model)
+    opt.update(model, g)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(100)]
+  assert np.all(np.isfinite(losses))
+  a = model.hidden.kernel_delora.a.get_value()
+  assert float(jnp.linalg.norm(a, axis=0).max()) <= 1e12 * (1 + 1e-6)
+  assert float(delora_jax.diagnostics(model)["summary"]["bound_use"]["max"]) <= 1.0 + 1e-5
