@@ -453,3 +453,14 @@ def test_rule_slices_and_norm_errors():
     delora_jax.Rule(2, norm="bf16")
   with pytest.raises(ValueError, match=r"l/kernel: Rule slices \(0, 5\) name slice 5.*has 3 stacked"):
     delora_jax.wrap({"l": {"kernel": jnp.ones((3, 4, 4))}}, {"l/kernel": delora_jax.Rule(2, stack_axes=1, slices=(0, 5))})
+
+
+def test_from_peft_doc_runs():
+  """Every ```python block of docs/from_peft.md runs, in order, in one namespace."""
+  import re  # noqa: PLC0415
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "from_peft.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert len(blocks) == 4
+  ns = {}
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"docs/from_peft.md[block {i}]", "exec"), ns)  # noqa: S102
