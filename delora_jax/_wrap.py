@@ -107,9 +107,14 @@ def _keep_slices(arrays: dict, slices: tuple[int, ...], stack: tuple[int, ...]) 
 
 
 def live_slices(k: DeloraKernel) -> np.ndarray:
-  """Bool ``(prod(S),)``: which stacked slices of ``k`` are adapted (``Rule.slices``)."""
+  """Bool ``(prod(S),)``: which stacked slices of ``k`` are adapted (``Rule.slices``).
+
+  A slice left out by ``Rule.slices`` has ``w_norm = 0`` and ``λ = 0`` (and keeps them:
+  its gradients are zero); an adapted slice has a non-zero λ or a non-zero base kernel.
+  """
   w_norm = np.asarray(jnp.asarray(k.w_norm).astype(jnp.float32))
-  return np.any(w_norm.reshape(-1, w_norm.shape[-1]) != 0, axis=-1)
+  lam = np.asarray(jnp.asarray(k.lam).astype(jnp.float32)).reshape(-1)
+  return np.any(w_norm.reshape(-1, w_norm.shape[-1]) != 0, axis=-1) | (lam != 0)
 
 
 @functools.lru_cache(maxsize=256)

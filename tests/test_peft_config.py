@@ -464,3 +464,13 @@ def test_from_peft_doc_runs():
   ns = {}
   for i, block in enumerate(blocks):
     exec(compile(block, f"docs/from_peft.md[block {i}]", "exec"), ns)  # noqa: S102
+
+
+def test_load_takes_the_folders_module_dropout(tmp_path):
+  pm, _, params = peft_model(dict(target_modules=["lin0"], module_dropout=0.25), False)
+  pm.save_pretrained(tmp_path / "p")
+  target = delora_jax.wrap(params, {"lin0/kernel": delora_jax.Rule(8, init="random", dropout=0.0)})
+  loaded = delora_jax.peft.load(tmp_path / "p", target, module_names=NAMES)
+  assert loaded["lin0"]["kernel"].dropout == 0.25 and target["lin0"]["kernel"].dropout == 0.0
+  out = delora_jax.peft.export(loaded, tmp_path / "j", module_names=NAMES)
+  assert json.loads(pathlib.Path(out, "adapter_config.json").read_text())["module_dropout"] == 0.25
