@@ -88,8 +88,6 @@ def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes)
   out = {"a": a, "b": b, "lam": jnp.full(stack, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
     out.update(res_a=a * _kernel.scales(a, b, out["lam"])[..., None, :], res_b=b)
-  if rule.slices is not None:
-    out = _keep_slices(out, rule.slices, stack)
   return out
 
 
@@ -152,6 +150,8 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
     arrays = _adapter_arrays(w, key, rule, in_axes, out_axes)
   else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
     arrays = _sharded_init(rule, in_axes, out_axes, shardings)(w, key)
+  if rule.slices is not None:
+    arrays = _keep_slices(arrays, rule.slices, tuple(w.shape[:rule.stack_axes]))
   return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
 
 
