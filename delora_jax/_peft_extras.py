@@ -62,9 +62,12 @@ def export_extras(tree: Any, module_names: Any, extra_trainable: Any) -> tuple[d
   saved, bias = set(), "none"
   for p in extras:
     if p not in names:
-      leaf = p.rpartition("/")[2]
+      leaf, kpath = p.rpartition("/")[2], p.rpartition("/")[0] + "/kernel"
+      stacked = leaf in TORCH_PARAM and (names_of(module_names, kpath, (1, 1, 1)) or (0, 0))[1] > 0
       why = (f"its leaf name {leaf!r} is not one of {sorted(TORCH_PARAM)}" if leaf not in TORCH_PARAM
-             else f"`module_names` gives no torch module for {p.rpartition('/')[0] + '/kernel'!r}")
+             else f"its module {kpath!r} is stacked (one torch module per slice), which PEFT "
+                  "folders cannot hold trained leaves of" if stacked
+             else f"`module_names` gives no torch module for {kpath!r}")
       raise ValueError(f"{p}: this extra_trainable leaf cannot be written to a PEFT folder: {why}. "
                        "Map its module in `module_names` (a dict entry for the sibling "
                        "'<module>/kernel' path) or leave it out of extra_trainable.")

@@ -511,3 +511,60 @@ def test_load_takes_the_folders_module_dropout(tmp_path):
   assert loaded["lin0"]["kernel"].dropout == 0.25 and target["lin0"]["kernel"].dropout == 0.0
   out = delora_jax.peft.export(loaded, tmp_path / "j", module_names=NAMES)
   assert json.loads(pathlib.Path(out, "adapter_config.json").read_text())["module_dropout"] == 0.25
+
+
+def _json_folder(tmp_path, text):
+  (tmp_path / "adapter_config.json").write_text(text)
+  return tmp_path
+
+
+MORE_BAD = {
+    "unreadable_json": (lambda t: _json_folder(t, "{nope"), NAMES, ValueError, r"adapter_config.json' is unreadable"),
+    "json_list": (lambda t: _json_folder(t, "[1, 2]"), NAMES, ValueError, "holds a list, expected a JSON object"),
+    "targets_type": (lambda t: {"target_modules": 3}, NAMES, ValueError,
+                     "`target_modules` must be null, a regex string or a list"),
+    "modules_to_save_str": (lambda t: {"target_modules": ["lin0"], "modules_to_save": "head"}, NAMES, ValueError,
+                            "`modules_to_save` must be null or a list"),
+    "rank_value": (lambda t: {"target_modules": ["lin0"], "rank_pattern": {"lin0": "x"}}, NAMES, ValueError,
+                   r"`rank_pattern\['lin0'\]` must be a positive integer; got 'x'"),
+    "names_type": (lambda t: {"target_modules": ["lin0"]}, 3, TypeError, "`module_names` must be a callable"),
+    "names_value": (lambda t: {"target_modules": ["lin0"]}, lambda p: 3, TypeError, "must give a str or a sequence"),
+    "names_count": (lambda t: {"target_modules": ["lin0"]}, lambda p: ["a", "b", "c"], ValueError,
+                    "gave 3 names, but no leading axes"),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD), ids=list(MORE_BAD))
+def test_more_bad_configs(tmp_path, case):
+  make, names, exc, msg = MORE_BAD[case]
+  params = {"lin0": {"kernel": jnp.ones((10, 20)), "bias": jnp.zeros(20)}}
+  with pytest.raises(exc, match=msg):
+    delora_jax.peft.rules(make(tmp_path), params, module_names=names)
+
+
+def test_more_bad_exports_and_loads(tmp_path):
+  tree = delora_jax.wrap({"lin0": {"kernel": jnp.ones((10, 20)), "scale": jnp.ones(20)},
+                          "stk": {"kernel": jnp.ones((2, 4, 4)), "bias": jnp.zeros((2, 4))}},
+                         {"lin0/kernel": 2, "stk/kernel": delora_jax.Rule(2, stack_axes=1)})
+  names = {"lin0/kernel": "lin0", "stk/kernel": "stk.{}"}
+  with pytest.raises(ValueError, match="lin0/scale: PEFT cannot save a trained non-bias leaf of an adapted"):
+    delora_jax.peft.export(tree, tmp_path / "a", module_names=names, extra_trainable="lin0/scale")
+  with pytest.raises(ValueError, match="stk/bias: .* is stacked"):
+    delora_jax.peft.export(tree, tmp_path / "b", module_names=names, extra_trainable="stk/bias")
+  with pytest.raises(ValueError, match="`module_names` gives no torch module for 'x/kernel'"):
+    delora_jax.peft.export({**tree, "x": {"bias": jnp.zeros(3)}}, tmp_path / "c", module_names=names,
+                           extra_trainable="x/bias")
+  # A head tensor of the wrong shape, and a null target_modules without model_type, on load.
+  pm, _, params = peft_model(dict(target_modules=["lin0"], modules_to_save=["head"]), True)
+  pm.save_pretrained(tmp_path / "p")
+  small = {**params, "head": {"kernel": jnp.ones((2, 4)), "bias": jnp.zeros(4)}}
+  with pytest.raises(ValueError, match=r"head.weight: shape \(3, 2\) in the file, the tree's head/kernel needs"):
+    delora_jax.peft.load(tmp_path / "p", small, module_names=NAMES)
+  cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+  (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": None}))
+  target = delora_jax.wrap(params, {"lin0/kernel": delora_jax.Rule(8, init="random")})
+  with pytest.raises(ValueError, match="target_modules` is null.*model_type"):
+    delora_jax.peft.load(tmp_path / "p", target, module_names=NAMES)
+  (tmp_path / "p" / "adapter_config.json").write_text("[]")
+  with pytest.raises(ValueError, match="peft.load: .*adapter_config.json' holds a list, expected a JSON object"):
+    delora_jax.peft.load(tmp_path / "p", params, module_names=NAMES)
