@@ -10,8 +10,9 @@ import numpy as np
 
 from delora_jax import _tree
 from delora_jax._kernel import is_kernel
+from delora_jax._peft_config import read
 from delora_jax._peft_names import PREFIX
-from delora_jax._peft_rules import names_of
+from delora_jax._peft_rules import by_path, names_of
 from delora_jax._split import _extra_matcher
 
 #: Flax leaf name -> torch parameter name (a 2-D ``kernel`` is the transposed ``weight``).
@@ -121,3 +122,50 @@ def load_extras(tensors: dict[str, np.ndarray], tree: Any,
       continue
     out[p] = jnp.asarray(got).astype(want.dtype)
   return out, problems
+
+
+def trainable(config: Any, params: Any, *, module_names: Any,
+              model_type: str | None = None) -> list[str]:
+  """The ``extra_trainable`` of :func:`delora_jax.split` that trains what PEFT trains.
+
+  Besides the adapters, PEFT trains the modules in ``modules_to_save`` (all
+  their parameters; a name matches a module with that name or that
+  ``.``-suffix) and, with ``bias="all"``, every bias, with ``"delora_only"``
+  the biases of the adapted modules. Returns one exact-path regex per such
+  plain leaf of ``params``. A leaf's module is the one ``module_names`` gives
+  for its sibling ``kernel``; leaves whose module it does not name (e.g.
+  LayerNorm biases under ``bias="all"``, unless you map them) are not listed.
+
+  Args:
+    config: a PEFT adapter folder, its ``adapter_config.json``, a dict or a
+      ``peft.DeloraConfig``.
+    params: the plain Flax parameters.
+    module_names: Flax kernel path -> torch module name, as for
+      :func:`delora_jax.peft.rules`.
+    model_type: as for :func:`delora_jax.peft.rules`.
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> params = {"lin0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+    ...           "head": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+    >>> cfg = {"target_modules": ["lin0"], "bias": "delora_only", "modules_to_save": ["head"]}
+    >>> delora_jax.peft.trainable(cfg, params, module_names=lambda p: p.split("/")[0])
+    ['head/bias', 'head/kernel', 'lin0/bias']
+  """
+  cfg, source = read(config)
+  adapted = {p.rpartition("/")[0] for p in by_path(cfg, source, params, module_names, model_type,
+                                                    "float32")}
+  saved = cfg["modules_to_save"] or []
+  paths, leaves, _ = _tree.flatten(params)
+  out = []
+  for p, x in zip(paths, leaves):
+    parent, _, leaf = p.rpartition("/")
+    module = _module(module_names, p)
+    if is_kernel(x) or leaf not in TORCH_PARAM or module is None:
+      continue
+    in_saved = any(module == m or module.endswith("." + m) for m in saved)
+    is_bias = leaf == "bias" and (cfg["bias"] == "all" or (cfg["bias"] == "delora_only"
+                                                            and parent in adapted))
+    if in_saved or is_bias:
+      out.append(re.escape(p))
+  return sorted(out)

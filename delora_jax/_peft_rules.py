@@ -94,6 +94,13 @@ def rules(config: Any, params: Any, *, module_names: Any, model_type: str | None
     {'lin1/kernel': Rule(rank=2, lam=15.0, init='peft', dropout=0.0, in_axes=None, out_axes=None, stack_axes=0, dtype='float32', norm='float32', slices=None)}
   """
   cfg, source = read(config)
+  return {re.escape(p): r for p, r in by_path(cfg, source, params, module_names, model_type,
+                                              norm).items()}
+
+
+def by_path(cfg: dict, source: str, params: Any, module_names: Any, model_type: str | None,
+            norm: str) -> dict[str, Rule]:
+  """:func:`rules` of a checked config, keyed by the plain kernel path."""
   found = candidates(params, module_names)
   all_names = [n for ns, _ in found.values() for n in ns]
   targets = resolve_targets(cfg, source, all_names, model_type)
@@ -109,7 +116,7 @@ def rules(config: Any, params: Any, *, module_names: Any, model_type: str | None
                        f"{sorted(ranks)} or λ {sorted(lams)}; one stacked kernel has one rank and "
                        "one initial λ. Unstack the layers or make the patterns agree.")
     slices = tuple(live) if stack_axes and len(live) < len(names) else None
-    out[re.escape(path)] = Rule(ranks.pop(), lams.pop(),
+    out[path] = Rule(ranks.pop(), lams.pop(),
                                 init="peft" if cfg["init_weights"] else "random",
                                 dropout=cfg["module_dropout"], stack_axes=stack_axes,
                                 slices=slices, norm=norm)

@@ -25,6 +25,7 @@ import numpy as np
 from delora_jax import _tree
 from delora_jax._lora import to_lora
 from delora_jax._peft_extras import export_extras
+from delora_jax._peft_extras import trainable as trainable
 from delora_jax._peft_load import load as load
 from delora_jax._peft_rules import rules as rules
 from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all
@@ -33,7 +34,8 @@ from delora_jax._peft_names import llama_module_names as llama_module_names
 from delora_jax._peft_names import safetensors_numpy
 from delora_jax._wrap import _compile, live_slices
 
-__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load", "rules"]
+__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load", "rules",
+           "trainable"]
 
 
 def _slices(x: Any, n_stack: int) -> np.ndarray:

@@ -146,6 +146,10 @@ def test_peft_config_rows(tmp_path, row):
   assert {p.split("/")[0] for p in rules} == adapted
   for form in (tmp_path / "p" / "adapter_config.json", pm.peft_config["default"].to_dict()):
     assert delora_jax.peft.rules(form, params, module_names=NAMES) == rules
+  want_extra = sorted({n.removeprefix("base_model.model.").split(".")[0] + "/" + n.rpartition(".")[2]
+                       for n, t in pm.named_parameters() if t.requires_grad and "delora" not in n})
+  want_extra = [p.replace("/weight", "/kernel") for p in want_extra]
+  assert delora_jax.peft.trainable(tmp_path / "p", params, module_names=NAMES) == sorted(want_extra)
   assert adapted == {n for n, m in pm.base_model.model.named_modules() if hasattr(m, "delora_A")}
   tree = delora_jax.peft.load(tmp_path / "p", params, module_names=NAMES)
   for k in delora_jax._tree.kernels(tree).values():
