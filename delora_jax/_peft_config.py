@@ -148,6 +148,14 @@ def check(cfg: dict, source: str) -> dict:
   if not isinstance(cfg["init_weights"], bool):
     raise _bad(source, "init_weights", "true or false (DeLoRA has no other initialisation)",
                cfg["init_weights"])
+  _check_layers(cfg, source)
+  _check_patterns(cfg, source)
+  cfg["r"] = int(cfg["r"])
+  cfg["rank_pattern"] = {k: int(v) for k, v in cfg["rank_pattern"].items()}
+  return cfg
+
+
+def _check_layers(cfg: dict, source: str) -> None:
   layers = cfg["layers_to_transform"]
   if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
       isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
@@ -159,6 +167,9 @@ def check(cfg: dict, source: str) -> dict:
   if cfg["layers_pattern"] and layers is None:
     raise ValueError(f"{source}: `layers_pattern` is set but `layers_to_transform` is not; set "
                      "both or neither (PEFT refuses it too).")
+
+
+def _check_patterns(cfg: dict, source: str) -> None:
   for key, integer in (("rank_pattern", True), ("lambda_pattern", False)):
     if not isinstance(cfg[key], Mapping):
       raise _bad(source, key, "an object {module regex: value}", cfg[key],
@@ -166,9 +177,6 @@ def check(cfg: dict, source: str) -> dict:
     for pat, value in cfg[key].items():
       _regex(source, f"{key}[{pat!r}]", pat)
       _number(source, f"{key}[{pat!r}]", value, integer=integer)
-  cfg["r"] = int(cfg["r"])
-  cfg["rank_pattern"] = {k: int(v) for k, v in cfg["rank_pattern"].items()}
-  return cfg
 
 
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
