@@ -572,3 +572,16 @@ def test_more_bad_exports_and_loads(tmp_path):
   (tmp_path / "p" / "adapter_config.json").write_text("[]")
   with pytest.raises(ValueError, match="peft.load: .*adapter_config.json' holds a list, expected a JSON object"):
     delora_jax.peft.load(tmp_path / "p", params, module_names=NAMES)
+
+
+def test_rank_above_min_keeps_the_bound():
+  """PEFT's r=8 on a 20 -> 2 layer: the update has rank 2 and ||diag(1/w_norm) ΔW||_F <= |λ|."""
+  w = jax.random.normal(jax.random.key(3), (20, 2))
+  tree = delora_jax.wrap({"lin1": {"kernel": w}}, {"lin1/kernel": delora_jax.Rule(8, lam=4.0, init="random")})
+  k = tree["lin1"]["kernel"]
+  assert k.a.shape == (20, 8) and k.b.shape == (8, 2)
+  d = np.asarray(delora_jax.delta(tree)["lin1/kernel"], np.float64)
+  assert np.linalg.matrix_rank(d) == 2
+  bound = np.linalg.norm(d / np.asarray(k.w_norm, np.float64)[:, None])
+  assert bound <= 4.0 * (1 + 1e-6)
+  assert float(delora_jax.diagnostics(tree)["summary"]["bound_use"]["max"]) <= 1 + 1e-6
