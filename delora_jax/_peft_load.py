@@ -13,9 +13,12 @@ import numpy as np
 
 from delora_jax import _tree
 from delora_jax._lora import check_base_norms
-from delora_jax._peft_names import (CONFIG, PREFIX, WEIGHTS, check_linear, is_targeted,
-                                    pattern_value, resolve_all, safetensors_numpy)
-from delora_jax._wrap import with_adapters
+from delora_jax import _peft_config
+from delora_jax._peft_config import pattern_value, resolve_targets, targeted
+from delora_jax._peft_extras import load_extras
+from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, resolve_all, safetensors_numpy
+from delora_jax._peft_rules import rules as config_rules
+from delora_jax._wrap import live_slices, with_adapters, wrap
 
 _KEY = re.compile(re.escape(PREFIX) + r"(.+)\.(delora_A|delora_B|delora_lambda|delora_w_norm)")
 
@@ -34,38 +37,34 @@ def _read(directory: str | os.PathLike) -> tuple[str, dict, dict]:
   except Exception as e:  # json / safetensors raise their own error types
     raise ValueError(f"peft.load: the adapter files in {path!r} are unreadable ({type(e).__name__}: "
                      f"{e}).") from e
-  if not isinstance(config, dict) or config.get("peft_type") != "DELORA":
-    got = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-    raise ValueError(f"peft.load: {cfg_file!r} has peft_type {got!r}, expected 'DELORA'. Only PEFT "
-                     "DeLoRA adapters (peft.DeloraConfig) can be loaded into a DeLoRA tree.")
-  for key in ("r", "delora_lambda"):
-    if isinstance(config.get(key), bool) or not isinstance(config.get(key), (int, float)):
-      raise ValueError(f"peft.load: {cfg_file!r} has {key}={config.get(key)!r}, expected a number.")
+  if not isinstance(config, dict):
+    raise ValueError(f"peft.load: {cfg_file!r} holds a {type(config).__name__}, expected a JSON "
+                     "object of DeloraConfig fields (peft_type 'DELORA').")
+  try:
+    config = _peft_config.check(_peft_config._plain(config), cfg_file)
+  except ValueError as e:
+    raise ValueError(f"peft.load: {e}") from None
   return path, config, tensors
 
 
-def _group(tensors: dict, path: str) -> dict[str, dict[str, np.ndarray]]:
+def _group(tensors: dict) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
   modules: dict[str, dict[str, np.ndarray]] = {}
-  unknown = []
+  others = {}
   for key, value in tensors.items():
     m = _KEY.fullmatch(key)
     if m is None:
-      unknown.append(key)
+      others[key] = value
     else:
       modules.setdefault(m[1], {})[m[2]] = value
-  if unknown:
-    raise ValueError(f"peft.load: {path!r} holds tensors that are not DeLoRA adapter weights: "
-                     f"{_tree.sample_paths(sorted(unknown))}. Only adapters without "
-                     "modules_to_save can be loaded.")
-  return modules
+  return modules, others
 
 
-def _module(name: str, got: dict, config: dict, k: Any, path: str) -> list[str]:
+def _module(name: str, got: dict, config: dict, targets: Any, k: Any, path: str) -> list[str]:
   """Problems of one module's tensors against the config and the target kernel."""
   n_in, n_out = k.a.shape[-2], k.b.shape[-1]
-  r_cfg = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+  r_cfg = pattern_value(config["rank_pattern"], name, config["r"])
   out = []
-  if not is_targeted(config.get("target_modules"), name):
+  if not targeted(config, name, targets):
     out.append(f"{name}: not selected by target_modules={config.get('target_modules')!r}")
   if r_cfg != k.rank:
     out.append(f"{name} ({path}): rank {r_cfg} in adapter_config.json, {k.rank} in the target tree")
@@ -91,25 +90,77 @@ def _stack(arrays: list[np.ndarray], like: Any) -> Any:
   return jax.device_put(x, sharding) if isinstance(sharding, jax.sharding.Sharding) else x
 
 
-def load(directory: str | os.PathLike, tree: Any, *, module_names: Any, flatten_nd: bool = False,
-         check_base: bool = True) -> Any:
-  """Returns ``tree`` with the adapters of a PEFT DeLoRA folder put in.
+def _problems(config: dict, source: str, model_type: str | None, modules: dict, names: dict,
+              ks: dict, live: dict) -> list[str]:
+  all_names = [n for ns in names.values() for n in ns]
+  try:
+    targets = resolve_targets(config, source, all_names, model_type)
+  except ValueError as e:
+    return [str(e)]
+  wanted = {n for p, ns in names.items() for n, on in zip(ns, live[p]) if on}
+  problems = [f"{n}: adapted in the target tree ({p}), absent from the file"
+              for p, ns in names.items() for n, on in zip(ns, live[p]) if on and n not in modules]
+  problems += [f"{n}: in the file, not adapted in the target tree" for n in modules if n not in wanted]
+  for p, ns in names.items():
+    for n, on in zip(ns, live[p]):
+      if on and n in modules:
+        problems += _module(n, modules[n], config, targets, ks[p], p)
+  return problems
 
-  Checks, before changing anything: ``peft_type`` is ``DELORA``; every module
-  that ``module_names`` gives for ``tree``'s adapted kernels is in the file and
-  targeted by the config, and the file holds no other module; each module's
-  rank (``r``, or its ``rank_pattern`` entry) equals the tree's; tensor shapes
-  fit the kernels; λ is finite; ``delora_w_norm`` matches the norms of
-  ``tree``'s base kernels (a different base model is an error). Values are
-  cast to the tree's adapter dtypes.
+
+def _arrays(k: Any, per: list[dict | None]) -> dict[str, Any]:
+  """The kernel's new adapter arrays; slices that are not adapted (None) stay zero."""
+  n_in, n_out, r = k.a.shape[-2], k.b.shape[-1], k.rank
+  zeros = {"delora_A": np.zeros((r, n_in), np.float32), "delora_B": np.zeros((n_out, r), np.float32),
+           "delora_lambda": np.zeros(1, np.float32), "delora_w_norm": np.zeros(n_in, np.float32)}
+  per = [m if m is not None else zeros for m in per]
+  return {"a": _stack([m["delora_A"].T for m in per], k.a),
+          "b": _stack([m["delora_B"].T for m in per], k.b),
+          "lam": _stack([m["delora_lambda"].reshape(()) for m in per], k.lam),
+          "w_norm": _stack([m["delora_w_norm"] for m in per], k.w_norm)}
+
+
+def _check_base(p: str, k: Any, per: list[dict | None], source: str) -> None:
+  on = [m is not None for m in per]
+  stored = np.stack([m["delora_w_norm"] for m in per if m is not None])
+  if all(on):
+    check_base_norms(p, k, stored.reshape(tuple(k.w_norm.shape)), source)
+    return
+  n_stack = k.w.ndim - len(k.in_axes) - len(k.out_axes)
+  w = jnp.asarray(k.w).reshape((-1,) + tuple(k.w.shape[n_stack:]))[np.asarray(on)]
+  check_base_norms(p, k.replace(w=w), stored, source)
+
+
+def load(directory: str | os.PathLike, tree: Any, *, module_names: Any, flatten_nd: bool = False,
+         check_base: bool = True, model_type: str | None = None) -> Any:
+  """Returns ``tree`` with the adapters (and trained heads, biases) of a PEFT DeLoRA folder.
+
+  ``tree`` is either plain parameters, which are first wrapped with the
+  folder's own config (:func:`delora_jax.peft.rules`), or an adapted tree.
+  Checks, before changing anything: the config is a well-formed DeloraConfig
+  (a ``ValueError`` names the file and key otherwise); every module that
+  ``module_names`` gives for ``tree``'s adapted kernels (adapted slices only,
+  see ``Rule.slices``) is in the file and targeted by the config, and the file
+  holds no other module; each module's rank (``r``, or its ``rank_pattern``
+  entry) equals the tree's; tensor shapes fit the kernels; λ is finite;
+  ``delora_w_norm`` matches the norms of ``tree``'s base kernels (a different
+  base model is an error; a norm PEFT rounded to a bf16/fp16 base's dtype is
+  accepted); every other tensor (``modules_to_save`` modules, ``bias="all"`` /
+  ``"delora_only"`` biases) maps to a plain leaf of ``tree`` of the same
+  shape. The result's adapters use the folder's ``module_dropout``. Values are
+  cast to the tree's dtypes. Nothing is changed if any check fails.
 
   Args:
     directory: a folder from ``PeftModel.save_pretrained`` (DeLoRA) or
       :func:`delora_jax.peft.export`.
-    tree: the adapted target (``delora_jax.wrap`` with matching ranks).
-    module_names: Flax path -> torch module name(s), as for :func:`export`.
+    tree: plain params, or an adapted target (``delora_jax.wrap`` with matching
+      ranks).
+    module_names: Flax kernel path -> torch module name(s), as for
+      :func:`export`; a head's or bias's module is its sibling ``kernel``'s.
     flatten_nd: accept N-D kernels whose matrix view is the Linear weight.
     check_base: compare ``delora_w_norm`` with the tree's base kernels.
+    model_type: Hugging Face ``model_type`` for a config whose
+      ``target_modules`` is ``None`` (see :func:`rules`).
 
   Example:
     >>> import tempfile, jax, delora_jax
@@ -120,35 +171,39 @@ def load(directory: str | os.PathLike, tree: Any, *, module_names: Any, flatten_
     >>> back = delora_jax.peft.load(out, tree, module_names=names)
     >>> bool((back["lin0"]["kernel"].a == tree["lin0"]["kernel"].a).all())
     True
+    >>> fresh = delora_jax.peft.load(out, {"lin0": {"kernel": w}}, module_names=names)  # plain
+    >>> bool((fresh["lin0"]["kernel"].a == tree["lin0"]["kernel"].a).all())
+    True
   """
+  path, config, tensors = _read(directory)
+  if not _tree.kernels(tree):
+    try:
+      tree = wrap(tree, config_rules(os.path.join(path, CONFIG), tree, module_names=module_names,
+                                     model_type=model_type))
+    except ValueError as e:
+      raise ValueError(f"peft.load: {e}") from None
   ks = _tree.require_adapted(tree, "peft.load")
   for p, k in ks.items():
     check_linear(p, k, flatten_nd, "peft.load")
   names = resolve_all(module_names, ks)
-  path, config, tensors = _read(directory)
-  modules = _group(tensors, path)
-  wanted = {n for ns in names.values() for n in ns}
-  problems = [f"{n}: adapted in the target tree ({p}), absent from the file"
-              for p, ns in names.items() for n in ns if n not in modules]
-  problems += [f"{n}: in the file, not adapted in the target tree" for n in modules if n not in wanted]
-  for p, ns in names.items():
-    for n in ns:
-      if n in modules:
-        problems += _module(n, modules[n], config, ks[p], p)
+  live = {p: live_slices(k).tolist() if k.lam.ndim else [True] for p, k in ks.items()}
+  modules, others = _group(tensors)
+  problems = _problems(config, os.path.join(path, CONFIG), model_type, modules, names, ks, live)
+  extras, extra_problems = load_extras(others, tree, module_names)
+  problems += extra_problems
   if problems:
     shown = "\n  ".join(problems[:8])
     more = f"\n  ... ({len(problems)} problems in all)" if len(problems) > 8 else ""
     raise ValueError(f"peft.load: the adapter in {path!r} does not fit the target tree:\n  {shown}"
-                     f"{more}\nWrap the tree with the adapter's ranks and targets and check "
-                     "`module_names`. Nothing was loaded.")
+                     f"{more}\nWrap the tree with the adapter's ranks and targets (or pass plain "
+                     "params) and check `module_names`. Nothing was loaded.")
   new = {}
   for p, k in ks.items():
-    per = [modules[n] for n in names[p]]
-    new[p] = {"a": _stack([m["delora_A"].T for m in per], k.a),
-              "b": _stack([m["delora_B"].T for m in per], k.b),
-              "lam": _stack([m["delora_lambda"].reshape(()) for m in per], k.lam),
-              "w_norm": _stack([m["delora_w_norm"] for m in per], k.w_norm)}
+    per = [modules[n] if on else None for n, on in zip(names[p], live[p])]
+    new[p] = _arrays(k, per)
     if check_base:
-      stored = np.stack([m["delora_w_norm"] for m in per]).reshape(tuple(k.w_norm.shape))
-      check_base_norms(p, k, stored, f"the PEFT adapter {path!r}")
-  return with_adapters(tree, new)
+      _check_base(p, k, per, f"the PEFT adapter {path!r}")
+  out = with_adapters(tree, new)
+  dropout = float(config["module_dropout"])
+  out = _tree.map_kernels(lambda _, k: k.replace(dropout=dropout), out)
+  return _tree.map_leaves(lambda p, x: extras.get(p, x), out)

@@ -125,25 +125,6 @@ def pattern_key(name: str) -> str:
   return "^" + re.escape(name)
 
 
-def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-  """The value PEFT picks for module ``name`` (first key with ``(.*\\.)?(key)$`` matching)."""
-  for key, value in patterns.items():
-    if re.match(rf"(.*\.)?({key})$", name):
-      return value
-  return default
-
-
-def is_targeted(target_modules: Any, name: str) -> bool:
-  """Whether PEFT's ``target_modules`` selects the module ``name``."""
-  if target_modules == "all-linear":
-    return True
-  if isinstance(target_modules, str):
-    return re.fullmatch(target_modules, name) is not None
-  if isinstance(target_modules, (list, tuple, set)):
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-  return False
-
-
 def check_linear(path: str, k: Any, flatten_nd: bool, fn: str) -> None:
   """Raises unless the kernel at ``path`` is something PEFT's DeLoRA (nn.Linear) can hold."""
   if k.res_a is not None and fn != "export_lora":

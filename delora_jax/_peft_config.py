@@ -1,0 +1,242 @@
+"""PEFT ``DeloraConfig`` semantics: reading, validating, and which modules it adapts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping
+
+from delora_jax._peft_names import CONFIG
+
+#: Keys that describe the file, not the adapter: ignoring them cannot change results.
+METADATA = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+            "revision", "inference_mode")
+#: Keys delora_jax reproduces.
+SUPPORTED = ("r", "delora_lambda", "module_dropout", "target_modules", "exclude_modules", "bias",
+             "init_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+             "lambda_pattern", "modules_to_save")
+DEFAULTS = {"r": 8, "delora_lambda": 15, "module_dropout": 0.0, "target_modules": None,
+            "exclude_modules": None, "bias": "none", "init_weights": True,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+            "lambda_pattern": {}, "modules_to_save": None}
+BIASES = ("none", "all", "delora_only")
+#: PEFT's heads of sequence-classification models, kept out of ``all-linear`` for SEQ_CLS.
+SEQ_CLS_HEADS = ("score", "classifier")
+
+#: PEFT 0.21's TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING (``target_modules=None``).
+DEFAULT_TARGETS: dict[str, Any] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"], "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+
+
+def _plain(x: Any) -> Any:
+  """JSON-like copy of a config value (sets -> sorted lists, enums -> their value)."""
+  if isinstance(x, (set, frozenset)):
+    return sorted(_plain(v) for v in x)
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, Mapping):
+    return {k: _plain(v) for k, v in x.items()}
+  value = getattr(x, "value", None)  # PeftType / TaskType enums
+  return value if isinstance(value, str) and not isinstance(x, str) else x
+
+
+def read(config: Any) -> tuple[dict, str]:
+  """``(config dict, where it came from)`` of a folder, a json file, a dict or a DeloraConfig."""
+  if isinstance(config, (str, os.PathLike)):
+    path = os.path.abspath(os.fspath(config))
+    file = os.path.join(path, CONFIG) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise ValueError(f"{file!r} does not exist; `config` must be a PEFT adapter folder, its "
+                       f"{CONFIG}, a dict or a peft.DeloraConfig.")
+    try:
+      with open(file) as fh:
+        cfg = json.load(fh)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{file!r} is unreadable ({type(e).__name__}: {e}); write it with "
+                       "PeftModel.save_pretrained or delora_jax.peft.export.") from e
+    source = file
+  elif isinstance(config, Mapping):
+    cfg, source = dict(config), "the config dict"
+  elif callable(getattr(config, "to_dict", None)):
+    cfg, source = config.to_dict(), f"the {type(config).__name__}"
+  else:
+    raise TypeError("`config` must be a PEFT adapter folder, an adapter_config.json path, a dict "
+                    f"or a peft.DeloraConfig; got {type(config).__name__}.")
+  if not isinstance(cfg, Mapping):
+    raise ValueError(f"{source} holds a {type(cfg).__name__}, expected a JSON object of "
+                     "DeloraConfig fields.")
+  return check(_plain(dict(cfg)), source), source
+
+
+def _bad(source: str, key: str, want: str, got: Any, fix: str = "") -> ValueError:
+  return ValueError(f"{source}: `{key}` must be {want}; got {got!r}.{' ' + fix if fix else ''}")
+
+
+def _regex(source: str, key: str, pattern: Any) -> None:
+  if not isinstance(pattern, str):
+    raise _bad(source, key, "a regex string", pattern)
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{source}: `{key}` holds {pattern!r}, which is not a valid regular "
+                     f"expression ({e}). Fix the pattern (PEFT would fail on it too).") from None
+
+
+def _names(source: str, key: str, value: Any, *, regex_ok: bool = True) -> None:
+  if value is None:
+    return
+  if isinstance(value, str):
+    if regex_ok and value != "all-linear":
+      _regex(source, key, value)
+    return
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise _bad(source, key, "null, a regex string or a list of module names", value)
+
+
+def _number(source: str, key: str, value: Any, *, integer: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok and integer:
+    ok = float(value).is_integer() and value > 0
+  if not ok or not math.isfinite(float(value)):
+    want = "a positive integer" if integer else "a finite number"
+    raise _bad(source, key, want, value, f"Write e.g. \"{key}\": {8 if integer else 15}.")
+
+
+def check(cfg: dict, source: str) -> dict:
+  """``cfg`` with defaults filled in; a ``ValueError`` naming ``source`` and the key if malformed."""
+  if cfg.get("peft_type", "DELORA") != "DELORA":
+    raise ValueError(f"{source} has peft_type {cfg.get('peft_type')!r}, expected 'DELORA'. Only "
+                     "PEFT DeLoRA adapters (peft.DeloraConfig) can be read as DeLoRA.")
+  unknown = sorted(k for k in cfg if k not in METADATA and k not in SUPPORTED)
+  if unknown:
+    raise ValueError(f"{source} has keys delora_jax does not support: {unknown}. They are not "
+                     "DeloraConfig fields of PEFT 0.21, so whether ignoring them changes results "
+                     "is unknown; remove them if they are yours and do not affect the adapter.")
+  cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in METADATA}}
+  _number(source, "r", cfg["r"], integer=True)
+  _number(source, "delora_lambda", cfg["delora_lambda"])
+  _number(source, "module_dropout", cfg["module_dropout"])
+  if not 0.0 <= cfg["module_dropout"] < 1.0:
+    raise _bad(source, "module_dropout", "a probability in [0, 1)", cfg["module_dropout"])
+  _names(source, "target_modules", cfg["target_modules"])
+  _names(source, "exclude_modules", cfg["exclude_modules"])
+  _names(source, "modules_to_save", cfg["modules_to_save"], regex_ok=False)
+  if isinstance(cfg["modules_to_save"], str):
+    raise _bad(source, "modules_to_save", "null or a list of module names", cfg["modules_to_save"])
+  if cfg["bias"] not in BIASES:
+    raise _bad(source, "bias", f"one of {BIASES}", cfg["bias"])
+  if not isinstance(cfg["init_weights"], bool):
+    raise _bad(source, "init_weights", "true or false (DeLoRA has no other initialisation)",
+               cfg["init_weights"])
+  _check_layers(cfg, source)
+  _check_patterns(cfg, source)
+  cfg["r"] = int(cfg["r"])
+  cfg["rank_pattern"] = {k: int(v) for k, v in cfg["rank_pattern"].items()}
+  return cfg
+
+
+def _check_layers(cfg: dict, source: str) -> None:
+  layers = cfg["layers_to_transform"]
+  if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+      isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+    raise _bad(source, "layers_to_transform", "null, a layer index or a list of them", layers)
+  _names(source, "layers_pattern", cfg["layers_pattern"])
+  if isinstance(cfg["target_modules"], str) and layers is not None:
+    raise ValueError(f"{source}: `layers_to_transform` cannot be used with a regex string "
+                     "`target_modules` (PEFT refuses it too); give a list of module names.")
+  if cfg["layers_pattern"] and layers is None:
+    raise ValueError(f"{source}: `layers_pattern` is set but `layers_to_transform` is not; set "
+                     "both or neither (PEFT refuses it too).")
+
+
+def _check_patterns(cfg: dict, source: str) -> None:
+  for key, integer in (("rank_pattern", True), ("lambda_pattern", False)):
+    if not isinstance(cfg[key], Mapping):
+      raise _bad(source, key, "an object {module regex: value}", cfg[key],
+                 f'Write e.g. "{key}": {{"q_proj": {8 if integer else 15}}}.')
+    for pat, value in cfg[key].items():
+      _regex(source, f"{key}[{pat!r}]", pat)
+      _number(source, f"{key}[{pat!r}]", value, integer=integer)
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+  """The value PEFT picks for module ``name``: the first key with ``(.*\\.)?(key)$`` matching."""
+  for key, value in patterns.items():
+    if re.match(rf"(.*\.)?({key})$", name):
+      return value
+  return default
+
+
+def _listed(names: list[str], name: str) -> bool:
+  return name in names or any(name.endswith("." + n) for n in names)
+
+
+def _layer_index(cfg: dict, name: str) -> int | None:
+  patterns = cfg["layers_pattern"]
+  if not patterns:
+    m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+  else:
+    m = None
+    for p in [patterns] if isinstance(patterns, str) else patterns:
+      if m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name):
+        break
+  return int(m["idx"]) if m else None
+
+
+def targeted(cfg: dict, name: str, targets: Any) -> bool:
+  """Whether PEFT adapts module ``name`` (``targets``: the resolved ``target_modules``)."""
+  ex = cfg["exclude_modules"]
+  if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _listed(ex, name)):
+    return False
+  if cfg["modules_to_save"] and any(re.match(rf"(^|.*\.){m}($|\..*)", name)
+                                    for m in cfg["modules_to_save"]):
+    return False
+  if isinstance(targets, str):
+    return re.fullmatch(targets, name) is not None
+  if name in targets:
+    return True
+  if not any(name.endswith("." + t) for t in targets):
+    return False
+  layers = cfg["layers_to_transform"]
+  if layers is None or layers == []:
+    return True
+  index = _layer_index(cfg, name)
+  if index is None:
+    return False
+  return index == layers if isinstance(layers, int) else index in layers
+
+
+def resolve_targets(cfg: dict, source: str, names: list[str], model_type: str | None) -> Any:
+  """``target_modules`` made concrete: ``all-linear`` and ``None`` resolved."""
+  targets = cfg["target_modules"]
+  if isinstance(targets, str) and targets.lower() == "all-linear":
+    heads = {"lm_head"} | (set(SEQ_CLS_HEADS) if cfg.get("task_type") == "SEQ_CLS" else set())
+    return sorted(n for n in names if n not in heads)
+  if targets is None:
+    if model_type not in DEFAULT_TARGETS:
+      raise ValueError(f"{source}: `target_modules` is null, so PEFT would pick its defaults for "
+                       f"the model's architecture; pass model_type= (one of "
+                       f"{sorted(DEFAULT_TARGETS)[:6]}...; got {model_type!r}) or set "
+                       "target_modules in the config.")
+    targets = DEFAULT_TARGETS[model_type]
+  return targets
