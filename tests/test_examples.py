@@ -11,6 +11,7 @@ the same predictions as JAX.
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -53,12 +54,16 @@ def test_finetune_improves_and_reloads(finetune_run):
   assert r["after"]["mse"] < r["before"]["mse"], r
   assert r["after"]["pearson"] > r["before"]["pearson"], r
   assert r["last_loss"] < r["first_loss"], r
-  # The saved adapters, reloaded into a freshly wrapped model, give identical numbers.
+  # The saved checkpoint, reloaded into a freshly wrapped model with an untrained (zero) head,
+  # gives identical numbers: the trained head is inside the orbax checkpoint, no side file.
   assert r["reloaded"] == r["after"]
+  meta = json.loads((pathlib.Path(r["paths"]["adapters"]) / "delora_meta" / "metadata").read_text())
+  assert sorted(meta["extra"]) == ["head/bias", "head/kernel"], meta.get("extra")
+  assert not (pathlib.Path(r["paths"]["adapters"]).parent / "head.npz").exists()
   # DeLoRA's guarantee, measured on the trained adapters.
   assert r["update"]["bound_holds"]
   assert r["update"]["bound_ratio_max"] <= 1 + 1e-5
-  for key in ("adapters", "head", "peft", "predictions"):
+  for key in ("adapters", "peft", "predictions"):
     assert os.path.exists(r["paths"][key]), key
   # Diagnostics logged during training: every layer, every logged step, bound use in [0, 1].
   with open(r["paths"]["diagnostics"], encoding="utf-8") as f:
