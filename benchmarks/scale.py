@@ -9,7 +9,7 @@ runs (read from the HLO, ``hlo_collectives.py``), for DeLoRA, the harness's
 LoRA (``bench.py``'s ``lora`` mode) and the frozen base on the same mesh.
 
   python benchmarks/scale.py --config 8b --mesh 256,32x8 --out benchmarks/results/scale_cpu_8b.json
-  python benchmarks/scale.py --config tiny --mesh 8,4x2 --seq 36     # what CI runs (8 devices)
+  python benchmarks/scale.py --config tiny --mesh 8,4x2 --seq 36     # CI: tests/test_scale.py, 4x2 only
 
 The device count is set from ``--mesh`` before jax is imported (a mesh of N
 devices needs ``--xla_force_host_platform_device_count`` >= N).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -143,7 +142,7 @@ def spec_for(path: str, mesh: Mesh) -> P:
   raise ValueError(f"scale: no sharding rule for parameter {path!r}; add one to SPECS.")
 
 
-def llama(config: str, seq: int) -> Llama:
+def llama(config: str) -> Llama:
   cfg = LlamaConfig(**CONFIGS[config], scan_layers=True, remat=True, attention="blocked",
                     dtype="bfloat16", param_dtype="bfloat16")
   return Llama(cfg)
@@ -399,7 +398,7 @@ def run(argv=None) -> dict:
     data = json.loads(Path(args.table).read_text())
     print(table(data))
     return data
-  model = llama(args.config, args.seq)
+  model = llama(args.config)
   meta = dict(config=args.config, model=dataclasses.asdict(model.config), seq=args.seq,
               rank=args.rank, lam=args.lam, modes=args.modes, jax=jax.__version__,
               flax=flax.__version__, python=platform.python_version(),
