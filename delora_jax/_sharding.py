@@ -87,18 +87,33 @@ def _padded(path: str, spec: PartitionSpec, shape: tuple[int, ...], sizes) -> li
   return entries
 
 
+def _or_other(own: Any, other: Any, n: int, sizes: dict[str, int] | None) -> Any:
+  """``own``, or, where it splits nothing, ``other`` if that splits ``n`` evenly (mesh sizes known)."""
+  if sizes is None or own is not None or other is None:
+    return own
+  count = math.prod(sizes[m] for m in _mesh_axes(other))
+  return other if count > 1 and n % count == 0 else own
+
+
 def kernel_specs(path: str, shape: tuple[int, ...], spec: PartitionSpec, in_axes, out_axes,
                  sizes: dict[str, int] | None) -> dict[str, PartitionSpec]:
   """PartitionSpecs of a DeLoRA node's fields, from the kernel's ``spec``.
 
   ``sizes`` maps mesh axis names to sizes (``None`` if unknown: then no
-  divisibility check, and several split input axes use the first one's).
+  divisibility check, several split input axes use the first one's, and a
+  factor whose side of ``w`` is unsplit stays replicated).
   """
   entries = _padded(path, spec, tuple(shape), sizes)
   ndim = len(shape)
   stack = entries[:ndim - len(in_axes) - len(out_axes)]
   e_in = _flat_entry(shape, [ndim + a for a in in_axes], entries, sizes)
   e_out = _flat_entry(shape, [ndim + a for a in out_axes], entries, sizes)
+  n_in = math.prod(shape[ndim + a] for a in in_axes)
+  n_out = math.prod(shape[ndim + a] for a in out_axes)
+  # A factor whose own axis is not split would be replicated on every device that holds a
+  # shard of w (with its gradient and optimizer moments): e.g. b under FSDP, where w is
+  # split along its input axis only. It takes the other side's mesh axes instead.
+  e_in, e_out = _or_other(e_in, e_out, n_in, sizes), _or_other(e_out, e_in, n_out, sizes)
   a, b = PartitionSpec(*stack, e_in, None), PartitionSpec(*stack, None, e_out)
   return {"a": a, "b": b, "lam": PartitionSpec(*stack), "w_norm": PartitionSpec(*stack, e_in),
           "res_a": a, "res_b": b}
@@ -157,16 +172,38 @@ def _check_structure(paths: list[str], base_paths: list[str]) -> None:
       "`delora_jax.unwrap(tree)`.")
 
 
-def shardings(tree: Any, base_shardings: Any, *, mesh: Mesh | AbstractMesh | None = None) -> Any:
+def _carried(tree: Any) -> Any:
+  """The shardings the unwrapped leaves of ``tree`` carry (arrays, abstract ``ShapeDtypeStruct``s)."""
+  def one(path: str, x: Any) -> Any:
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, _SPEC_TYPES):
+      return sh
+    what = type(x).__name__ if sh is None else f"{type(x).__name__} with a {type(sh).__name__}"
+    raise ValueError(
+        f"{path}: `base_shardings` was not given, so every parameter must carry its own "
+        f"sharding, but this one is a {what} and has none. Build abstract params as "
+        "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) (before `wrap`), "
+        "or pass `base_shardings`.")
+  return _tree.map_leaves(one, _tree.map_kernels(lambda _, k: k.w, tree))
+
+
+def shardings(tree: Any, base_shardings: Any = None, *,
+              mesh: Mesh | AbstractMesh | None = None) -> Any:
   """Shardings for an adapted tree, derived from those of the original params.
 
   ``base_shardings`` has the structure of the params before :func:`wrap`
   (leaves ``NamedSharding``, ``PartitionSpec`` or ``SingleDeviceSharding``).
+  Left out, it is read from the tree itself: each kernel's ``w`` and each
+  plain leaf must then carry a sharding (``jax.Array``s, or abstract
+  ``jax.ShapeDtypeStruct(..., sharding=...)`` params wrapped by :func:`wrap`).
   The result has the structure of ``tree``: plain leaves and each kernel's
   ``w`` keep their sharding; ``a (*S, in, r)`` and ``w_norm (*S, in)`` are
   split along the input axes as ``w`` is, ``b (*S, r, out)`` along the output
   axes, ``lam (*S,)`` only along stacked axes as ``w``; the rank axis is
-  never split. Use it for ``jax.device_put``, ``jax.jit(in_shardings=...,
+  never split. Where ``w`` is split along one side only (FSDP splits the
+  input axis alone), the factor of the other side is split over the same
+  mesh axes (if their size divides it), so no factor and no optimizer moment
+  is replicated over devices that share out ``w``; this needs the mesh sizes. Use it for ``jax.device_put``, ``jax.jit(in_shardings=...,
   out_shardings=...)`` and, through :func:`split`, for the trainable half.
 
   N-D kernels: the input axes are flattened into one (``in_axes`` order). If
@@ -181,13 +218,15 @@ def shardings(tree: Any, base_shardings: Any, *, mesh: Mesh | AbstractMesh | Non
   Args:
     tree: an adapted tree from :func:`wrap` (arrays, or ``jax.ShapeDtypeStruct``
       from ``jax.eval_shape``).
-    base_shardings: shardings or PartitionSpecs of the original params.
+    base_shardings: shardings or PartitionSpecs of the original params;
+      ``None``: those the leaves of ``tree`` carry.
     mesh: with PartitionSpec leaves, return ``NamedSharding(mesh, spec)``.
       Without it PartitionSpecs are returned; mesh sizes (for checks and the
       rule above) then come from ``jax.set_mesh`` if one is active.
 
   Raises:
-    ValueError: ``base_shardings`` does not match the params, a PartitionSpec
+    ValueError: ``base_shardings`` is left out and a leaf carries no
+      sharding, ``base_shardings`` does not match the params, a PartitionSpec
       is longer than its array, names an unknown mesh axis or one twice, or
       splits an axis over mesh axes whose size does not divide it (the path is
       named).
@@ -201,8 +240,20 @@ def shardings(tree: Any, base_shardings: Any, *, mesh: Mesh | AbstractMesh | Non
     >>> sh = delora_jax.shardings(tree, {"kernel": P("data", "model"), "bias": P("model")})
     >>> sh["kernel"].a, sh["kernel"].b, sh["kernel"].w_norm, sh["kernel"].lam
     (P('data', None), P(None, 'model'), P('data',), P())
+
+    Abstract params that carry their shardings need no ``base_shardings``:
+
+    >>> import jax
+    >>> from jax.sharding import Mesh, NamedSharding
+    >>> mesh = Mesh(jax.devices()[:1], ("data",))
+    >>> abstract = {"kernel": jax.ShapeDtypeStruct((16, 8), jnp.float32,
+    ...                                            sharding=NamedSharding(mesh, P("data")))}
+    >>> delora_jax.shardings(delora_jax.wrap(abstract, {"kernel": 2}))["kernel"].a.spec
+    P('data', None)
   """
   _tree.require_adapted(tree, "shardings")
+  if base_shardings is None:
+    base_shardings = _carried(tree)
   if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
   paths, leaves, treedef = _tree.flatten(tree)

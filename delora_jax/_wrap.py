@@ -139,6 +139,25 @@ def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes) -> tupl
   return tuple((f, NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind)) for f in fields)
 
 
+def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes,
+                     out_axes) -> dict:
+  """Adapters of an abstract kernel as ``ShapeDtypeStruct``s: nothing is computed or allocated.
+
+  A kernel carrying a ``NamedSharding`` gives its adapters the derived ones
+  (:func:`delora_jax.shardings`'s rule, checked against the mesh sizes); a
+  ``SingleDeviceSharding`` is copied; no sharding gives none.
+  """
+  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes)
+  shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct(w.shape, w.dtype), key)
+  sh = w.sharding
+  if isinstance(sh, NamedSharding):
+    specs = kernel_specs(path, tuple(w.shape), sh.spec, in_axes, out_axes, dict(sh.mesh.shape))
+    made = {f: NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind) for f in shapes}
+  else:
+    made = dict.fromkeys(shapes, sh)
+  return {f: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=made[f]) for f, s in shapes.items()}
+
+
 def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   in_axes, out_axes = rule.layout(path, tuple(w.shape))
   # Any rank > 0 is accepted, as PEFT does: above min(in, out) the update simply has rank
@@ -150,6 +169,9 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
                        f"kernel of shape {tuple(w.shape)} has {n} stacked slices (stack_axes="
                        f"{rule.stack_axes}). Use indices below {n}.")
   key = _path_key(key, path)
+  if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
+    arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes)
+    return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
   shardings = _derived_shardings(path, w, rule, in_axes, out_axes)
   if shardings is None:
     arrays = _adapter_arrays(w, key, rule, in_axes, out_axes)
@@ -185,13 +207,23 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
       ``out_axes`` and ``stack_axes`` out; declared layouts are checked against
       the model's use (a mismatch is a ``ValueError`` naming both).
 
+  Abstract params work too: where a kernel is a ``jax.ShapeDtypeStruct``
+  (e.g. from ``jax.eval_shape(model.init, ...)``), its adapters are
+  ``ShapeDtypeStruct``s of the right shapes and dtypes, nothing is computed
+  or allocated, and a kernel that carries a ``NamedSharding`` gives them the
+  shardings :func:`delora_jax.shardings` derives. That is how a step for a
+  model too large for this machine is planned with
+  ``jax.jit(step).lower(...).compile()`` (``benchmarks/scale.py``).
+
   Returns:
     The adapted tree, same container types as ``params``.
 
   Raises:
     ValueError / TypeError: invalid patterns, patterns that select nothing (or
-      only leaves an earlier pattern took), non-kernel leaves,
-      ambiguous N-D kernels, or a tree that is already adapted.
+      only leaves an earlier pattern took), non-kernel leaves, empty kernels,
+      ambiguous N-D kernels, a tree that is already adapted, or an abstract
+      kernel whose ``NamedSharding`` splits an axis over mesh axes whose size
+      does not divide it (the path, axis and mesh axes are named).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
@@ -206,6 +238,9 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
     ...                        like=(attn, x))
     >>> delora_jax.adapters(tree)["kernel"]["b"].shape
     (4, 16)
+    >>> abstract = {"kernel": jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)}  # no memory
+    >>> delora_jax.adapters(delora_jax.wrap(abstract, {"kernel": 16}))["kernel"]["a"]
+    ShapeDtypeStruct(shape=(4096, 16), dtype=float32)
   """
   probe = None
   if like is not None:

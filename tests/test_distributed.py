@@ -187,15 +187,16 @@ DERIVATION_CASES = [
     # each device's rows of the flattened input stay contiguous -> combined.
     ("dense-general-in-combined", (4, 8, 16), P("model", "data", None), dj.Rule(2, out_axes=-1),
      {"data": 2, "model": 4},
-     dict(a=P(("model", "data"), None), b=P(None, None), lam=P(), w_norm=P(("model", "data")))),
+     dict(a=P(("model", "data"), None), b=P(None, ("model", "data")), lam=P(),
+          w_norm=P(("model", "data")))),
     # two heads per device: not contiguous after flattening -> the first split axis only.
     ("dense-general-in-first", (4, 8, 16), P("model", "data", None), dj.Rule(2, out_axes=-1),
      {"data": 4, "model": 2},
-     dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model"))),
+     dict(a=P("model", None), b=P(None, "model"), lam=P(), w_norm=P("model"))),
     # heads over a mesh axis of size 1 split nothing: head_dim's axis is the one to follow.
     ("dense-general-in-size-one-axis", (4, 8, 16), P("model", "data", None),
      dj.Rule(2, out_axes=-1), {"data": 8, "model": 1},
-     dict(a=P("data", None), b=P(None, None), lam=P(), w_norm=P("data"))),
+     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
     ("dense-general-in-no-mesh", (4, 8, 16), P("model", "data", None), dj.Rule(2, out_axes=-1),
      None, dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model"))),
     ("conv", (3, 3, 8, 16), P(None, None, "model", "data"), dj.Rule(2, out_axes=-1),
@@ -203,13 +204,23 @@ DERIVATION_CASES = [
      dict(a=P("model", None), b=P(None, "data"), lam=P(), w_norm=P("model"))),
     ("conv-window-split", (2, 3, 8, 16), P("data", None, "model", None), dj.Rule(2, out_axes=-1),
      {"data": 2, "model": 4},
-     dict(a=P("data", None), b=P(None, None), lam=P(), w_norm=P("data"))),
+     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
     # in_axes=(1, 0): the flattened input runs over axis 1 first, so "data" leads.
     ("in-axes-reordered-combined", (4, 8, 16), P("model", "data", None),
      dj.Rule(2, in_axes=(1, 0)), {"data": 8, "model": 1},
-     dict(a=P(("data", "model"), None), b=P(None, None), lam=P(), w_norm=P(("data", "model")))),
+     dict(a=P(("data", "model"), None), b=P(None, ("data", "model")), lam=P(),
+          w_norm=P(("data", "model")))),
     ("in-axes-reordered-first", (4, 8, 16), P("model", "data", None),
      dj.Rule(2, in_axes=(1, 0)), {"data": 2, "model": 4},
+     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
+    # FSDP: w split along its input axis only. b takes the same mesh axis, so it and its
+    # optimizer moments are not replicated on the devices that share out w (issue 16) ...
+    ("fsdp-in-only", (16, 8), P("data", None), dj.Rule(2), {"data": 8},
+     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
+    ("fsdp-out-only", (16, 8), P(None, "data"), dj.Rule(2), {"data": 8},
+     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
+    # ... unless that mesh axis does not divide it (out = 12 over 8): b stays replicated.
+    ("fsdp-in-only-indivisible", (16, 12), P("data", None), dj.Rule(2), {"data": 8},
      dict(a=P("data", None), b=P(None, None), lam=P(), w_norm=P("data"))),
 ]
 
