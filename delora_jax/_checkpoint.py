@@ -34,7 +34,7 @@ _COMMIT_FILE = "commit_success.txt"
 # Everything save_adapters writes at the top of a checkpoint folder; overwrite=True replaces
 # only a folder that holds nothing else.
 _OWN_ENTRIES = {ADAPTERS, META, OPT, EXTRA, _COMMIT_FILE, "_CHECKPOINT_METADATA"}
-_LOAD_ATTEMPTS = 3
+_LOAD_ATTEMPTS = 10
 
 
 class CheckpointError(ValueError, OSError):
@@ -311,12 +311,14 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
   raise AssertionError("unreachable")
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def _identity(path: str) -> tuple[int, int, int] | None:
+  """Which folder is at ``path``: inode numbers are reused at once after a delete, so the
+  inode's change time (set by its creation and by the swap's rename) is part of it."""
   try:
     st = os.stat(path)
   except OSError:
     return None
-  return st.st_dev, st.st_ino
+  return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _read(path: str, tree: Any, ks: dict, opt_state: Any, shardings: Any, check_base: bool) -> Any:

@@ -292,7 +292,7 @@ def _main(role, *args):
         _version_of(delora_jax.load_adapters(path, _tree(0)))
         loads += 1
       except (AssertionError, ValueError, OSError) as e:  # a load that fails or returns a mix
-        bad.append(f"{type(e).__name__}: {str(e)[:300]}")
+        bad.append(f"{type(e).__name__}: {str(e)[-400:]} (after {reads} reads)")
     print(json.dumps({"loads": loads, "bad": bad, "retried": reads - loads - len(bad)}))
 
 
