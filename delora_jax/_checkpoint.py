@@ -175,6 +175,7 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
   new_tree = with_adapters(tree, restored)
   if opt_state is None:
     return new_tree
+  assert leaves is not None  # opt_state was given
   treedef = leaves[2]
   return new_tree, jax.tree_util.tree_unflatten(treedef, list(got[OPT]) if OPT in items else [])
 

@@ -10,7 +10,7 @@ base matmul runs and no full frozen kernel is ever gathered for it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -32,7 +32,7 @@ def _as_entry(axes: tuple[str, ...]) -> Any:
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _contiguous(shape: tuple[int, ...], counts: list[int]) -> bool:
+def _contiguous(shape: Sequence[int], counts: Sequence[int]) -> bool:
   """Whether every device's block of these axes is one contiguous run once flattened.
 
   True when all axes before the first one with more than one element per

@@ -115,7 +115,7 @@ class LlamaConfig:
     return cls(**{**fields, **overrides})
 
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
@@ -242,7 +242,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> jax.Array:
     return softmax_attention(q, k, v)
   if kind == "blocked":
     return blocked_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kind)  # type: ignore[call-overload]
 
 
 class RMSNorm(nn.Module):
