@@ -282,10 +282,11 @@ def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, case):
 
 
 def test_docs_snippets_run(tmp_path, monkeypatch):
-  """Every ```python block of docs/checkpoints.md runs, in order, in one namespace."""
-  text = (ROOT / "docs" / "checkpoints.md").read_text()
+  """The orbax ```python blocks of docs/checkpoints.md run, in order, in one namespace (the
+  whole page, with its torch/PEFT part, runs in test_peft_io.py: main stack only)."""
+  text = (ROOT / "docs" / "checkpoints.md").read_text().split("## PEFT adapter folders")[0]
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  assert len(blocks) >= 4
+  assert len(blocks) == 4
   monkeypatch.chdir(tmp_path)
   ns = {}
   for i, block in enumerate(blocks):

@@ -28,11 +28,12 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 class LlamaConfig:
   """Shape and execution options of :class:`Llama` (HF ``LlamaConfig`` names).
 
+  ``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+  ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps`` and
+  ``rope_theta`` are as in Hugging Face ``LlamaConfig`` (``head_dim=None`` means
+  ``hidden_size // num_attention_heads``).
+
   Args:
-    vocab_size, hidden_size, intermediate_size, num_hidden_layers,
-      num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps,
-      rope_theta: as in Hugging Face ``LlamaConfig`` (``head_dim=None`` means
-      ``hidden_size // num_attention_heads``).
     scan_layers: run the layers with ``nn.scan`` (params under ``layers/`` with
       a leading layer axis) instead of ``layers_0 ... layers_{L-1}``.
     remat: rematerialise each layer in the backward pass (``nn.remat``).
@@ -88,6 +89,7 @@ class LlamaConfig:
 
   @property
   def head_size(self) -> int:
+    """Per-head dimension: ``head_dim``, or ``hidden_size // num_attention_heads`` if unset."""
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
   @classmethod
