@@ -130,7 +130,7 @@ def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
   for p, k in ks.items():
     assert rel(gfs[p].a, gms[p].a) < 1e-4 and rel(gfs[p].b, gms[p].b) < 1e-4, p
     body = tuple(range(k.lam.ndim, k.w.ndim))  # per stacked layer (nn.scan): one λ each
-    norm = lambda t: np.sqrt(np.sum(np.asarray(t, np.float64) ** 2, axis=body))
+    norm = lambda t, body=body: np.sqrt(np.sum(np.asarray(t, np.float64) ** 2, axis=body))
     scale = norm(g_w[p]) * norm(dws[p]) / np.abs(np.asarray(k.lam))
     assert np.all(np.abs(np.asarray(gfs[p].lam, np.float64) - gms[p].lam) < 1e-5 * scale), p
   # Differentiating the full tree: w and w_norm receive exactly zero gradient.
