@@ -133,7 +133,7 @@ def test_llama_adapter_checkpoint_is_under_3_percent_of_full(tmp_path):
 
 
 def test_sharded_save_and_restore_takes_target_shardings(tmp_path):
-  mesh = jax.make_mesh((8,), ("x",))
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
   rows, cols, rep = (NamedSharding(mesh, s) for s in (P("x"), P(None, "x"), P()))
   params = {"enc": {"kernel": jax.random.normal(jax.random.key(0), (32, 16))}}
   tree = delora_jax.wrap(params, {"enc/kernel": delora_jax.Rule(8, init="random")})
