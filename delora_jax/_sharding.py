@@ -199,8 +199,9 @@ def shardings(tree: Any, base_shardings: Any, *, mesh: Mesh | AbstractMesh | Non
     >>> params = {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}
     >>> tree = delora_jax.wrap(params, {"kernel": 2})
     >>> sh = delora_jax.shardings(tree, {"kernel": P("data", "model"), "bias": P("model")})
-    >>> sh["kernel"].a, sh["kernel"].b, sh["kernel"].w_norm, sh["kernel"].lam
-    (P('data', None), P(None, 'model'), P('data',), P())
+    >>> k = sh["kernel"]  # a: (in, r), b: (r, out), w_norm: (in,), lam: ()
+    >>> (k.a, k.b, k.w_norm, k.lam) == (P("data", None), P(None, "model"), P("data"), P())
+    True
   """
   _tree.require_adapted(tree, "shardings")
   if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
