@@ -150,7 +150,8 @@ def test_docs_examples_torch_block_loads_the_export(finetune_run, tmp_path, monk
   (tmp_path / "finetune_out").mkdir()
   for key in ("peft", "head"):
     os.symlink(r["paths"][key], tmp_path / "finetune_out" / os.path.basename(r["paths"][key]))
-  text = open(os.path.join(ROOT, "docs", "examples.md"), encoding="utf-8").read()
+  with open(os.path.join(ROOT, "docs", "examples.md"), encoding="utf-8") as f:
+    text = f.read()
   (block,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
   monkeypatch.chdir(tmp_path)
   ns = {}
