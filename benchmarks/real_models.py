@@ -243,7 +243,7 @@ def main(argv=None):
   print("| model | LoRA impl | kernels (delora/lora) | flops delora | flops lora | flops ratio "
         "| temp B delora | temp B lora | temp ratio | arg B delora | arg B lora | dots delora/lora |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for name, r in results.items():
+  for r in results.values():
     d, l = r["delora"], r["lora"]
     print(f"| {r['model']} | {r['lora_impl']} | {r['n_delora_kernels']}/{r['n_lora_kernels']} "
           f"| {d['flops']:.4g} | {l['flops']:.4g} | {r['flops_ratio']:.3f} "

@@ -288,11 +288,11 @@ def _substituted(mod: nn.Module, values: Mapping[str, Any]):
   scope = mod.scope
   old = scope._collection("params")  # noqa: SLF001 (flax has no public hook for this)
   new = {**old, **values}
-  scope._variables["params"] = type(old)(new) if isinstance(old, FrozenDict) else new  # noqa: SLF001
+  scope._variables["params"] = type(old)(new) if isinstance(old, FrozenDict) else new  # type: ignore[assignment]  # noqa: SLF001
   try:
     yield
   finally:
-    scope._variables["params"] = old  # noqa: SLF001
+    scope._variables["params"] = old  # type: ignore[assignment]  # noqa: SLF001
 
 
 def _with_placeholders(mod: nn.Module, names: list[str], next_fun, args, kwargs):

@@ -351,6 +351,7 @@ def _read(path: str, tree: Any, ks: dict, opt_state: Any, shardings: Any, check_
     new_tree = _tree.map_leaves(lambda p, x: extras.get(p, x), new_tree)
   if opt_state is None:
     return new_tree
+  assert leaves is not None  # opt_state was given
   treedef = leaves[2]
   return new_tree, jax.tree_util.tree_unflatten(treedef, list(got[OPT]) if OPT in items else [])
 

@@ -62,7 +62,7 @@ def _walk(jaxpr, tracked: dict, uses: Uses) -> None:
       if groups is None:
         uses.other(path, name)
         continue
-      new = [()] * len(eqn.params["new_sizes"])
+      new: list[tuple[int, ...]] = [()] * len(eqn.params["new_sizes"])
       for gi, gj in groups:
         for q in gj:
           new[q] = _union(axes, gi)
@@ -92,6 +92,7 @@ def _walk(jaxpr, tracked: dict, uses: Uses) -> None:
 def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str], leads: list[int]) -> Any:
   """Traces ``fn(*bases)``, records how it uses each base (in :data:`USES`), returns its output."""
   uses = USES.get()
+  assert uses is not None, "trace() runs inside a call that set USES"
   closed, shape = jax.make_jaxpr(fn, return_shape=True)(*bases)
   tracked = {}
   for v, p, lead, w in zip(closed.jaxpr.invars, paths, leads, bases):

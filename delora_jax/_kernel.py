@@ -40,10 +40,12 @@ class DeloraKernel:
   dropout: float = 0.0
 
   def replace(self, **changes: Any) -> "DeloraKernel":
+    """A copy with the given fields changed (``dataclasses.replace``)."""
     return dataclasses.replace(self, **changes)
 
   @property
   def rank(self) -> int:
+    """The adapter rank ``r`` (the last axis of ``a``)."""
     return self.a.shape[-1]
 
   def __array__(self, *args: Any, **kwargs: Any):
@@ -66,16 +68,21 @@ class DeloraKernel:
     return self.__jax_array__()
 
   def astype(self, dtype: Any) -> jax.Array:
+    """The kernel as an array of ``dtype``: inside ``delora_jax.apply`` its factorised or merged
+    form, outside it a ``TypeError`` (see the class docstring)."""
     return self._array().astype(dtype)
 
   @property
   def T(self) -> jax.Array:  # noqa: N802 (numpy's name)
+    """The transposed kernel, as :meth:`astype` resolves it."""
     return self._array().T
 
   def transpose(self, *axes: Any) -> jax.Array:
+    """The kernel with its axes permuted, as :meth:`astype` resolves it."""
     return self._array().transpose(*axes)
 
   def reshape(self, *shape: Any, **kwargs: Any) -> jax.Array:
+    """The kernel reshaped, as :meth:`astype` resolves it."""
     return self._array().reshape(*shape, **kwargs)
 
   def __getitem__(self, index: Any) -> jax.Array:

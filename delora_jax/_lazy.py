@@ -162,8 +162,8 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
   kind = {**{p: "s" for p in lz.stacks}, **{p: "i" for p in lz.ins}, **{p: "o" for p in lz.outs}}
   order = {"s": list(lz.stacks), "i": list(lz.ins), "o": list(lz.outs)}
   # Each run of old axes must be of one kind and consecutive, ascending, in that kind's order.
-  new_order = {"s": [], "i": [], "o": []}
-  sizes = {"s": [], "i": [], "o": []}
+  new_order: dict[str, list[int]] = {"s": [], "i": [], "o": []}
+  sizes: dict[str, list[int]] = {"s": [], "i": [], "o": []}
   runs, axes = {}, [()] * len(new_shape)
   for gi, gj in groups:
     for q in gj:
@@ -223,7 +223,7 @@ def _check_contraction(lz: Lazy, contracted: tuple[int, ...], op: str) -> None:
       "delora_jax infer it: wrap(params, rules, like=(model, *example_args)).")
 
 
-def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) -> jax.Array:
+def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) -> jax.Array | None:
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   kc, xc = (lc, rc) if lazy_is_lhs else (rc, lc)
   kb, xb = (lb, rb) if lazy_is_lhs else (rb, lb)

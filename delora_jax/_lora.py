@@ -96,8 +96,8 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   sh = getattr(k.w, "sharding", None)
   out = None
   if isinstance(sh, NamedSharding):
-    out = NamedSharding(sh.mesh, PartitionSpec())
-    out = (out, out)
+    replicated = NamedSharding(sh.mesh, PartitionSpec())
+    out = (replicated, replicated)
   n_bad, rel = _mismatch_fn(k.in_axes, k.out_axes, rtol, out)(k.w, stored)
   n_bad, rel = int(n_bad), float(rel)
   if n_bad:

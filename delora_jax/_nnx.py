@@ -173,7 +173,7 @@ def is_adapted(module: Any) -> bool:
 
 def modules(model: nnx.Module) -> dict[str, nnx.Module]:
   """``{path: module}`` of every module in ``model``'s graph (first path of shared ones)."""
-  out = {}
+  out: dict[str, nnx.Module] = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module):
       out.setdefault("/".join(str(p) for p in path), node)
@@ -185,7 +185,7 @@ def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
   out = {}
   for prefix, mod in modules(model).items():
     if is_adapted(mod):
-      for n in type(mod)._delora_names:
+      for n in type(mod)._delora_names:  # type: ignore[attr-defined]
         ad = vars(mod)[n + SUFFIX]
         out[f"{prefix}/{n}" if prefix else n] = ad.kernel(vars(mod)[n].get_value())
   return out
@@ -196,7 +196,7 @@ def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
   new = copy(model)
   for prefix, mod in modules(new).items():
     if is_adapted(mod):
-      for n in type(mod)._delora_names:
+      for n in type(mod)._delora_names:  # type: ignore[attr-defined]
         k, ad = ks[f"{prefix}/{n}" if prefix else n], vars(mod)[n + SUFFIX]
         for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
           if f in vars(ad):
@@ -217,12 +217,12 @@ def restore(model: nnx.Module, merge: bool) -> nnx.Module:
     if not is_adapted(mod):
       continue
     cls = type(mod)
-    for n in cls._delora_names:
+    for n in cls._delora_names:  # type: ignore[attr-defined]
       var, ad = vars(mod)[n], vars(mod)[n + SUFFIX]
       if merge:
         var.set_value(_kernel.merged(ad.kernel(var.get_value())))
       delattr(mod, n + SUFFIX)
-    mod.__class__ = cls._delora_base
+    mod.__class__ = cls._delora_base  # type: ignore[attr-defined]
   return new
 
 

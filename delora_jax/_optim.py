@@ -26,7 +26,7 @@ def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) 
   paths, leaves, treedef = _tree.flatten(tree, is_leaf=lambda x: x is None or is_kernel(x))
   # The trainable half of `split` (its kernels have w = None) holds only leaves meant to train.
   trainable_half = any(is_kernel(x) and x.w is None for x in leaves)
-  out = []
+  out: list[Any] = []
   for p, x in zip(paths, leaves):
     if x is None:
       out.append(None)

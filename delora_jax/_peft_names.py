@@ -109,7 +109,8 @@ def resolve(module_names: Any, path: str, k: DeloraKernel) -> list[str]:
 
 
 def resolve_all(module_names: Any, ks: dict[str, DeloraKernel]) -> dict[str, list[str]]:
-  out, seen = {}, {}
+  out: dict[str, list[str]] = {}
+  seen: dict[str, str] = {}
   for path, k in ks.items():
     out[path] = resolve(module_names, path, k)
     for name in out[path]:

@@ -191,6 +191,7 @@ class Rule:
             f"(in, out) kernel or a declared layout. {fix}")
       ins, outs = [body[0]], [body[1]]
     elif ins is None:
+      assert outs is not None  # the first branch took "both None"
       ins = [a for a in body if a not in outs]
     elif outs is None:
       outs = [a for a in body if a not in ins]

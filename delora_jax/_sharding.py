@@ -10,7 +10,7 @@ base matmul runs and no full frozen kernel is ever gathered for it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -32,7 +32,7 @@ def _as_entry(axes: tuple[str, ...]) -> Any:
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _contiguous(shape: tuple[int, ...], counts: list[int]) -> bool:
+def _contiguous(shape: Sequence[int], counts: Sequence[int]) -> bool:
   """Whether every device's block of these axes is one contiguous run once flattened.
 
   True when all axes before the first one with more than one element per
@@ -238,8 +238,9 @@ def shardings(tree: Any, base_shardings: Any = None, *,
     >>> params = {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}
     >>> tree = delora_jax.wrap(params, {"kernel": 2})
     >>> sh = delora_jax.shardings(tree, {"kernel": P("data", "model"), "bias": P("model")})
-    >>> sh["kernel"].a, sh["kernel"].b, sh["kernel"].w_norm, sh["kernel"].lam
-    (P('data', None), P(None, 'model'), P('data',), P())
+    >>> k = sh["kernel"]  # a: (in, r), b: (r, out), w_norm: (in,), lam: ()
+    >>> (k.a, k.b, k.w_norm, k.lam) == (P("data", None), P(None, "model"), P("data"), P())
+    True
 
     Abstract params that carry their shardings need no ``base_shardings``:
 
@@ -248,8 +249,8 @@ def shardings(tree: Any, base_shardings: Any = None, *,
     >>> mesh = Mesh(jax.devices()[:1], ("data",))
     >>> abstract = {"kernel": jax.ShapeDtypeStruct((16, 8), jnp.float32,
     ...                                            sharding=NamedSharding(mesh, P("data")))}
-    >>> delora_jax.shardings(delora_jax.wrap(abstract, {"kernel": 2}))["kernel"].a.spec
-    P('data', None)
+    >>> delora_jax.shardings(delora_jax.wrap(abstract, {"kernel": 2}))["kernel"].a.spec == P("data", None)
+    True
   """
   _tree.require_adapted(tree, "shardings")
   if base_shardings is None:

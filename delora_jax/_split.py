@@ -59,7 +59,8 @@ def split(tree: Any, *, extra_trainable: str | Sequence[str] | None = None) -> t
   """
   extra = _extra_matcher(extra_trainable)
   paths, leaves, treedef = _tree.flatten(tree)
-  train, frozen = [], []
+  train: list[Any] = []
+  frozen: list[Any] = []
   for p, x in zip(paths, leaves):
     if is_kernel(x):
       train.append(_none_fields(x, FROZEN_FIELDS))

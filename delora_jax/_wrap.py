@@ -267,8 +267,8 @@ def wrap_with(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | 
     raise TypeError(f"`key` must be a PRNG key such as jax.random.key(0); got {key!r}.")
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
-  hits = {pattern: [] for pattern, _, _ in compiled}
-  claimed = {pattern: [] for pattern, _, _ in compiled}
+  hits: dict[str, list[str]] = {pattern: [] for pattern, _, _ in compiled}
+  claimed: dict[str, list[str]] = {pattern: [] for pattern, _, _ in compiled}
   owners = {}
   for i, path in enumerate(paths):
     owner = None

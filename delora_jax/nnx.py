@@ -114,7 +114,7 @@ def wrap(model: nnx.Module, rules: Mapping[str, Rule | int], *, key: jax.Array |
           f"{type(owner).__name__ if owner is not None else 'a container'}), so the NNX path "
           "cannot adapt the layer that uses it. Select kernels that are attributes of modules "
           "(e.g. 'layers/0/attn/q_proj/w'), or narrow the rules.")
-    if getattr(type(owner), "__call__", None) is None:
+    if not callable(owner):
       raise TypeError(f"{path}: its module {type(owner).__name__} has no __call__ to adapt.")
     if k.dropout > 0.0 and rngs is None:
       raise ValueError(f"{path}: its Rule has dropout={k.dropout}, which needs random keys; "

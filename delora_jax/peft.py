@@ -82,7 +82,7 @@ def _dropout(ks: dict) -> float:
 def _initial_lams(rules: Any, ks: dict) -> dict[str, float]:
   compiled = _compile(rules)
   out = {}
-  for p, k in ks.items():
+  for p in ks:
     rule = next((r for _, rx, r in compiled if rx.fullmatch(p)), None)
     if rule is None:
       raise ValueError(f"{p}: no pattern of `rules` matches this adapted kernel; pass the rules "

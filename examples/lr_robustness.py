@@ -27,6 +27,7 @@ discusses.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -144,7 +145,7 @@ def make_step(forward, opt):
   def step(trainable, opt_state, frozen, ids, mask, y, lr, head_lr):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, y)
     updates, opt_state = opt.update(grads, opt_state, trainable)  # unit learning rate
-    updates = {k: jax.tree.map(lambda u: u * (head_lr if k == "head" else lr), v)
+    updates = {k: jax.tree.map(lambda u, f=(head_lr if k == "head" else lr): u * f, v)
                for k, v in updates.items()}
     return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -231,7 +232,7 @@ def sweep(args) -> dict:
     for name, m in methods.items():
       tr, losses, history = run(m.step, m.opt, m.trainable, m.frozen, train, batches, lr,
                                 f"{name} lr={lr:.0e}", m.diagnose, args.log_every)
-      metric = V.metrics(V.batched(lambda i, k: m.predict(tr, i, k), test), test.y)
+      metric = V.metrics(V.batched(functools.partial(m.predict, tr), test), test.y)
       runs.append({"method": name, "lr": lr, **metric, **m.stats(tr),
                    "final_train_loss": float(np.mean(losses[-10:])), "history": history})
       print(f"{name:>6} lr={lr:.1e}: test r={metric['pearson']:.4f} MSE={metric['mse']:.4g} "

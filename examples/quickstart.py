@@ -29,7 +29,7 @@ def step(trainable, opt_state):
   updates, opt_state = opt.update(grads, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, loss
 
-for i in range(200):
+for _ in range(200):
   trainable, opt_state, loss = step(trainable, opt_state)
 print(f"loss {loss_fn(delora_jax.split(tree)[0]):.4f} -> {loss:.4f}")
 merged = delora_jax.merge(delora_jax.combine(trainable, frozen))  # plain params again

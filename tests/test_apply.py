@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 import delora_jax
 from delora_jax import _apply
@@ -118,8 +119,20 @@ def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
   def merged_loss(trainable):
     return jnp.mean(model.apply({"params": delora_jax.merge(delora_jax.combine(trainable, frozen))}, x) ** 2)
   g_merged = jax.grad(merged_loss)(trainable)
-  for gf, gm in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_merged)):
-    assert rel(gf, gm) < 1e-4
+  # a and b: relative error. λ: dL/dλ = <G, ΔW> / λ (ΔW is linear in λ, G = dL/dW) sums terms of
+  # total size ~ ||G|| ||ΔW|| / |λ| that cancel to a much smaller value, so its rounding error is
+  # relative to that scale, not to |dL/dλ| (measured: <= 2e-6 of it, on jax 0.10 and 0.12).
+  g_w = traverse_util.flatten_dict(
+      jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(delora_jax.merge(tree)), sep="/")
+  dws, ks = delora_jax.delta(tree), delora_jax._tree.kernels(tree)
+  gfs, gms = delora_jax._tree.kernels(g_fact), delora_jax._tree.kernels(g_merged)
+  assert sorted(gfs) == sorted(gms) == sorted(ks)
+  for p, k in ks.items():
+    assert rel(gfs[p].a, gms[p].a) < 1e-4 and rel(gfs[p].b, gms[p].b) < 1e-4, p
+    body = tuple(range(k.lam.ndim, k.w.ndim))  # per stacked layer (nn.scan): one λ each
+    norm = lambda t, body=body: np.sqrt(np.sum(np.asarray(t, np.float64) ** 2, axis=body))
+    scale = norm(g_w[p]) * norm(dws[p]) / np.abs(np.asarray(k.lam))
+    assert np.all(np.abs(np.asarray(gfs[p].lam, np.float64) - gms[p].lam) < 1e-5 * scale), p
   # Differentiating the full tree: w and w_norm receive exactly zero gradient.
   g_full = jax.grad(lambda t: loss_fn(model)(*delora_jax.split(t), x))(tree)
   for k in delora_jax._tree.kernels(g_full).values():

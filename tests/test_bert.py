@@ -152,6 +152,7 @@ def test_gradients_flow_through_all_layers(batch):
   model = bert.BertModel(cfg)
   ids, mask = jnp.asarray(batch[0][:2, :6] % 128), jnp.asarray(batch[1][:2, :6])
   params = jax.jit(model.init)(jax.random.key(0), ids, mask)["params"]
-  g = jax.jit(jax.grad(lambda p: bert.sentence_embedding(model.apply({"params": p}, ids, mask), mask)[:, 0].sum()))(params)
+  embed = lambda p: bert.sentence_embedding(model.apply({"params": p}, ids, mask), mask)
+  g = jax.jit(jax.grad(lambda p: embed(p)[:, 0].sum()))(params)
   for name in ("query", "key", "value"):
     assert float(jnp.abs(g["encoder"]["layer_0"]["attention"]["self"][name]["kernel"]).max()) > 0

@@ -133,7 +133,7 @@ def test_llama_adapter_checkpoint_is_under_3_percent_of_full(tmp_path):
 
 
 def test_sharded_save_and_restore_takes_target_shardings(tmp_path):
-  mesh = jax.make_mesh((8,), ("x",))
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
   rows, cols, rep = (NamedSharding(mesh, s) for s in (P("x"), P(None, "x"), P()))
   params = {"enc": {"kernel": jax.random.normal(jax.random.key(0), (32, 16))}}
   tree = delora_jax.wrap(params, {"enc/kernel": delora_jax.Rule(8, init="random")})
@@ -282,10 +282,11 @@ def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, case):
 
 
 def test_docs_snippets_run(tmp_path, monkeypatch):
-  """Every ```python block of docs/checkpoints.md runs, in order, in one namespace."""
-  text = (ROOT / "docs" / "checkpoints.md").read_text()
+  """The orbax ```python blocks of docs/checkpoints.md run, in order, in one namespace (the
+  whole page, with its torch/PEFT part, runs in test_peft_io.py: main stack only)."""
+  text = (ROOT / "docs" / "checkpoints.md").read_text().split("## PEFT adapter folders")[0]
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  assert len(blocks) >= 4
+  assert len(blocks) == 4
   monkeypatch.chdir(tmp_path)
   ns = {}
   for i, block in enumerate(blocks):

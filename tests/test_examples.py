@@ -12,6 +12,7 @@ the same predictions as JAX.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -155,3 +156,18 @@ def test_committed_lr_robustness_results():
 
 def test_committed_finetune_diagnostics_plot():
   assert os.path.getsize(os.path.join(ROOT, "docs", "img", "finetune_diagnostics.png")) > 10_000
+
+
+def test_docs_examples_torch_block_loads_the_export(finetune_run, tmp_path, monkeypatch):
+  """docs/examples.md's torch snippet, as written, on the folder the example wrote."""
+  _, r = finetune_run
+  (tmp_path / "finetune_out").mkdir()
+  for key in ("peft", "head"):
+    os.symlink(r["paths"][key], tmp_path / "finetune_out" / os.path.basename(r["paths"][key]))
+  with open(os.path.join(ROOT, "docs", "examples.md"), encoding="utf-8") as f:
+    text = f.read()
+  (block,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+  monkeypatch.chdir(tmp_path)
+  ns = {}
+  exec(compile(block, "docs/examples.md", "exec"), ns)  # noqa: S102 (our docs)
+  assert isinstance(ns["model"], peft.PeftModel) and ns["head"]["kernel"].shape == (384, 1)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import torch
+import peft
 
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file, save_file
 
-import delora_jax  # noqa: E402
-from tests import torch_mlp as tm  # noqa: E402
+import delora_jax
+from tests import torch_mlp as tm
 
 RTOL = 1e-5
 NAMES = {f"{n}/kernel": n for n in tm.NAMES}
@@ -81,7 +82,8 @@ def test_jax_to_peft_outputs_and_files_match_peft(tmp_path):
   assert float(lin1.delora_lambda["default"]) == float(tree["lin1"]["kernel"].lam)  # trained λ
 
   model.save_pretrained(tmp_path / "resaved")  # PEFT's own writer: same keys, same tensors
-  ours, theirs = load_file(f"{out}/adapter_model.safetensors"), load_file(tmp_path / "resaved/adapter_model.safetensors")
+  ours = load_file(f"{out}/adapter_model.safetensors")
+  theirs = load_file(tmp_path / "resaved/adapter_model.safetensors")
   assert sorted(ours) == sorted(theirs)
   for k in ours:
     assert ours[k].dtype == np.float32 and ours[k].shape == theirs[k].shape
@@ -355,3 +357,16 @@ def test_load_file_errors(exported, tmp_path):
   with pytest.raises(ValueError, match="init='paper'.*Wrap the target"):
     delora_jax.peft.load(out, paper, module_names=NAMES)
   assert_adapters_equal(delora_jax.peft.load(out, jax_tree(key=4), module_names=NAMES, check_base=True), tree)
+
+
+def test_docs_checkpoints_page_runs_with_its_peft_part(tmp_path, monkeypatch):
+  """Every ```python block of docs/checkpoints.md, in order, in one namespace: the orbax part
+  (also run on every stack by test_checkpoint.py) and the torch/PEFT part."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert len(blocks) == 7
+  monkeypatch.chdir(tmp_path)
+  ns = {}
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"docs/checkpoints.md[block {i}]", "exec"), ns)  # noqa: S102 (our docs)
+  assert isinstance(ns["torch_model"], peft.PeftModel)

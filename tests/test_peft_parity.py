@@ -6,11 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import torch
+import peft
 
-import delora_jax  # noqa: E402
-from tests import torch_mlp as tm  # noqa: E402
+import delora_jax
+from tests import torch_mlp as tm
 
 RTOL = 1e-5
 

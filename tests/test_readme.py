@@ -42,3 +42,21 @@ def test_nnx_snippet_runs_and_trains():
   losses = [float(ns["step"](ns["adapted"], ns["opt"], x, y)) for _ in range(30)]
   assert losses[-1] < 0.8 * losses[0]
   assert type(ns["merged"]).__name__ == "Linear"
+
+
+def test_ci_builds_the_docs_with_the_readme_command():
+  block = re.search(r"### Build the docs locally.*?```bash\n(.*?)\n```", readme(), re.S).group(1)
+  assert "sphinx -W --keep-going" in block
+  assert f'bash -c "{block}"' in (ROOT / ".ci" / "run").read_text()
+
+
+def test_lower_bounds_stack_pins_exactly_the_pyproject_lower_bounds():
+  import tomllib
+
+  deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+  bounds = dict(re.fullmatch(r"([\w.-]+)>=([\w.]+)", d).groups() for d in deps)
+  lines = (ROOT / ".ci" / "lower-bounds.txt").read_text().splitlines()
+  pins = dict(ln.split("==") for ln in lines if ln and not ln.startswith("#"))
+  assert {k: v for k, v in pins.items() if k != "jaxlib"} == bounds
+  assert pins["jaxlib"] == pins["jax"]
+  assert "-c .ci/lower-bounds.txt" in (ROOT / ".ci" / "run").read_text()

@@ -92,9 +92,9 @@ def test_paper_init_bound_holds_for_the_trained_part_exactly():
   for seed in range(4):  # as if trained: a, b and λ moved
     ks = jax.random.split(jax.random.key(seed), 3)
     t = delora_jax._tree.map_kernels(
-        lambda _, k: k.replace(a=k.a + jax.random.normal(ks[0], k.a.shape),
-                               b=k.b + jax.random.normal(ks[1], k.b.shape),
-                               lam=k.lam * (1 + seed)), tree)
+        lambda _, k, ks=ks, seed=seed: k.replace(a=k.a + jax.random.normal(ks[0], k.a.shape),
+                                                 b=k.b + jax.random.normal(ks[1], k.b.shape),
+                                                 lam=k.lam * (1 + seed)), tree)
     k = t["kernel"]
     lam = float(jnp.abs(k.lam))
     trained = k.a * _kernel.scales(k.a, k.b, k.lam)[..., None, :] @ k.b

@@ -28,11 +28,12 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 class LlamaConfig:
   """Shape and execution options of :class:`Llama` (HF ``LlamaConfig`` names).
 
+  ``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+  ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps`` and
+  ``rope_theta`` are as in Hugging Face ``LlamaConfig`` (``head_dim=None`` means
+  ``hidden_size // num_attention_heads``).
+
   Args:
-    vocab_size, hidden_size, intermediate_size, num_hidden_layers,
-      num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps,
-      rope_theta: as in Hugging Face ``LlamaConfig`` (``head_dim=None`` means
-      ``hidden_size // num_attention_heads``).
     scan_layers: run the layers with ``nn.scan`` (params under ``layers/`` with
       a leading layer axis) instead of ``layers_0 ... layers_{L-1}``.
     remat: rematerialise each layer in the backward pass (``nn.remat``).
@@ -88,6 +89,7 @@ class LlamaConfig:
 
   @property
   def head_size(self) -> int:
+    """Per-head dimension: ``head_dim``, or ``hidden_size // num_attention_heads`` if unset."""
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
   @classmethod
@@ -115,7 +117,7 @@ class LlamaConfig:
     return cls(**{**fields, **overrides})
 
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
@@ -242,7 +244,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> jax.Array:
     return softmax_attention(q, k, v)
   if kind == "blocked":
     return blocked_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kind)  # type: ignore[call-overload]
 
 
 class RMSNorm(nn.Module):
