@@ -48,8 +48,7 @@ PEER_CPU = "shared/bench/peer_peft_cpu.py"
 
 def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Next-token cross-entropy (HF's shifted labels), float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), tokens[:, 1:]).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), tokens[:, 1:]).mean()
 
 
 # ------------------------------------------------------------------ LoRA baselines
@@ -72,7 +71,8 @@ def lora_init(params, rank: int, key: jax.Array, dtype=jnp.float32):
       *stack, n_in, n_out = w.shape
       bound = 1.0 / math.sqrt(n_in)
       out[path[:-1] + ("lora_a",)] = jax.random.uniform(
-          jax.random.fold_in(key, i), (*stack, n_in, rank), dtype, -bound, bound)
+        jax.random.fold_in(key, i), (*stack, n_in, rank), dtype, -bound, bound
+      )
       out[path[:-1] + ("lora_b",)] = jnp.zeros((*stack, rank, n_out), dtype)
   return flax.traverse_util.unflatten_dict(out)
 
@@ -88,8 +88,13 @@ def deep_merge(a: dict, b: dict) -> dict:
 def lora_interceptor(scaling: float, flatten: bool = True, form: str = "plain"):
   def intercept(next_fun, args, kwargs, context):
     mod = context.module
-    if (context.method_name != "__call__" or not isinstance(mod, nn.Dense) or mod.scope is None
-        or mod.name not in TARGETS or not mod.has_variable("params", "lora_a")):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(mod, nn.Dense)
+      or mod.scope is None
+      or mod.name not in TARGETS
+      or not mod.has_variable("params", "lora_a")
+    ):
       return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     a, b = mod.get_variable("params", "lora_a"), mod.get_variable("params", "lora_b")
@@ -110,6 +115,7 @@ def lora_interceptor(scaling: float, flatten: bool = True, form: str = "plain"):
     h = lax.dot_general(x2.astype(cdt), a.astype(cdt), contract(x2), preferred_element_type=acc)
     d = lax.dot_general(h.astype(cdt), b.astype(cdt), contract(h), preferred_element_type=acc)
     return (y + d.astype(y.dtype)).reshape(*x.shape[:-1], y.shape[-1])
+
   return intercept
 
 
@@ -118,14 +124,11 @@ def lora_interceptor(scaling: float, flatten: bool = True, form: str = "plain"):
 
 def delora_rules(cfg: LlamaConfig, rank: int, lam: float):
   if cfg.scan_layers:
-    return {r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel":
-            delora_jax.Rule(rank, lam, stack_axes=1)}
-  return {r"layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel":
-          delora_jax.Rule(rank, lam)}
+    return {r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel": delora_jax.Rule(rank, lam, stack_axes=1)}
+  return {r"layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel": delora_jax.Rule(rank, lam)}
 
 
-def build_mode(mode: str, model: Llama, params, tokens, rank: int, lam: float,
-               lora_flatten: bool = True):
+def build_mode(mode: str, model: Llama, params, tokens, rank: int, lam: float, lora_flatten: bool = True):
   """``(loss_fn(trainable, frozen, tokens), trainable, frozen, tx, info)`` for ``mode``."""
   adamw = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
   run = lambda p, **kw: model.apply({"params": p}, **kw)  # noqa: E731
@@ -133,28 +136,36 @@ def build_mode(mode: str, model: Llama, params, tokens, rank: int, lam: float,
     loss = lambda t, f, x: xent(run(t, input_ids=x), x)  # noqa: E731
     return loss, jax.tree.map(jnp.copy, params), None, adamw, {}
   if mode == "frozen":
+
     def loss(delta, f, x):  # gradient w.r.t. the embedding output only
       emb = model.apply({"params": f}, x, method=Llama.embed)
       return xent(run(f, inputs_embeds=emb + delta), x)
+
     b, t = tokens.shape
     delta = jnp.zeros((b, t, model.config.hidden_size), model.config.dtype)
     return loss, delta, params, adamw, {"trainable_params": 0, "differentiated": delta.size}
   if mode in ("lora", "lora_plain"):
     form = "joined" if mode == "lora" else "plain"
+
     def loss(t, f, x):  # alpha = r, scaling 1
       with nn.intercept_methods(lora_interceptor(1.0, lora_flatten, form)):
         return xent(run(deep_merge(f, t), input_ids=x), x)
+
     return loss, lora_init(params, rank, jax.random.key(1)), params, adamw, {}
   tree = delora_jax.wrap(params, delora_rules(model.config, rank, lam), key=jax.random.key(1))
   trainable, frozen = delora_jax.split(tree)
   tx = delora_jax.optimizer(optax.adamw, learning_rate=LR, weight_decay=WEIGHT_DECAY)
   if mode == "delora_merged":
+
     def loss(t, f, x):
       return xent(run(delora_jax.merge(delora_jax.combine(t, f)), input_ids=x), x)
+
     return loss, trainable, frozen, tx, {}
   if mode == "delora":
+
     def loss(t, f, x):
       return xent(delora_jax.apply(model, {"params": delora_jax.combine(t, f)}, x), x)
+
     info = {}
     if hasattr(delora_jax, "explain"):
       paths = delora_jax.explain(model, {"params": tree}, tokens)
@@ -169,6 +180,7 @@ def train_step(loss_fn, tx):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return (optax.apply_updates(trainable, updates), opt_state), loss
+
   return step
 
 
@@ -178,8 +190,9 @@ def count(tree) -> int:
 
 def compile_mode(mode: str, model: Llama, params, tokens, args) -> dict:
   """Builds and compiles one mode's step; XLA's flops and memory of the compiled program."""
-  loss_fn, trainable, frozen, tx, info = build_mode(mode, model, params, tokens, args.rank, args.lam,
-                                                    lora_flatten=not args.lora_3d)
+  loss_fn, trainable, frozen, tx, info = build_mode(
+    mode, model, params, tokens, args.rank, args.lam, lora_flatten=not args.lora_3d
+  )
   state = (trainable, tx.init(trainable))
   t0 = time.perf_counter()
   compiled = jax.jit(train_step(loss_fn, tx), donate_argnums=0).lower(state, frozen, tokens).compile()
@@ -187,12 +200,21 @@ def compile_mode(mode: str, model: Llama, params, tokens, args) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   m = compiled.memory_analysis()
-  mem = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-             temp=m.temp_size_in_bytes, alias=m.alias_size_in_bytes)
+  mem = dict(
+    argument=m.argument_size_in_bytes,
+    output=m.output_size_in_bytes,
+    temp=m.temp_size_in_bytes,
+    alias=m.alias_size_in_bytes,
+  )
   mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
-  stats = dict(mode=mode, flops=float(cost.get("flops", -1.0)),
-               bytes_accessed=float(cost.get("bytes accessed", -1.0)), memory_bytes=mem,
-               compile_s=compile_s, **{"trainable_params": count(trainable), **info})
+  stats = dict(
+    mode=mode,
+    flops=float(cost.get("flops", -1.0)),
+    bytes_accessed=float(cost.get("bytes accessed", -1.0)),
+    memory_bytes=mem,
+    compile_s=compile_s,
+    **{"trainable_params": count(trainable), **info},
+  )
   return dict(stats=stats, compiled=compiled, state=state, frozen=frozen, times=[], losses=[])
 
 
@@ -216,17 +238,29 @@ def time_modes(runs: list[dict], tokens, steps: int, warmup: int) -> None:
       run_steps(run, tokens, 1, timed=True)
   for run in runs:
     times, step_s = run["times"], statistics.median(run["times"])
-    run["stats"].update(step_s_median=step_s, step_s_min=min(times), step_s_all=times,
-                        tokens_per_s=tokens.size / step_s, first_loss=run["losses"][0],
-                        last_loss=run["losses"][-1])
+    run["stats"].update(
+      step_s_median=step_s,
+      step_s_min=min(times),
+      step_s_all=times,
+      tokens_per_s=tokens.size / step_s,
+      first_loss=run["losses"][0],
+      last_loss=run["losses"][-1],
+    )
     run["state"] = None  # free the donated buffers' successors
 
 
 # ------------------------------------------------------------------ reporting
 
-RATIOS = (("delora", "lora"), ("delora", "lora_plain"), ("delora", "frozen"),
-          ("delora_merged", "lora"), ("delora", "delora_merged"), ("lora", "frozen"),
-          ("lora_plain", "frozen"), ("full", "frozen"))
+RATIOS = (
+  ("delora", "lora"),
+  ("delora", "lora_plain"),
+  ("delora", "frozen"),
+  ("delora_merged", "lora"),
+  ("delora", "delora_merged"),
+  ("lora", "frozen"),
+  ("lora_plain", "frozen"),
+  ("full", "frozen"),
+)
 
 
 def ratios(res: dict) -> dict:
@@ -234,20 +268,26 @@ def ratios(res: dict) -> dict:
   for a, b in RATIOS:
     if a in res and b in res:
       ra, rb = res[a], res[b]
-      out[f"{a}/{b}"] = dict(flops=ra["flops"] / rb["flops"],
-                             memory=ra["memory_bytes"]["total"] / rb["memory_bytes"]["total"],
-                             time=ra["step_s_median"] / rb["step_s_median"])
+      out[f"{a}/{b}"] = dict(
+        flops=ra["flops"] / rb["flops"],
+        memory=ra["memory_bytes"]["total"] / rb["memory_bytes"]["total"],
+        time=ra["step_s_median"] / rb["step_s_median"],
+      )
   return out
 
 
 def table(res: dict, rat: dict) -> str:
-  mib = 2.0 ** 20
-  lines = ["| mode | trainable | GFLOP/step | memory MiB (total) | temp MiB | step ms (median) | tokens/s |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+  mib = 2.0**20
+  lines = [
+    "| mode | trainable | GFLOP/step | memory MiB (total) | temp MiB | step ms (median) | tokens/s |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in res.values():
-    lines.append(f"| {r['mode']} | {r['trainable_params']:,} | {r['flops'] / 1e9:.2f} | "
-                 f"{r['memory_bytes']['total'] / mib:.1f} | {r['memory_bytes']['temp'] / mib:.1f} | "
-                 f"{r['step_s_median'] * 1e3:.1f} | {r['tokens_per_s']:.0f} |")
+    lines.append(
+      f"| {r['mode']} | {r['trainable_params']:,} | {r['flops'] / 1e9:.2f} | "
+      f"{r['memory_bytes']['total'] / mib:.1f} | {r['memory_bytes']['temp'] / mib:.1f} | "
+      f"{r['step_s_median'] * 1e3:.1f} | {r['tokens_per_s']:.0f} |"
+    )
   lines += ["", "| ratio | flops | memory | time |", "|---|---:|---:|---:|"]
   lines += [f"| {k} | {v['flops']:.4f} | {v['memory']:.4f} | {v['time']:.3f} |" for k, v in rat.items()]
   return "\n".join(lines)
@@ -284,7 +324,8 @@ def run_peft_cpu(ours: dict) -> dict:
     out[f"peft_step_s_{stat}"] = peft
     out[f"ours_over_peft_{stat}"] = {m: r[ours_key] / peft[m] for m, r in ours.items() if m in peft}
   out["delora_jax_delora_over_peft_delora"] = {
-      stat: out[f"ours_over_peft_{stat}"].get("delora", math.nan) for stat in ("min", "median")}
+    stat: out[f"ours_over_peft_{stat}"].get("delora", math.nan) for stat in ("min", "median")
+  }
   return out
 
 
@@ -295,17 +336,23 @@ def parse(argv=None):
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--lam", type=float, default=15.0)
-  p.add_argument("--steps", type=int, default=6,
-                 help="timed steps per mode, interleaved across modes (median reported)")
+  p.add_argument(
+    "--steps", type=int, default=6, help="timed steps per mode, interleaved across modes (median reported)"
+  )
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
   p.add_argument("--scan", action="store_true", help="nn.scan over layers")
   p.add_argument("--remat", action="store_true", help="rematerialise each layer")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                 help="compute and base-param dtype (adapters stay float32)")
+  p.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="compute and base-param dtype (adapters stay float32)",
+  )
   p.add_argument("--attention", default="auto", choices=["auto", "softmax", "blocked", "xla", "cudnn"])
-  p.add_argument("--lora-3d", action="store_true",
-                 help="lora_plain on (B, T, in) operands instead of flattened 2-D (slow on CPU)")
+  p.add_argument(
+    "--lora-3d", action="store_true", help="lora_plain on (B, T, in) operands instead of flattened 2-D (slow on CPU)"
+  )
   p.add_argument("--out", default=None, help="write the JSON results here")
   p.add_argument("--peft", action="store_true", help="also run ../shared/bench/peer_peft_cpu.py")
   args = p.parse_args(argv)
@@ -323,25 +370,51 @@ def parse(argv=None):
 def main(argv=None) -> dict:
   args = parse(argv)
   warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-  cfg = LlamaConfig.preset(args.config, scan_layers=args.scan, remat=args.remat,
-                           dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
+  cfg = LlamaConfig.preset(
+    args.config,
+    scan_layers=args.scan,
+    remat=args.remat,
+    dtype=args.dtype,
+    param_dtype=args.dtype,
+    attention=args.attention,
+  )
   model = Llama(cfg)
-  tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq)),
-                       jnp.int32)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq)), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), tokens[:1])["params"]
-  meta = dict(config=args.config, model=dataclasses.asdict(cfg), batch=args.batch,
-              seq=args.seq, rank=args.rank, lam=args.lam, steps=args.steps, warmup=args.warmup,
-              scan=args.scan, remat=args.remat, dtype=args.dtype, lora_3d=args.lora_3d,
-              lr=LR, weight_decay=WEIGHT_DECAY,
-              backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-              jax=jax.__version__, flax=flax.__version__, cpus=os.cpu_count(),
-              loadavg_start=os.getloadavg(), python=platform.python_version())
+  meta = dict(
+    config=args.config,
+    model=dataclasses.asdict(cfg),
+    batch=args.batch,
+    seq=args.seq,
+    rank=args.rank,
+    lam=args.lam,
+    steps=args.steps,
+    warmup=args.warmup,
+    scan=args.scan,
+    remat=args.remat,
+    dtype=args.dtype,
+    lora_3d=args.lora_3d,
+    lr=LR,
+    weight_decay=WEIGHT_DECAY,
+    backend=jax.default_backend(),
+    device=jax.devices()[0].device_kind,
+    jax=jax.__version__,
+    flax=flax.__version__,
+    cpus=os.cpu_count(),
+    loadavg_start=os.getloadavg(),
+    python=platform.python_version(),
+  )
   if args.scan:
-    meta["flops_note"] = ("XLA's cost analysis counts a while-loop body once, so with --scan the "
-                          "flops cover one layer plus embedding/head; compare flops without --scan.")
+    meta["flops_note"] = (
+      "XLA's cost analysis counts a while-loop body once, so with --scan the "
+      "flops cover one layer plus embedding/head; compare flops without --scan."
+    )
     print("# note: " + meta["flops_note"], flush=True)
-  print(f"# bench: {args.config} batch={args.batch} seq={args.seq} r={args.rank} {args.dtype} "
-        f"scan={args.scan} remat={args.remat} on {meta['device']}", flush=True)
+  print(
+    f"# bench: {args.config} batch={args.batch} seq={args.seq} r={args.rank} {args.dtype} "
+    f"scan={args.scan} remat={args.remat} on {meta['device']}",
+    flush=True,
+  )
   runs = []
   for mode in args.modes:
     runs.append(compile_mode(mode, model, params, tokens, args))

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -40,12 +39,12 @@ def measure(batch: int) -> dict:
   dim = model.apply({"params": params}, train_set.ids[:1], train_set.mask[:1]).shape[-1]
   head = {"kernel": jnp.zeros((dim, 1)), "bias": jnp.zeros((1,))}
   tree = {"bert": delora_jax.wrap(params, rules), "head": head}
-  opt = delora_jax.optimizer(optax.adamw, learning_rate=args.lr, weight_decay=1e-4,
-                             lam_learning_rate=args.lam_lr, extra_trainable=finetune.HEAD)
+  opt = delora_jax.optimizer(
+    optax.adamw, learning_rate=args.lr, weight_decay=1e-4, lam_learning_rate=args.lam_lr, extra_trainable=finetune.HEAD
+  )
   trainable, frozen = delora_jax.split(tree, extra_trainable=finetune.HEAD)
   batch_args = (train_set.ids[:batch], train_set.mask[:batch], train_set.y[:batch])
-  out = {"batch": batch, "seq": int(train_set.ids.shape[1]),
-         "kernels": len(delora_jax.adapters(tree["bert"]))}
+  out = {"batch": batch, "seq": int(train_set.ids.shape[1]), "kernels": len(delora_jax.adapters(tree["bert"]))}
   for name, diagnose in (("without", False), ("with", True)):
     step = finetune.make_train_step(model, opt, diagnose=diagnose)
     compiled = step.lower(trainable, opt.init(trainable), frozen, *batch_args).compile()
@@ -66,8 +65,10 @@ def main(argv=None) -> dict:
   print("| step | flops | temp MiB |\n|---|---:|---:|")
   for name in ("without", "with"):
     print(f"| {name} diagnostics | {r[name]['flops']:.4g} | {r[name]['temp_bytes'] / 2**20:.1f} |")
-  print(f"diagnostics cost {r['extra_flops_percent']:.3f} % of the step's flops "
-        f"({r['kernels']} kernels, batch {r['batch']}, seq {r['seq']})")
+  print(
+    f"diagnostics cost {r['extra_flops_percent']:.3f} % of the step's flops "
+    f"({r['kernels']} kernels, batch {r['batch']}, seq {r['seq']})"
+  )
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
       json.dump(r, f, indent=1)

@@ -24,19 +24,38 @@ _OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(KINDS) + r")(-start)?\(")
 _NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)="
-                    r"%?([\w.\-]+)")
+_CALLS = re.compile(
+  r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)="
+  r"%?([\w.\-]+)"
+)
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-          "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s4": 1,
+  "u4": 1,
+}
 
 
 def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
   """``[(dtype, dims)]`` of every array type written in ``text``."""
-  return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _SHAPE.findall(text)
-          if dt in _BYTES]
+  return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _SHAPE.findall(text) if dt in _BYTES]
 
 
 def nbytes(arrays) -> int:
@@ -82,14 +101,14 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
 def _types(lines: list[str]) -> dict[str, list]:
   """``{instruction or parameter name: its arrays}`` within one computation."""
   out = {}
-  header = lines[0][:lines[0].rfind("->")]
+  header = lines[0][: lines[0].rfind("->")]
   for name, ty in re.findall(r"([\w.\-]+): ((?:\([^()]*\))|[^,()]+)", header):
     out[name] = shapes(ty)
   for line in lines[1:]:
     m = _NAME.match(line)
     if m:
-      rest = line[m.end():]
-      out[m.group(1)] = shapes(rest[:_type_end(rest)])
+      rest = line[m.end() :]
+      out[m.group(1)] = shapes(rest[: _type_end(rest)])
   return out
 
 
@@ -157,10 +176,13 @@ def collectives(hlo: str) -> dict:
       names = re.findall(r"%?([\w.\-]+)", _operands(line, m.end()))
       operands = [a for n in names for a in types.get(n, [])]
       result = shapes(m.group(1))
-      if m.group(3) and result[:len(operands)] == operands and len(result) > len(operands):
-        result = result[len(operands):]  # async start: (operands..., outputs...)
-      ops.append(dict(kind=m.group(2), result=result, operands=operands,
-                      bytes=max(nbytes(result), nbytes(operands)), times=times))
+      if m.group(3) and result[: len(operands)] == operands and len(result) > len(operands):
+        result = result[len(operands) :]  # async start: (operands..., outputs...)
+      ops.append(
+        dict(
+          kind=m.group(2), result=result, operands=operands, bytes=max(nbytes(result), nbytes(operands)), times=times
+        )
+      )
   by_kind = {k: {"count": 0, "bytes": 0} for k in KINDS}
   for op in ops:
     by_kind[op["kind"]]["count"] += op["times"]

@@ -34,8 +34,8 @@ from flax import nnx
 import delora_jax
 import delora_jax.nnx  # noqa: F401
 
-
 # ----------------------------------------------------------------------------- helpers
+
 
 def _cost(compiled) -> float:
   ca = compiled.cost_analysis()
@@ -51,13 +51,13 @@ def figures(fn, *args) -> dict:
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
   return {
-      "flops": _cost(compiled),
-      "temp_bytes": int(mem.temp_size_in_bytes),
-      "argument_bytes": int(mem.argument_size_in_bytes),
-      "output_bytes": int(mem.output_size_in_bytes),
-      "hlo_dots": len(re.findall(r"\bdot\(", hlo)),
-      "hlo_custom_matmuls": len(re.findall(r"custom-call\(.*matmul", hlo)),
-      "compile_s": round(ct, 3),
+    "flops": _cost(compiled),
+    "temp_bytes": int(mem.temp_size_in_bytes),
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
+    "hlo_dots": len(re.findall(r"\bdot\(", hlo)),
+    "hlo_custom_matmuls": len(re.findall(r"custom-call\(.*matmul", hlo)),
+    "compile_s": round(ct, 3),
   }
 
 
@@ -72,10 +72,12 @@ def n_params(tree) -> int:
 
 def make_step(loss_fn, tx):
   """step(train, opt_state, frozen, *batch) -> (train, opt_state, loss)."""
+
   def step(train, opt_state, frozen, *batch):
     loss, g = jax.value_and_grad(loss_fn)(train, frozen, *batch)
     upd, opt_state = tx.update(g, opt_state, train)
     return optax.apply_updates(train, upd), opt_state, loss
+
   return step
 
 
@@ -90,13 +92,23 @@ def run_side(loss_fn, tx, train, frozen, *batch) -> dict:
 
 # ----------------------------------------------------------------------------- gemma (Linen)
 
+
 def bench_gemma(rank, batch, seq):
   from gemma import gm, peft
   from gemma.gm.nn import _config, _modules
+
   cfg = _config.TransformerConfig(
-      num_embed=256, embed_dim=64, hidden_dim=128, num_heads=4, head_dim=16, num_kv_heads=2,
-      final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
-      attention_types=(_modules.AttentionType.GLOBAL,) * 2)
+    num_embed=256,
+    embed_dim=64,
+    hidden_dim=128,
+    num_heads=4,
+    head_dim=16,
+    num_kv_heads=2,
+    final_logit_softcap=None,
+    use_post_attn_norm=True,
+    use_post_ffw_norm=True,
+    attention_types=(_modules.AttentionType.GLOBAL,) * 2,
+  )
   # float32 compute on both sides: the plain Transformer runs parts of attention in its default
   # bfloat16 `dtype`, while gm.nn.LoRA's wrapped modules run them in float32, so with the default
   # the two steps would differ in the base model's own converts, not in the adapters.
@@ -105,8 +117,10 @@ def bench_gemma(rank, batch, seq):
   params = model.init(jax.random.key(0), tokens)["params"]
 
   # DeLoRA
-  rules = {r"layer_\d+/attn/.*/w": delora_jax.Rule(rank),
-           r"layer_\d+/mlp/(gating_einsum|linear)": delora_jax.Rule(rank)}
+  rules = {
+    r"layer_\d+/attn/.*/w": delora_jax.Rule(rank),
+    r"layer_\d+/mlp/(gating_einsum|linear)": delora_jax.Rule(rank),
+  }
   tree = delora_jax.wrap(params, rules, like=(model, tokens))
   d_kernels = sorted(delora_jax.adapters(tree))
   expl = delora_jax.explain(model, {"params": tree}, tokens)
@@ -121,88 +135,120 @@ def bench_gemma(rank, batch, seq):
   lmodel = gm.nn.LoRA(rank=rank, model=model, dtype=jnp.float32)
   lparams = lmodel.init(jax.random.key(0), tokens)["params"]
   _, lora = peft.split_params(lparams)
-  l_kernels = sorted("/".join(str(k.key) for k in p[:-2])
-                     for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]
-                     if p[-1].key == "a")
+  l_kernels = sorted(
+    "/".join(str(k.key) for k in p[:-2]) for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0] if p[-1].key == "a"
+  )
 
   def l_loss(lo, fr, tok):
     return xent(lmodel.apply({"params": peft.merge_params(fr, lo)}, tok).logits, tok)
 
   l = run_side(l_loss, optax.adam(1e-3), lora, params, tokens)
   return {
-      "model": "gemma gm.nn.Transformer (Linen)", "lora_impl": "gemma gm.nn.LoRA",
-      "config": "2 layers, embed 64, hidden 128, 4 heads / 2 KV, head_dim 16, vocab 256",
-      "delora_kernels": d_kernels, "lora_kernels": l_kernels,
-      "explain_merged": expl["merged"], "delora": d, "lora": l,
+    "model": "gemma gm.nn.Transformer (Linen)",
+    "lora_impl": "gemma gm.nn.LoRA",
+    "config": "2 layers, embed 64, hidden 128, 4 heads / 2 KV, head_dim 16, vocab 256",
+    "delora_kernels": d_kernels,
+    "lora_kernels": l_kernels,
+    "explain_merged": expl["merged"],
+    "delora": d,
+    "lora": l,
   }
 
 
 # ----------------------------------------------------------------------------- tunix (NNX)
+
 
 def _nnx_loss(graphdef):
   def loss(tr, fr, tok, pos, mask):
     m = nnx.merge(graphdef, tr, fr)
     logits, _ = m(tok, pos, None, mask)
     return xent(logits, tok)
+
   return loss
 
 
 def bench_tunix(name, rank, batch, seq):
   import qwix
   from tunix.models import dummy_model_creator
+
   if name == "llama3":
     from tunix.models.llama3 import model as mm
+
     cls = mm.Llama3
-    cfg = mm.ModelConfig(num_layers=2, vocab_size=256, embed_dim=64, hidden_dim=128,
-                         num_heads=4, head_dim=16, num_kv_heads=2, rope_theta=10000,
-                         norm_eps=1e-5)
+    cfg = mm.ModelConfig(
+      num_layers=2,
+      vocab_size=256,
+      embed_dim=64,
+      hidden_dim=128,
+      num_heads=4,
+      head_dim=16,
+      num_kv_heads=2,
+      rope_theta=10000,
+      norm_eps=1e-5,
+    )
     attn = r"q_proj|k_proj|v_proj|o_proj"
     vocab = 256
   else:
     from tunix.models.gemma3 import model as mm
+
     cls = mm.Gemma3
-    cfg = mm.ModelConfig(num_layers=2, num_embed=256, embed_dim=64, hidden_dim=128,
-                         num_heads=4, head_dim=16, num_kv_heads=2, sliding_window_size=16,
-                         param_dtype=jnp.float32)
+    cfg = mm.ModelConfig(
+      num_layers=2,
+      num_embed=256,
+      embed_dim=64,
+      hidden_dim=128,
+      num_heads=4,
+      head_dim=16,
+      num_kv_heads=2,
+      sliding_window_size=16,
+      param_dtype=jnp.float32,
+    )
     attn = r"q_einsum|kv_einsum|attn_vec_einsum"
     vocab = 256
   mlp = r"gate_proj|up_proj|down_proj"
-  model = dummy_model_creator.create_dummy_model(cls, cfg, dtype=jnp.float32, random_seed=0,
-                                                 scale=0.05)
+  model = dummy_model_creator.create_dummy_model(cls, cfg, dtype=jnp.float32, random_seed=0, scale=0.05)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, vocab)
   positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq))
   args = (tokens, positions, None, mask)
 
   # DeLoRA
-  rules = {rf"layers/\d+/attn/({attn})/w": delora_jax.Rule(rank),
-           rf"layers/\d+/mlp/({mlp})/kernel": delora_jax.Rule(rank)}
+  rules = {
+    rf"layers/\d+/attn/({attn})/w": delora_jax.Rule(rank),
+    rf"layers/\d+/mlp/({mlp})/kernel": delora_jax.Rule(rank),
+  }
   adapted = delora_jax.nnx.wrap(model, rules, like=args)
   d_kernels = sorted(delora_jax.adapters(adapted))
   expl = delora_jax.explain(adapted, *args)
   gd, tr, fr = nnx.split(adapted, delora_jax.nnx.DeloraParam, ...)
-  d = run_side(_nnx_loss(gd), delora_jax.optimizer(optax.adam, learning_rate=1e-3), tr, fr,
-               tokens, positions, mask)
+  d = run_side(_nnx_loss(gd), delora_jax.optimizer(optax.adam, learning_rate=1e-3), tr, fr, tokens, positions, mask)
 
   # qwix LoRA (what tunix's PeftTrainer uses)
-  provider = qwix.LoraProvider(module_path=rf"layers/\d+/(attn/({attn})|mlp/({mlp}))",
-                               rank=rank, alpha=2.0 * rank)
+  provider = qwix.LoraProvider(module_path=rf"layers/\d+/(attn/({attn})|mlp/({mlp}))", rank=rank, alpha=2.0 * rank)
   lmodel = qwix.apply_lora_to_model(model, provider, *args, rngs=nnx.Rngs(0))
   lgd, ltr, lfr = nnx.split(lmodel, nnx.LoRAParam, ...)
-  l_kernels = sorted("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p
-                             if str(getattr(k, "key", "")) not in ("value", ".value"))
-                     for p, _ in jax.tree_util.tree_flatten_with_path(ltr)[0])
+  l_kernels = sorted(
+    "/".join(
+      str(getattr(k, "key", getattr(k, "idx", k))) for k in p if str(getattr(k, "key", "")) not in ("value", ".value")
+    )
+    for p, _ in jax.tree_util.tree_flatten_with_path(ltr)[0]
+  )
   l_kernels = sorted({re.sub(r"_lora_[ab](/\.?value)?$", "", k) for k in l_kernels})
   l = run_side(_nnx_loss(lgd), optax.adam(1e-3), ltr, lfr, tokens, positions, mask)
   return {
-      "model": f"tunix {cls.__name__} (NNX)", "lora_impl": "qwix.apply_lora_to_model(LoraProvider)",
-      "config": "2 layers, embed 64, hidden 128, 4 heads / 2 KV, head_dim 16, vocab 256",
-      "delora_kernels": d_kernels, "lora_kernels": l_kernels,
-      "explain_merged": expl["merged"], "delora": d, "lora": l,
+    "model": f"tunix {cls.__name__} (NNX)",
+    "lora_impl": "qwix.apply_lora_to_model(LoraProvider)",
+    "config": "2 layers, embed 64, hidden 128, 4 heads / 2 KV, head_dim 16, vocab 256",
+    "delora_kernels": d_kernels,
+    "lora_kernels": l_kernels,
+    "explain_merged": expl["merged"],
+    "delora": d,
+    "lora": l,
   }
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,8 +261,7 @@ def main(argv=None):
 
   results = {}
   for name in a.models.split(","):
-    r = bench_gemma(a.rank, a.batch, a.seq) if name == "gemma" else bench_tunix(
-        name, a.rank, a.batch, a.seq)
+    r = bench_gemma(a.rank, a.batch, a.seq) if name == "gemma" else bench_tunix(name, a.rank, a.batch, a.seq)
     r["n_delora_kernels"] = len(r["delora_kernels"])
     r["n_lora_kernels"] = len(r["lora_kernels"])
     r["flops_ratio"] = r["delora"]["flops"] / r["lora"]["flops"]
@@ -229,9 +274,15 @@ def main(argv=None):
     if r["n_delora_kernels"] != r["n_lora_kernels"]:
       print(f"[{name}] WARNING: adapted kernel counts differ", file=sys.stderr)
 
-  meta = {"jax": jax.__version__, "backend": jax.default_backend(), "rank": a.rank,
-          "batch": a.batch, "seq": a.seq, "dtype": "float32",
-          "targets": {"flops_ratio_max": 1.01, "temp_ratio_max": 1.05}}
+  meta = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "rank": a.rank,
+    "batch": a.batch,
+    "seq": a.seq,
+    "dtype": "float32",
+    "targets": {"flops_ratio_max": 1.01, "temp_ratio_max": 1.05},
+  }
   doc = {"meta": meta, "models": results}
   text = json.dumps(doc, indent=1)
   print(text)
@@ -240,15 +291,19 @@ def main(argv=None):
       f.write(text + "\n")
 
   print()
-  print("| model | LoRA impl | kernels (delora/lora) | flops delora | flops lora | flops ratio "
-        "| temp B delora | temp B lora | temp ratio | arg B delora | arg B lora | dots delora/lora |")
+  print(
+    "| model | LoRA impl | kernels (delora/lora) | flops delora | flops lora | flops ratio "
+    "| temp B delora | temp B lora | temp ratio | arg B delora | arg B lora | dots delora/lora |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results.values():
     d, l = r["delora"], r["lora"]
-    print(f"| {r['model']} | {r['lora_impl']} | {r['n_delora_kernels']}/{r['n_lora_kernels']} "
-          f"| {d['flops']:.4g} | {l['flops']:.4g} | {r['flops_ratio']:.3f} "
-          f"| {d['temp_bytes']} | {l['temp_bytes']} | {r['temp_ratio']:.3f} "
-          f"| {d['argument_bytes']} | {l['argument_bytes']} | {d['hlo_dots']}/{l['hlo_dots']} |")
+    print(
+      f"| {r['model']} | {r['lora_impl']} | {r['n_delora_kernels']}/{r['n_lora_kernels']} "
+      f"| {d['flops']:.4g} | {l['flops']:.4g} | {r['flops_ratio']:.3f} "
+      f"| {d['temp_bytes']} | {l['temp_bytes']} | {r['temp_ratio']:.3f} "
+      f"| {d['argument_bytes']} | {l['argument_bytes']} | {d['hlo_dots']}/{l['hlo_dots']} |"
+    )
 
 
 if __name__ == "__main__":

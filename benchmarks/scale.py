@@ -31,13 +31,35 @@ from pathlib import Path
 
 MODES = ("delora", "lora", "frozen")
 CONFIGS = {  # Hugging Face Llama-3 shapes (rope_theta 500000, rms_norm_eps 1e-5)
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5),
-    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5),
-    # CI: sizes chosen so that no activation (tokens x features) has a kernel's shape.
-    "tiny": dict(vocab_size=136, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
+  "8b": dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+  ),
+  "70b": dict(
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+  ),
+  # CI: sizes chosen so that no activation (tokens x features) has a kernel's shape.
+  "tiny": dict(
+    vocab_size=136,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  ),
 }
 
 
@@ -49,24 +71,31 @@ def parse_mesh(text: str) -> tuple[int, ...]:
     shape = ()
   if not 1 <= len(shape) <= 2 or min(shape) < 1:
     raise argparse.ArgumentTypeError(
-        f"--mesh: {text!r} is not a mesh shape; expected FSDP 'N' or FSDP x TP 'NxM', e.g. 256 or 32x8.")
+      f"--mesh: {text!r} is not a mesh shape; expected FSDP 'N' or FSDP x TP 'NxM', e.g. 256 or 32x8."
+    )
   return shape
 
 
 def parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="8b", choices=sorted(CONFIGS))
-  p.add_argument("--mesh", default="256,32x8",
-                 help="comma-separated mesh shapes: N = FSDP over N devices, NxM = FSDP N x TP M")
+  p.add_argument(
+    "--mesh", default="256,32x8", help="comma-separated mesh shapes: N = FSDP over N devices, NxM = FSDP N x TP M"
+  )
   p.add_argument("--seq", type=int, default=4096)
-  p.add_argument("--batch", type=int, default=None,
-                 help="global batch (default: the FSDP axis size, one sequence per FSDP shard)")
+  p.add_argument(
+    "--batch", type=int, default=None, help="global batch (default: the FSDP axis size, one sequence per FSDP shard)"
+  )
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--lam", type=float, default=15.0)
   p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
   p.add_argument("--out", default=None, help="write the JSON results here")
-  p.add_argument("--table", default=None, metavar="JSON",
-                 help="print the tables of an earlier run's JSON and exit (compiles nothing)")
+  p.add_argument(
+    "--table",
+    default=None,
+    metavar="JSON",
+    help="print the tables of an earlier run's JSON and exit (compiles nothing)",
+  )
   args = p.parse_args(argv)
   try:
     args.meshes = [parse_mesh(m) for m in args.mesh.split(",") if m.strip()]
@@ -95,8 +124,10 @@ if __name__ == "__main__":
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import bench  # noqa: E402  (the harness's LoRA, loss and train step)
 import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
+import hlo_collectives  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -104,9 +135,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import bench  # noqa: E402  (the harness's LoRA, loss and train step)
 import delora_jax as dj  # noqa: E402
-import hlo_collectives  # noqa: E402
 from delora_jax import _tree  # noqa: E402
 from delora_jax._sharding import kernel_specs  # noqa: E402
 from delora_jax.models import Llama, LlamaConfig  # noqa: E402
@@ -115,23 +144,25 @@ from delora_jax.models.llama import RMSNorm  # noqa: E402
 # Where each parameter lies (scanned layers: leading layer axis unsplit). Kernels are FSDP-split
 # along the hidden axis and tensor-parallel (Megatron) along heads / intermediate / vocab.
 SPECS = (
-    (r"embed_tokens/embedding", ("tp", "fsdp")),
-    (r"layers/self_attn/[qkv]_proj/kernel", (None, "fsdp", "tp")),
-    (r"layers/self_attn/o_proj/kernel", (None, "tp", "fsdp")),
-    (r"layers/mlp/(gate|up)_proj/kernel", (None, "fsdp", "tp")),
-    (r"layers/mlp/down_proj/kernel", (None, "tp", "fsdp")),
-    (r"layers/.*/scale", (None, "fsdp")),
-    (r"norm/scale", ("fsdp",)),
-    (r"lm_head/kernel", ("fsdp", "tp")),
+  (r"embed_tokens/embedding", ("tp", "fsdp")),
+  (r"layers/self_attn/[qkv]_proj/kernel", (None, "fsdp", "tp")),
+  (r"layers/self_attn/o_proj/kernel", (None, "tp", "fsdp")),
+  (r"layers/mlp/(gate|up)_proj/kernel", (None, "fsdp", "tp")),
+  (r"layers/mlp/down_proj/kernel", (None, "tp", "fsdp")),
+  (r"layers/.*/scale", (None, "fsdp")),
+  (r"norm/scale", ("fsdp",)),
+  (r"lm_head/kernel", ("fsdp", "tp")),
 )
 
 
 def make_mesh(shape: tuple[int, ...]) -> Mesh:
   n = math.prod(shape)
   if jax.device_count() < n:
-    raise SystemExit(f"scale: mesh {shape} needs {n} devices, jax sees {jax.device_count()}; run "
-                     f"with XLA_FLAGS=--xla_force_host_platform_device_count={n} (the CLI sets it).")
-  names = ("fsdp", "tp")[:len(shape)]
+    raise SystemExit(
+      f"scale: mesh {shape} needs {n} devices, jax sees {jax.device_count()}; run "
+      f"with XLA_FLAGS=--xla_force_host_platform_device_count={n} (the CLI sets it)."
+    )
+  names = ("fsdp", "tp")[: len(shape)]
   return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
 
 
@@ -143,16 +174,18 @@ def spec_for(path: str, mesh: Mesh) -> P:
 
 
 def llama(config: str) -> Llama:
-  cfg = LlamaConfig(**CONFIGS[config], scan_layers=True, remat=True, attention="blocked",
-                    dtype="bfloat16", param_dtype="bfloat16")
+  cfg = LlamaConfig(
+    **CONFIGS[config], scan_layers=True, remat=True, attention="blocked", dtype="bfloat16", param_dtype="bfloat16"
+  )
   return Llama(cfg)
 
 
 def abstract_params(model: Llama, mesh: Mesh):
   """The base params as ShapeDtypeStructs carrying their NamedShardings (nothing allocated)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return _tree.map_leaves(lambda p, s: jax.ShapeDtypeStruct(
-      s.shape, s.dtype, sharding=NamedSharding(mesh, spec_for(p, mesh))), shapes)
+  return _tree.map_leaves(
+    lambda p, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, spec_for(p, mesh))), shapes
+  )
 
 
 def sharding_of(tree):
@@ -171,6 +204,7 @@ def lora_abstract(params, rank: int, mesh: Mesh):
     specs = kernel_specs(kernel_path, w.shape, w.sharding.spec, (-2,), (-1,), dict(mesh.shape))
     spec = specs["a"] if path.endswith("lora_a") else specs["b"]
     return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, spec))
+
   params_flat = dict(zip(*_tree.flatten(params)[:2]))
   return _tree.map_leaves(place, shapes)
 
@@ -187,6 +221,7 @@ def batch_sharded(mesh: Mesh):
     if context.method_name == "__call__" and isinstance(context.module, RMSNorm):
       args = (jax.lax.with_sharding_constraint(args[0], sharding), *args[1:])
     return next_fun(*args, **kwargs)
+
   return intercept
 
 
@@ -197,6 +232,7 @@ def build(mode: str, model: Llama, params, tokens, args, mesh: Mesh):
   def constrained(*a):
     with nn.intercept_methods(batch_sharded(mesh)):
       return loss_fn(*a)
+
   return constrained, trainable, frozen, tx
 
 
@@ -204,16 +240,21 @@ def _build(mode: str, model: Llama, params, tokens, args, mesh: Mesh):
   cfg = model.config
   adamw = optax.adamw(bench.LR, weight_decay=bench.WEIGHT_DECAY)
   if mode == "frozen":  # bench.py's frozen base: gradient w.r.t. a zero embedding offset only
+
     def loss(t, f, x):
       emb = model.apply({"params": f}, x, method=Llama.embed)
       return bench.xent(model.apply({"params": f}, inputs_embeds=emb + t["embed_offset"]), x)
-    delta = jax.ShapeDtypeStruct((*tokens.shape, cfg.hidden_size), jnp.dtype(cfg.dtype),
-                                 sharding=NamedSharding(mesh, P("fsdp")))
+
+    delta = jax.ShapeDtypeStruct(
+      (*tokens.shape, cfg.hidden_size), jnp.dtype(cfg.dtype), sharding=NamedSharding(mesh, P("fsdp"))
+    )
     return loss, {"embed_offset": delta}, params, adamw
   if mode == "lora":
+
     def loss(t, f, x):
       with nn.intercept_methods(bench.lora_interceptor(1.0, True, "joined")):
         return bench.xent(model.apply({"params": bench.deep_merge(f, t)}, input_ids=x), x)
+
     return loss, lora_abstract(params, args.rank, mesh), params, adamw
   tree = dj.wrap(params, bench.delora_rules(cfg, args.rank, args.lam), key=jax.random.key(1))
   trainable, frozen = dj.split(tree)
@@ -221,6 +262,7 @@ def _build(mode: str, model: Llama, params, tokens, args, mesh: Mesh):
 
   def loss(t, f, x):
     return bench.xent(dj.apply(model, {"params": dj.combine(t, f)}, x, strict=True), x)
+
   return loss, trainable, frozen, tx
 
 
@@ -257,8 +299,9 @@ def opt_state_check(compiled, opt_abstract, trainable) -> dict:
     total += math.prod(leaf.shape) * size
     per_device += math.prod(sh.shard_shape(leaf.shape)) * size
     p = _param_of(path, leaf.shape, params)
-    if p is not None and len(p.sharding.device_set) > 1 and not p.sharding.is_fully_replicated \
-        and sh.is_fully_replicated:
+    if (
+      p is not None and len(p.sharding.device_set) > 1 and not p.sharding.is_fully_replicated and sh.is_fully_replicated
+    ):
       replicated.append(path)
   return dict(bytes_per_device=per_device, bytes_global=total, moments_replicated_not_split=replicated)
 
@@ -272,23 +315,36 @@ def compile_mode(mode: str, model: Llama, params, args, mesh: Mesh, batch: int) 
   opt_sh = state_shardings(opt_abstract, trainable, replicated)
   train_sh = sharding_of(trainable)
   state_sh = (train_sh, opt_sh)
-  step = jax.jit(bench.train_step(loss_fn, tx), donate_argnums=0,
-                 in_shardings=(state_sh, sharding_of(frozen), tokens.sharding),
-                 out_shardings=(state_sh, replicated))
+  step = jax.jit(
+    bench.train_step(loss_fn, tx),
+    donate_argnums=0,
+    in_shardings=(state_sh, sharding_of(frozen), tokens.sharding),
+    out_shardings=(state_sh, replicated),
+  )
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     compiled = step.lower((trainable, opt_abstract), frozen, tokens).compile()
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
-  mem = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-             temp=m.temp_size_in_bytes, alias=m.alias_size_in_bytes)
+  mem = dict(
+    argument=m.argument_size_in_bytes,
+    output=m.output_size_in_bytes,
+    temp=m.temp_size_in_bytes,
+    alias=m.alias_size_in_bytes,
+  )
   mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
   coll = hlo_collectives.collectives(compiled.as_text())
   n_train = int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)))
-  return dict(mode=mode, memory_bytes=mem, collectives=coll["by_kind"],
-              unknown_trip_loops=coll["unknown_trip_loops"], compile_s=compile_s,
-              trainable_params=n_train, opt_state=opt_state_check(compiled, opt_abstract, trainable),
-              _ops=coll["ops"])
+  return dict(
+    mode=mode,
+    memory_bytes=mem,
+    collectives=coll["by_kind"],
+    unknown_trip_loops=coll["unknown_trip_loops"],
+    compile_s=compile_s,
+    trainable_params=n_train,
+    opt_state=opt_state_check(compiled, opt_abstract, trainable),
+    _ops=coll["ops"],
+  )
 
 
 def kernel_shapes(params, mesh: Mesh, rank: int) -> set[tuple[int, ...]]:
@@ -337,22 +393,25 @@ def compare(res: dict, kshapes: set) -> dict:
     if a in res and b in res:
       ra, rb = res[a], res[b]
       out[f"{a}/{b}"] = dict(
-          memory=ra["memory_bytes"]["total"] / rb["memory_bytes"]["total"],
-          **{f"{k}_bytes": _ratio(ra["collectives"][k]["bytes"], rb["collectives"][k]["bytes"])
-             for k in hlo_collectives.KINDS},
-          collective_bytes=_ratio(_total(ra), _total(rb)))
+        memory=ra["memory_bytes"]["total"] / rb["memory_bytes"]["total"],
+        **{
+          f"{k}_bytes": _ratio(ra["collectives"][k]["bytes"], rb["collectives"][k]["bytes"])
+          for k in hlo_collectives.KINDS
+        },
+        collective_bytes=_ratio(_total(ra), _total(rb)),
+      )
   checks = {}
   if "delora" in res and "lora" in res:
     r = out["delora/lora"]
     checks["memory_ratio_le_1.01"] = r["memory"] <= 1.01
     checks["collective_bytes_ratio_le_1.01"] = all(
-        res["delora"]["collectives"][k]["bytes"] <= 1.01 * res["lora"]["collectives"][k]["bytes"]
-        for k in hlo_collectives.KINDS)
+      res["delora"]["collectives"][k]["bytes"] <= 1.01 * res["lora"]["collectives"][k]["bytes"]
+      for k in hlo_collectives.KINDS
+    )
   if "frozen" in res:
     for m in ("delora", "lora"):
       if m in res:
-        extra = {k: (n, moves["frozen"].get(k, 0)) for k, n in moves[m].items()
-                 if n > moves["frozen"].get(k, 0)}
+        extra = {k: (n, moves["frozen"].get(k, 0)) for k, n in moves[m].items() if n > moves["frozen"].get(k, 0)}
         checks[f"{m}_gathers_no_kernel_more_often_than_frozen"] = not extra
         if extra:
           checks[f"{m}_extra_kernel_gathers"] = extra
@@ -370,24 +429,28 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def table(data: dict) -> str:
-  gib = 2.0 ** 20
+  gib = 2.0**20
   kinds = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
-  lines = ["| mesh | mode | args MiB | temp MiB | out MiB | total MiB | "
-           + " | ".join(f"{k} MiB" for k in kinds) + " |",
-           "|---|---|---:|---:|---:|---:|" + "---:|" * len(kinds)]
+  lines = [
+    "| mesh | mode | args MiB | temp MiB | out MiB | total MiB | " + " | ".join(f"{k} MiB" for k in kinds) + " |",
+    "|---|---|---:|---:|---:|---:|" + "---:|" * len(kinds),
+  ]
   for mesh, entry in data["meshes"].items():
     for mode, r in entry["results"].items():
       mem, c = r["memory_bytes"], r["collectives"]
-      lines.append(f"| {mesh} | {mode} | {mem['argument'] / gib:.1f} | {mem['temp'] / gib:.1f} | "
-                   f"{mem['output'] / gib:.1f} | {mem['total'] / gib:.1f} | "
-                   + " | ".join(f"{c[k]['bytes'] / gib:.1f}" for k in kinds) + " |")
+      lines.append(
+        f"| {mesh} | {mode} | {mem['argument'] / gib:.1f} | {mem['temp'] / gib:.1f} | "
+        f"{mem['output'] / gib:.1f} | {mem['total'] / gib:.1f} | "
+        + " | ".join(f"{c[k]['bytes'] / gib:.1f}" for k in kinds)
+        + " |"
+      )
   lines += ["", "| mesh | delora/lora memory | delora/lora collective bytes | checks |", "|---|---:|---:|---|"]
   for mesh, entry in data["meshes"].items():
     r = entry["ratios"].get("delora/lora", {})
-    checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in entry["checks"].items()
-                       if isinstance(v, bool))
-    lines.append(f"| {mesh} | {r.get('memory', float('nan')):.4f} | "
-                 f"{r.get('collective_bytes') or float('nan'):.4f} | {checks} |")
+    checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in entry["checks"].items() if isinstance(v, bool))
+    lines.append(
+      f"| {mesh} | {r.get('memory', float('nan')):.4f} | {r.get('collective_bytes') or float('nan'):.4f} | {checks} |"
+    )
   return "\n".join(lines)
 
 
@@ -399,11 +462,20 @@ def run(argv=None) -> dict:
     print(table(data))
     return data
   model = llama(args.config)
-  meta = dict(config=args.config, model=dataclasses.asdict(model.config), seq=args.seq,
-              rank=args.rank, lam=args.lam, modes=args.modes, jax=jax.__version__,
-              flax=flax.__version__, python=platform.python_version(),
-              backend=jax.default_backend(), devices=jax.device_count(),
-              command="python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+  meta = dict(
+    config=args.config,
+    model=dataclasses.asdict(model.config),
+    seq=args.seq,
+    rank=args.rank,
+    lam=args.lam,
+    modes=args.modes,
+    jax=jax.__version__,
+    flax=flax.__version__,
+    python=platform.python_version(),
+    backend=jax.default_backend(),
+    devices=jax.device_count(),
+    command="python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  )
   data = dict(meta=meta, meshes={})
   for shape in args.meshes:
     mesh = make_mesh(shape)
@@ -414,8 +486,9 @@ def run(argv=None) -> dict:
       res[mode] = compile_mode(mode, model, params, args, mesh, batch)
       print(json.dumps({k: v for k, v in res[mode].items() if k != "_ops"}), flush=True)
     name = "x".join(map(str, shape))
-    data["meshes"][name] = dict(mesh=dict(mesh.shape), batch=batch, results=res,
-                                **compare(res, kernel_shapes(params, mesh, args.rank)))
+    data["meshes"][name] = dict(
+      mesh=dict(mesh.shape), batch=batch, results=res, **compare(res, kernel_shapes(params, mesh, args.rank))
+    )
   print("\n" + table(data), flush=True)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,21 @@ optax optimizer, merge back into plain parameters. Numerically identical to
 Hugging Face PEFT's ``DeloraConfig``.
 """
 
+from delora_jax import nnx as nnx
+from delora_jax import peft as peft
 from delora_jax._apply import FallbackWarning as FallbackWarning
 from delora_jax._apply import apply as apply
 from delora_jax._apply import explain as explain
+from delora_jax._checkpoint import CheckpointError as CheckpointError
+from delora_jax._checkpoint import adapter_save_args as adapter_save_args
+from delora_jax._checkpoint import load_adapters as load_adapters
+from delora_jax._checkpoint import save_adapters as save_adapters
+from delora_jax._diagnostics import diagnostics as diagnostics
 from delora_jax._kernel import DeloraKernel as DeloraKernel
+from delora_jax._lora import to_lora as to_lora
 from delora_jax._optim import optimizer as optimizer
 from delora_jax._rule import Rule as Rule
+from delora_jax._sharding import shardings as shardings
 from delora_jax._split import combine as combine
 from delora_jax._split import split as split
 from delora_jax._split import trainable_mask as trainable_mask
@@ -20,42 +29,32 @@ from delora_jax._wrap import merge as merge
 from delora_jax._wrap import unwrap as unwrap
 from delora_jax._wrap import with_adapters as with_adapters
 from delora_jax._wrap import wrap as wrap
-from delora_jax._sharding import shardings as shardings
-
-from delora_jax._checkpoint import CheckpointError as CheckpointError
-from delora_jax._checkpoint import adapter_save_args as adapter_save_args
-from delora_jax._diagnostics import diagnostics as diagnostics
-from delora_jax._checkpoint import load_adapters as load_adapters
-from delora_jax._checkpoint import save_adapters as save_adapters
-from delora_jax._lora import to_lora as to_lora
-from delora_jax import peft as peft
-from delora_jax import nnx as nnx
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError",
-    "DeloraKernel",
-    "FallbackWarning",
-    "Rule",
-    "adapters",
-    "apply",
-    "combine",
-    "delta",
-    "diagnostics",
-    "explain",
-    "merge",
-    "shardings",
-    "optimizer",
-    "split",
-    "trainable_mask",
-    "unwrap",
-    "with_adapters",
-    "wrap",
-    "adapter_save_args",
-    "load_adapters",
-    "nnx",
-    "peft",
-    "save_adapters",
-    "to_lora",
+  "CheckpointError",
+  "DeloraKernel",
+  "FallbackWarning",
+  "Rule",
+  "adapters",
+  "apply",
+  "combine",
+  "delta",
+  "diagnostics",
+  "explain",
+  "merge",
+  "shardings",
+  "optimizer",
+  "split",
+  "trainable_mask",
+  "unwrap",
+  "with_adapters",
+  "wrap",
+  "adapter_save_args",
+  "load_adapters",
+  "nnx",
+  "peft",
+  "save_adapters",
+  "to_lora",
 ]

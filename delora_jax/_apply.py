@@ -20,7 +20,8 @@ import functools
 import itertools
 import math
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +32,6 @@ from jax import lax
 
 from delora_jax import _infer, _kernel, _lazy, _tree
 from delora_jax._kernel import DeloraKernel
-
 
 FallbackWarning = _lazy.FallbackWarning
 
@@ -104,17 +104,17 @@ class _Tracked(DeloraKernel):
 
 
 jax.tree_util.register_dataclass(
-    _Tracked,
-    data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-    meta_fields=["in_axes", "out_axes", "dropout", "path", "stored_ndim", "mode"],
+  _Tracked,
+  data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
+  meta_fields=["in_axes", "out_axes", "dropout", "path", "stored_ndim", "mode"],
 )
 
 
 def _track(params: Any, mode: _Mode) -> Any:
   fields = {f.name for f in dataclasses.fields(DeloraKernel)}
   return _tree.map_kernels(
-      lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, stored_ndim=k.w.ndim,
-                            mode=mode), params)
+    lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, stored_ndim=k.w.ndim, mode=mode), params
+  )
 
 
 # ---------------------------------------------------------------- delta branch
@@ -139,8 +139,11 @@ def _adapter_input(mod: nn.Module, k: DeloraKernel, x: jax.Array) -> jax.Array:
 
 
 def _layout(k: DeloraKernel, n_in: int, n_out: int) -> bool:
-  return (k.w.ndim == n_in + n_out and k.in_axes == tuple(range(-n_in - n_out, -n_out))
-          and k.out_axes == tuple(range(-n_out, 0)))
+  return (
+    k.w.ndim == n_in + n_out
+    and k.in_axes == tuple(range(-n_in - n_out, -n_out))
+    and k.out_axes == tuple(range(-n_out, 0))
+  )
 
 
 def _bias(mod: nn.Module) -> jax.Array | None:
@@ -162,8 +165,7 @@ def _joined(x, h, w, v, precision):
   # until the backward pass. One dot yields one buffer. [w; v] is a transient
   # copy of the frozen weight, dead before the backward pass; no ΔW and no
   # weight gradient is ever formed.
-  return _contract(jnp.concatenate([x, h], axis=1), jnp.concatenate([w, v], axis=0), _NN,
-                   precision)
+  return _contract(jnp.concatenate([x, h], axis=1), jnp.concatenate([w, v], axis=0), _NN, precision)
 
 
 def _split(x, h, w, v, precision):
@@ -234,16 +236,16 @@ def _fused_dense(mod, k, x, feats, n_in):
   promote = getattr(mod, "promote_dtype", nn_dtypes.promote_dtype)
   xc, w, bias = promote(x, k.w, _bias(mod), dtype=mod.dtype)
   xd = _adapter_input(mod, k, xc)
-  lead, n_i = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+  lead, n_i = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
   n_o = math.prod(feats)
   if n_i * n_o != math.prod(k.w.shape):
     raise ValueError(
-        f"{_path(k)}: the layer's input has trailing shape {tuple(x.shape[x.ndim - n_in:])}, but its "
-        f"kernel {tuple(k.w.shape)} expects inputs of shape {tuple(k.w.shape[:n_in])}. Pass inputs "
-        "of the width the model was built (and wrapped) for.")
+      f"{_path(k)}: the layer's input has trailing shape {tuple(x.shape[x.ndim - n_in :])}, but its "
+      f"kernel {tuple(k.w.shape)} expects inputs of shape {tuple(k.w.shape[:n_in])}. Pass inputs "
+      "of the width the model was built (and wrapped) for."
+    )
   u, v = _kernel.factors(k)
-  y = _lowrank(xc.reshape(-1, n_i), xd.reshape(-1, n_i), lax.stop_gradient(w).reshape(n_i, n_o),
-               u, v, mod.precision)
+  y = _lowrank(xc.reshape(-1, n_i), xd.reshape(-1, n_i), lax.stop_gradient(w).reshape(n_i, n_o), u, v, mod.precision)
   if bias is not None:
     y = y + bias.reshape(1, n_o)
   return y.reshape(*lead, *feats)
@@ -257,8 +259,11 @@ def _dense_general(mod, k, args, kwargs):
   if getattr(mod, "batch_dims", ()) or not _layout(k, len(axis), len(feats)):
     return None
   axis = tuple(a % x.ndim for a in axis)
-  if (axis != tuple(range(x.ndim - len(axis), x.ndim)) or mod.dot_general is not None
-      or getattr(mod, "dot_general_cls", None) is not None):
+  if (
+    axis != tuple(range(x.ndim - len(axis), x.ndim))
+    or mod.dot_general is not None
+    or getattr(mod, "dot_general_cls", None) is not None
+  ):
     return None  # other contracting axes or a custom dot_general: the generic evaluator
   return _fused_dense(mod, k, x, feats, len(axis))
 
@@ -307,24 +312,36 @@ def _with_placeholders(mod: nn.Module, names: list[str], next_fun, args, kwargs)
 
 def _probe_call(mod, owned: dict[str, _Tracked], next_fun, args, kwargs):
   names, ks = list(owned), list(owned.values())
-  return _infer.trace(_with_placeholders(mod, names, next_fun, args, kwargs), [k.w for k in ks],
-                      [k.path for k in ks], [k.stored_ndim - k.w.ndim for k in ks])
+  return _infer.trace(
+    _with_placeholders(mod, names, next_fun, args, kwargs),
+    [k.w for k in ks],
+    [k.path for k in ks],
+    [k.stored_ndim - k.w.ndim for k in ks],
+  )
 
 
-def probe(like: Any, params: Any, paths: set[str]) -> "_infer.Uses":
+def probe(like: Any, params: Any, paths: set[str]) -> _infer.Uses:
   """How ``like`` (``(model, *args)`` or ``fn(params)``) uses the kernels at ``paths``."""
   mode = _Mode(False, next(_TOKENS), probe=True)
   tree = _tree.map_leaves(
-      lambda p, w: _Tracked(w=w, a=None, b=None, lam=None, w_norm=None, in_axes=(), out_axes=(),
-                            path=p, stored_ndim=w.ndim, mode=mode) if p in paths else w, params)
+    lambda p, w: (
+      _Tracked(
+        w=w, a=None, b=None, lam=None, w_norm=None, in_axes=(), out_axes=(), path=p, stored_ndim=w.ndim, mode=mode
+      )
+      if p in paths
+      else w
+    ),
+    params,
+  )
   if callable(like):
     call = lambda: like(tree)  # noqa: E731
   elif isinstance(like, tuple) and like and isinstance(like[0], nn.Module):
     call = lambda: like[0].apply({"params": tree}, *like[1:])  # noqa: E731
   else:
     raise TypeError(
-        "`like` must be (model, *example_args) for a Linen model, or a function "
-        f"like(params) that runs the model's apply on them; got {type(like).__name__}.")
+      "`like` must be (model, *example_args) for a Linen model, or a function "
+      f"like(params) that runs the model's apply on them; got {type(like).__name__}."
+    )
 
   def run():
     with nn.intercept_methods(_interceptor):
@@ -340,11 +357,16 @@ def _generic(mod: nn.Module, owned: dict[str, _Tracked], next_fun, args, kwargs)
   lazies = []
   for k in ks:
     key = mod.make_rng("dropout") if k.dropout > 0.0 and mod.has_rng("dropout") else None
-    src = _lazy.Source(k.path, _note, in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
-                       lead=k.stored_ndim - k.w.ndim, strict=k.mode.strict, dropout=k.dropout)
+    src = _lazy.Source(
+      k.path,
+      _note,
+      in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
+      lead=k.stored_ndim - k.w.ndim,
+      strict=k.mode.strict,
+      dropout=k.dropout,
+    )
     lazies.append(_lazy.from_kernel(k, lax.stop_gradient(k.w), src, key))
-  return _lazy.run(_with_placeholders(mod, names, next_fun, args, kwargs), [k.w for k in ks],
-                   lazies)
+  return _lazy.run(_with_placeholders(mod, names, next_fun, args, kwargs), [k.w for k in ks], lazies)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -369,15 +391,16 @@ def _interceptor(next_fun, args, kwargs, context):
 
 def _check_variables(variables: Any, fn: str, model: Any = None) -> None:
   from flax import nnx  # noqa: PLC0415
+
   if isinstance(model, nnx.Module):
     raise TypeError(
-        f"{fn}: `model` is a Flax NNX module; delora_jax.{fn} runs Linen modules. Adapt an NNX "
-        "model with delora_jax.nnx.wrap(model, rules) and call it directly: adapted(x)"
-        + (" (delora_jax.explain(adapted, x) reports it)." if fn == "apply" else "."))
+      f"{fn}: `model` is a Flax NNX module; delora_jax.{fn} runs Linen modules. Adapt an NNX "
+      "model with delora_jax.nnx.wrap(model, rules) and call it directly: adapted(x)"
+      + (" (delora_jax.explain(adapted, x) reports it)." if fn == "apply" else ".")
+    )
   if not isinstance(variables, Mapping) or "params" not in variables:
     got = f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
-    raise TypeError(f"{fn}: `variables` must be a dict with a 'params' collection, as for "
-                    f"model.apply; got {got}.")
+    raise TypeError(f"{fn}: `variables` must be a dict with a 'params' collection, as for model.apply; got {got}.")
   _tree.require_adapted(variables["params"], fn)
 
 
@@ -386,15 +409,13 @@ def _run(model, variables, args, kwargs, mode: _Mode):
   token = _RECORD.set(rec)
   try:
     with nn.intercept_methods(_interceptor):
-      out = model.apply({**variables, "params": _track(variables["params"], mode)}, *args,
-                        **kwargs)
+      out = model.apply({**variables, "params": _track(variables["params"], mode)}, *args, **kwargs)
   finally:
     _RECORD.reset(token)
   return out, rec
 
 
-def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bool = False,
-          **kwargs: Any) -> Any:
+def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bool = False, **kwargs: Any) -> Any:
   """Drop-in for ``model.apply(variables, *args, **kwargs)`` with adapted params.
 
   ``variables["params"]`` is a tree from :func:`delora_jax.wrap` (or
@@ -434,10 +455,13 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
   out, rec = _run(model, variables, args, kwargs, _Mode(bool(strict)))
   if rec.merged:
     warnings.warn(
-        f"delora_jax.apply: adapted kernels {_tree.sample_paths(sorted(rec.merged))} are used "
-        "outside a factorised layer and were computed through the merged weight w + ΔW "
-        "(adapter dropout does not apply there). Pass strict=True to make this an error; "
-        "delora_jax.explain(...) lists the paths.", FallbackWarning, stacklevel=2)
+      f"delora_jax.apply: adapted kernels {_tree.sample_paths(sorted(rec.merged))} are used "
+      "outside a factorised layer and were computed through the merged weight w + ΔW "
+      "(adapter dropout does not apply there). Pass strict=True to make this an error; "
+      "delora_jax.explain(...) lists the paths.",
+      FallbackWarning,
+      stacklevel=2,
+    )
   return out
 
 
@@ -458,8 +482,10 @@ def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dic
     {'factorised': ['kernel'], 'merged': [], 'unused': []}
   """
   from flax import nnx  # noqa: PLC0415
+
   if isinstance(model, nnx.Module):
     from delora_jax import _nnx  # noqa: PLC0415
+
     return _nnx.explain(model, (() if variables is None else (variables,)) + args, kwargs)
   _check_variables(variables, "explain")
   box = {}
@@ -472,7 +498,7 @@ def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dic
   rec = box["rec"]
   paths = list(_tree.kernels(variables["params"]))
   return {
-      "factorised": [p for p in paths if p in rec.factorised and p not in rec.merged],
-      "merged": [p for p in paths if p in rec.merged],
-      "unused": [p for p in paths if p not in rec.factorised and p not in rec.merged],
+    "factorised": [p for p in paths if p in rec.factorised and p not in rec.merged],
+    "merged": [p for p in paths if p in rec.merged],
+    "unused": [p for p in paths if p not in rec.factorised and p not in rec.merged],
   }

@@ -63,7 +63,7 @@ def remove_stale(path: str) -> None:
     return
   for entry in entries:
     if entry.startswith(prefix):
-      token = entry[len(prefix):].split(".orbax-checkpoint-tmp")[0]
+      token = entry[len(prefix) :].split(".orbax-checkpoint-tmp")[0]
       if not _writer_alive(token):
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from delora_jax import _atomic
+from delora_jax import _atomic, _tree
 from delora_jax import _ckpt_meta as meta_lib
-from delora_jax import _tree
 from delora_jax._kernel import is_kernel
-from delora_jax._split import _extra_matcher
 from delora_jax._lora import check_base_norms
+from delora_jax._split import _extra_matcher
 from delora_jax._wrap import adapters as _adapters
 from delora_jax._wrap import with_adapters
 
@@ -41,8 +41,9 @@ class CheckpointError(ValueError, OSError):
   """A checkpoint could not be written (disk full, no permission, ...); nothing was replaced."""
 
 
-def adapter_save_args(tree: Any, *, opt_state: Any = None,
-                      extra_trainable: str | Sequence[str] | None = None) -> ocp.args.Composite:
+def adapter_save_args(
+  tree: Any, *, opt_state: Any = None, extra_trainable: str | Sequence[str] | None = None
+) -> ocp.args.Composite:
   """orbax save arguments for the adapters of ``tree`` (and ``opt_state``, extra leaves).
 
   For ``ocp.CheckpointManager.save(step, args=...)``; add items of your own
@@ -83,26 +84,33 @@ def _extras(tree: Any, extra_trainable: Any) -> dict[str, Any]:
   if extra_trainable is None:
     return {}
   from flax import nnx  # noqa: PLC0415
+
   if isinstance(tree, nnx.Module):
     raise ValueError(
-        "save_adapters: `extra_trainable` is for Linen parameter trees; an NNX model's other "
-        "Variables (a head) are saved with orbax directly: "
-        "ocp.StandardCheckpointer().save(path, nnx.state(model, nnx.Param)).")
+      "save_adapters: `extra_trainable` is for Linen parameter trees; an NNX model's other "
+      "Variables (a head) are saved with orbax directly: "
+      "ocp.StandardCheckpointer().save(path, nnx.state(model, nnx.Param))."
+    )
   match = _extra_matcher(extra_trainable)
   paths, leaves, _ = _tree.flatten(tree)
-  out = {p: x for p, x in zip(paths, leaves)
-         if not is_kernel(x) and _tree.is_array_like(x) and match(p)}
+  out = {p: x for p, x in zip(paths, leaves) if not is_kernel(x) and _tree.is_array_like(x) and match(p)}
   if not out:
     raise ValueError(
-        f"save_adapters: `extra_trainable`={extra_trainable!r} selects no plain array leaf of the "
-        f"tree (re.fullmatch on '/'-joined paths such as {_tree.sample_paths(paths)}), so nothing "
-        "beyond the adapters would be saved. Fix the pattern (the one given to split).")
+      f"save_adapters: `extra_trainable`={extra_trainable!r} selects no plain array leaf of the "
+      f"tree (re.fullmatch on '/'-joined paths such as {_tree.sample_paths(paths)}), so nothing "
+      "beyond the adapters would be saved. Fix the pattern (the one given to split)."
+    )
   return out
 
 
-def save_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = None,
-                  extra_trainable: str | Sequence[str] | None = None,
-                  overwrite: bool = False) -> str:
+def save_adapters(
+  directory: str | os.PathLike,
+  tree: Any,
+  *,
+  opt_state: Any = None,
+  extra_trainable: str | Sequence[str] | None = None,
+  overwrite: bool = False,
+) -> str:
   """Writes the DeLoRA adapters of ``tree`` (not the frozen base) to ``directory``.
 
   The write is atomic and never deletes first: the checkpoint is written into a
@@ -162,21 +170,26 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
       _remove_staging(staging)
     kept = "the checkpoint already there is unchanged" if os.path.lexists(path) else "nothing was written"
     raise CheckpointError(
-        f"save_adapters: writing the checkpoint {path!r} failed ({type(e).__name__}: {e}); {kept}. "
-        "Check the free space and permissions of its parent folder, or pass another "
-        "`directory`.") from e
+      f"save_adapters: writing the checkpoint {path!r} failed ({type(e).__name__}: {e}); {kept}. "
+      "Check the free space and permissions of its parent folder, or pass another "
+      "`directory`."
+    ) from e
   failure = None
   if primary:
     try:
       _atomic.commit(staging, path, overwrite=overwrite)
     except FileExistsError:
-      failure = (f"save_adapters: {path!r} was created by another save while this one ran, and "
-                 "`overwrite` is False, so that one was kept and this save discarded. Pass "
-                 "overwrite=True to replace it, or save to another `directory`.")
+      failure = (
+        f"save_adapters: {path!r} was created by another save while this one ran, and "
+        "`overwrite` is False, so that one was kept and this save discarded. Pass "
+        "overwrite=True to replace it, or save to another `directory`."
+      )
     except OSError as e:
       _remove_staging(staging)
-      failure = (f"save_adapters: could not move the finished checkpoint into place at {path!r} "
-                 f"({e}); whatever was there is unchanged. Check the permissions of its folder.")
+      failure = (
+        f"save_adapters: could not move the finished checkpoint into place at {path!r} "
+        f"({e}); whatever was there is unchanged. Check the permissions of its folder."
+      )
   failure = _agree(failure)
   if failure is not None:
     raise ValueError(failure) if "another save" in failure else CheckpointError(failure)
@@ -187,21 +200,24 @@ def _check_target(path: str, overwrite: bool) -> None:
   if not os.path.lexists(path):
     return
   if not overwrite:
-    raise ValueError(f"save_adapters: `directory` {path!r} already exists. Pick a new folder, "
-                     "or pass overwrite=True to replace it.")
+    raise ValueError(
+      f"save_adapters: `directory` {path!r} already exists. Pick a new folder, or pass overwrite=True to replace it."
+    )
   if not os.path.isdir(path) or os.path.islink(path):
     raise ValueError(
-        f"save_adapters: `directory` {path!r} is a {'link' if os.path.islink(path) else 'file'}, not "
-        "an adapter checkpoint; overwrite=True replaces only checkpoints save_adapters wrote, so it "
-        "was left alone. Pass another `directory`, or remove it yourself.")
+      f"save_adapters: `directory` {path!r} is a {'link' if os.path.islink(path) else 'file'}, not "
+      "an adapter checkpoint; overwrite=True replaces only checkpoints save_adapters wrote, so it "
+      "was left alone. Pass another `directory`, or remove it yourself."
+    )
   entries = set(os.listdir(path))
   foreign = sorted(entries - _OWN_ENTRIES)
   if foreign or META not in entries or ADAPTERS not in entries:
     found = f"it holds {foreign[:6]}" if foreign else f"it lacks {sorted({META, ADAPTERS} - entries)}"
     raise ValueError(
-        f"save_adapters: `directory` {path!r} is not an adapter checkpoint ({found}); "
-        "overwrite=True replaces only checkpoints save_adapters wrote, so nothing was touched. "
-        "Pass another `directory`, or remove that folder yourself.")
+      f"save_adapters: `directory` {path!r} is not an adapter checkpoint ({found}); "
+      "overwrite=True replaces only checkpoints save_adapters wrote, so nothing was touched. "
+      "Pass another `directory`, or remove that folder yourself."
+    )
 
 
 def _remove_staging(staging: str) -> None:
@@ -217,6 +233,7 @@ def _shared_token() -> str:
   if jax.process_count() == 1:
     return token
   from jax.experimental import multihost_utils  # noqa: PLC0415
+
   data = np.frombuffer(token.encode().ljust(128, b"\0")[:128], np.uint8)
   data = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
   return bytes(data).rstrip(b"\0").decode()
@@ -227,16 +244,27 @@ def _agree(failure: str | None) -> str | None:
   if jax.process_count() == 1:
     return failure
   from jax.experimental import multihost_utils  # noqa: PLC0415
-  code = np.int32(0 if failure is None else 1 + ("another save" in failure))
-  code = int(multihost_utils.broadcast_one_to_all(code))
+
+  mine = np.int32(0 if failure is None else 1 + ("another save" in failure))
+  code = int(multihost_utils.broadcast_one_to_all(mine))
   if code == 0 or failure is not None:
     return failure
-  return ("save_adapters: process 0 could not move the finished checkpoint into place "
-          "(see its error)." if code == 1 else "save_adapters: another save created the folder first.")
+  return (
+    "save_adapters: process 0 could not move the finished checkpoint into place (see its error)."
+    if code == 1
+    else "save_adapters: another save created the folder first."
+  )
 
 
-def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = None,
-                  step: int | None = None, shardings: Any = None, check_base: bool = True) -> Any:
+def load_adapters(
+  directory: str | os.PathLike,
+  tree: Any,
+  *,
+  opt_state: Any = None,
+  step: int | None = None,
+  shardings: Any = None,
+  check_base: bool = True,
+) -> Any:
   """Returns ``tree`` with the adapters stored in ``directory`` put in.
 
   Before any array is read, the checkpoint's metadata must list exactly the
@@ -288,10 +316,13 @@ def load_adapters(directory: str | os.PathLike, tree: Any, *, opt_state: Any = N
     ...
   """
   from flax import nnx  # noqa: PLC0415
+
   if isinstance(tree, nnx.Module):  # an adapted NNX model: load into its flat kernel view
     from delora_jax import _nnx  # noqa: PLC0415
-    got = load_adapters(directory, _flat_if_nnx(tree), opt_state=opt_state, step=step,
-                        shardings=shardings, check_base=check_base)
+
+    got = load_adapters(
+      directory, _flat_if_nnx(tree), opt_state=opt_state, step=step, shardings=shardings, check_base=check_base
+    )
     flat, state = got if opt_state is not None else (got, None)
     new = _nnx.with_kernels(tree, _tree.kernels(flat))
     return new if opt_state is None else (new, state)
@@ -333,13 +364,14 @@ def _read(path: str, tree: Any, ks: dict, opt_state: Any, shardings: Any, check_
     if leaves is not None and leaves[1]:
       items[OPT] = ocp.args.StandardRestore([_abstract(x, _sharding_of(x)) for x in leaves[1]])
     if meta.get("extra"):
-      items[EXTRA] = ocp.args.StandardRestore(
-          {p: _abstract(plain[p], _sharding_of(plain[p])) for p in meta["extra"]})
+      items[EXTRA] = ocp.args.StandardRestore({p: _abstract(plain[p], _sharding_of(plain[p])) for p in meta["extra"]})
     try:
       got = ckptr.restore(path, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable data
-      raise ValueError(f"load_adapters: could not read the arrays of {path!r} ({type(e).__name__}: "
-                       f"{e}). The checkpoint is corrupt or incomplete; restore an earlier one.") from e
+      raise ValueError(
+        f"load_adapters: could not read the arrays of {path!r} ({type(e).__name__}: "
+        f"{e}). The checkpoint is corrupt or incomplete; restore an earlier one."
+      ) from e
   restored = got[ADAPTERS]
   extras = dict(got[EXTRA]) if EXTRA in items else {}
   meta_lib.verify_checksums(meta, restored, got[OPT] if OPT in items else [], path, extras)
@@ -364,14 +396,19 @@ def _plain_leaves(tree: Any) -> dict[str, Any]:
 def _flat_if_nnx(tree: Any) -> Any:
   """An adapted NNX model as the flat ``{path: DeloraKernel}`` tree the checkpoint code reads."""
   from flax import nnx  # noqa: PLC0415
+
   if isinstance(tree, nnx.Module):
     return dict(_tree.require_adapted(tree, "save_adapters", nnx_ok=True))
   return tree
 
 
 def _checkpointer() -> ocp.Checkpointer:
-  handlers = {ADAPTERS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
-              OPT: ocp.StandardCheckpointHandler(), EXTRA: ocp.StandardCheckpointHandler()}
+  handlers = {
+    ADAPTERS: ocp.StandardCheckpointHandler(),
+    META: ocp.JsonCheckpointHandler(),
+    OPT: ocp.StandardCheckpointHandler(),
+    EXTRA: ocp.StandardCheckpointHandler(),
+  }
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
 
 
@@ -384,31 +421,36 @@ def _checkpoint_dir(directory: Any, step: int | None) -> str:
       raise TypeError(f"load_adapters: `step` must be an int; got {step!r}.")
     steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
     if int(step) not in steps:
-      raise ValueError(f"load_adapters: no finished checkpoint for step {step} under {root!r} "
-                       f"(finished steps: {sorted(steps)}). Use manager.latest_step(), or pass the "
-                       "step folder itself as `directory` if it has a custom name.")
+      raise ValueError(
+        f"load_adapters: no finished checkpoint for step {step} under {root!r} "
+        f"(finished steps: {sorted(steps)}). Use manager.latest_step(), or pass the "
+        "step folder itself as `directory` if it has a custom name."
+      )
     root = os.path.join(root, str(int(step)))
   if not os.path.isdir(root):
     raise ValueError(f"load_adapters: `directory` {root!r} does not exist or is not a folder.")
   if _TMP_SUFFIX in os.path.basename(root) or not os.path.exists(os.path.join(root, _COMMIT_FILE)):
     raise ValueError(
-        f"load_adapters: {root!r} is not a finished checkpoint (a temporary or half-written "
-        "save, e.g. interrupted by a crash). Restore the latest finished step instead "
-        "(CheckpointManager.latest_step() skips unfinished ones).")
+      f"load_adapters: {root!r} is not a finished checkpoint (a temporary or half-written "
+      "save, e.g. interrupted by a crash). Restore the latest finished step instead "
+      "(CheckpointManager.latest_step() skips unfinished ones)."
+    )
   return root
 
 
 def _read_meta(ckptr, path: str) -> dict:
   if not os.path.isdir(os.path.join(path, META)) or not os.path.isdir(os.path.join(path, ADAPTERS)):
     raise ValueError(
-        f"load_adapters: {path!r} is not a delora_jax adapter checkpoint (expected the items "
-        f"{META!r} and {ADAPTERS!r}; found {sorted(os.listdir(path))}). Write it with "
-        "delora_jax.save_adapters or delora_jax.adapter_save_args.")
+      f"load_adapters: {path!r} is not a delora_jax adapter checkpoint (expected the items "
+      f"{META!r} and {ADAPTERS!r}; found {sorted(os.listdir(path))}). Write it with "
+      "delora_jax.save_adapters or delora_jax.adapter_save_args."
+    )
   try:
     meta = ckptr.restore(path, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
   except Exception as e:
-    raise ValueError(f"load_adapters: the metadata of {path!r} is unreadable ({type(e).__name__}: "
-                     f"{e}); the checkpoint is corrupt.") from e
+    raise ValueError(
+      f"load_adapters: the metadata of {path!r} is unreadable ({type(e).__name__}: {e}); the checkpoint is corrupt."
+    ) from e
   meta_lib.check_format(meta, path)
   return meta
 
@@ -417,11 +459,15 @@ def _check_stored_layout(ckptr, path: str, meta: dict) -> None:
   """The arrays orbax stored must be exactly those the metadata lists (no partial restores)."""
   try:
     items = ckptr.metadata(path).item_metadata
-    stored = {ADAPTERS: items[ADAPTERS], OPT: items[OPT] if OPT in items.keys() else None,
-              EXTRA: items[EXTRA] if EXTRA in items.keys() else None}
+    stored = {
+      ADAPTERS: items[ADAPTERS],
+      OPT: items[OPT] if OPT in items.keys() else None,
+      EXTRA: items[EXTRA] if EXTRA in items.keys() else None,
+    }
   except Exception as e:
-    raise ValueError(f"load_adapters: the array index of {path!r} is unreadable ({type(e).__name__}: "
-                     f"{e}); the checkpoint is corrupt.") from e
+    raise ValueError(
+      f"load_adapters: the array index of {path!r} is unreadable ({type(e).__name__}: {e}); the checkpoint is corrupt."
+    ) from e
   meta_lib.check_stored(meta, {k: _shapes(v) for k, v in stored.items()}, path)
 
 
@@ -429,8 +475,11 @@ def _shapes(item_meta) -> Any:
   if item_meta is None:
     return None
   tree = getattr(item_meta, "tree", item_meta)
-  return jax.tree_util.tree_map(lambda m: (tuple(m.shape), str(np.dtype(m.dtype))), tree,
-                                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  return jax.tree_util.tree_map(
+    lambda m: (tuple(m.shape), str(np.dtype(m.dtype))),
+    tree,
+    is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+  )
 
 
 def _sharding_of(x: Any):
@@ -446,8 +495,7 @@ def _abstract_adapters(tree: Any, shardings: Any) -> dict:
   ads = _adapters(tree)
   out = {}
   for p, fields in ads.items():
-    out[p] = {f: _abstract(x, _pick_sharding(shardings, p, f, x, sorted(fields)))
-              for f, x in fields.items()}
+    out[p] = {f: _abstract(x, _pick_sharding(shardings, p, f, x, sorted(fields))) for f, x in fields.items()}
   return out
 
 
@@ -457,18 +505,25 @@ def _pick_sharding(shardings: Any, path: str, field: str, x: Any, fields: list[s
   if isinstance(shardings, jax.sharding.Sharding):
     return shardings
   if not isinstance(shardings, Mapping):
-    raise TypeError("load_adapters: `shardings` must be None, a jax.sharding.Sharding or a dict "
-                    f"{{path: Sharding | {{field: Sharding}}}}; got {type(shardings).__name__}.")
+    raise TypeError(
+      "load_adapters: `shardings` must be None, a jax.sharding.Sharding or a dict "
+      f"{{path: Sharding | {{field: Sharding}}}}; got {type(shardings).__name__}."
+    )
   if path not in shardings:
-    raise ValueError(f"load_adapters: `shardings` has no entry for the adapted path {path!r} "
-                     f"(its keys: {_tree.sample_paths(list(shardings))}). Give every adapted path.")
+    raise ValueError(
+      f"load_adapters: `shardings` has no entry for the adapted path {path!r} "
+      f"(its keys: {_tree.sample_paths(list(shardings))}). Give every adapted path."
+    )
   s = shardings[path]
   if isinstance(s, Mapping):
     if field not in s:
-      raise ValueError(f"load_adapters: shardings[{path!r}] has no entry for field {field!r}; "
-                       f"expected the fields {fields}.")
+      raise ValueError(
+        f"load_adapters: shardings[{path!r}] has no entry for field {field!r}; expected the fields {fields}."
+      )
     s = s[field]
   if not isinstance(s, jax.sharding.Sharding):
-    raise TypeError(f"load_adapters: shardings[{path!r}] must be a jax.sharding.Sharding or a "
-                    f"dict of them per field; got {type(s).__name__}.")
+    raise TypeError(
+      f"load_adapters: shardings[{path!r}] must be a jax.sharding.Sharding or a "
+      f"dict of them per field; got {type(s).__name__}."
+    )
   return s

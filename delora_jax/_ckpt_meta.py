@@ -40,25 +40,28 @@ def opt_leaves(opt_state: Any) -> tuple[list[str], list[Any], Any]:
   for kp, x in flat:
     key = jax.tree_util.keystr(kp)
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      raise TypeError(f"`opt_state` leaf {key} is a {type(x).__name__}, expected an array. Only "
-                      "array leaves can be checkpointed; convert it, e.g. jnp.asarray(x).")
+      raise TypeError(
+        f"`opt_state` leaf {key} is a {type(x).__name__}, expected an array. Only "
+        "array leaves can be checkpointed; convert it, e.g. jnp.asarray(x)."
+      )
     keys.append(key)
     leaves.append(x)
   return keys, leaves, treedef
 
 
-def build(ks: dict[str, DeloraKernel], ads: dict[str, dict[str, Any]], leaves,
-          extras: dict[str, Any] | None = None) -> dict:
+def build(
+  ks: dict[str, DeloraKernel], ads: dict[str, dict[str, Any]], leaves, extras: dict[str, Any] | None = None
+) -> dict:
   kernels = {}
   for p, k in ks.items():
     kernels[p] = {
-        "rank": int(k.a.shape[-1]),
-        "w_shape": list(k.w.shape),
-        "w_dtype": _dtype(k.w),
-        "in_axes": list(k.in_axes),
-        "out_axes": list(k.out_axes),
-        "dropout": float(k.dropout),
-        "fields": {f: _array_entry(x) for f, x in ads[p].items()},
+      "rank": int(k.a.shape[-1]),
+      "w_shape": list(k.w.shape),
+      "w_dtype": _dtype(k.w),
+      "in_axes": list(k.in_axes),
+      "out_axes": list(k.out_axes),
+      "dropout": float(k.dropout),
+      "fields": {f: _array_entry(x) for f, x in ads[p].items()},
     }
   meta = {"format": FORMAT, "version": VERSION, "kernels": kernels, "opt_state": None}
   if extras:  # plain leaves saved with extra_trainable (a head, biases), by path
@@ -71,11 +74,14 @@ def build(ks: dict[str, DeloraKernel], ads: dict[str, dict[str, Any]], leaves,
 
 def check_format(meta: Any, path: str) -> None:
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise ValueError(f"load_adapters: {path!r} is not a delora_jax adapter checkpoint (its "
-                     f"metadata lacks format={FORMAT!r}).")
+    raise ValueError(
+      f"load_adapters: {path!r} is not a delora_jax adapter checkpoint (its metadata lacks format={FORMAT!r})."
+    )
   if meta.get("version") != VERSION:
-    raise ValueError(f"load_adapters: {path!r} has checkpoint format version {meta.get('version')!r}; "
-                     f"this delora_jax reads version {VERSION}. Upgrade delora_jax.")
+    raise ValueError(
+      f"load_adapters: {path!r} has checkpoint format version {meta.get('version')!r}; "
+      f"this delora_jax reads version {VERSION}. Upgrade delora_jax."
+    )
   if not isinstance(meta.get("kernels"), dict):
     raise ValueError(f"load_adapters: the metadata of {path!r} is corrupt (no 'kernels' table).")
 
@@ -86,25 +92,31 @@ def _kernel_problems(p: str, m: dict, k: DeloraKernel) -> list[str]:
   if m.get("rank") != rank:
     out.append(f"{p}: rank {m.get('rank')} in the checkpoint, {rank} in the target")
   if m.get("w_shape") != list(k.w.shape):
-    out.append(f"{p}: base kernel shape {tuple(m.get('w_shape') or ())} in the checkpoint, "
-               f"{tuple(k.w.shape)} in the target")
+    out.append(
+      f"{p}: base kernel shape {tuple(m.get('w_shape') or ())} in the checkpoint, {tuple(k.w.shape)} in the target"
+    )
   if (m.get("in_axes"), m.get("out_axes")) != (list(k.in_axes), list(k.out_axes)):
-    out.append(f"{p}: layout in_axes={m.get('in_axes')} out_axes={m.get('out_axes')} in the "
-               f"checkpoint, in_axes={list(k.in_axes)} out_axes={list(k.out_axes)} in the target")
+    out.append(
+      f"{p}: layout in_axes={m.get('in_axes')} out_axes={m.get('out_axes')} in the "
+      f"checkpoint, in_axes={list(k.in_axes)} out_axes={list(k.out_axes)} in the target"
+    )
   if m.get("dropout") != float(k.dropout):
     out.append(f"{p}: dropout {m.get('dropout')} in the checkpoint, {k.dropout} in the target")
   fields = m.get("fields") or {}
-  want = {f: getattr(k, f) for f in ("a", "b", "lam", "w_norm", "res_a", "res_b")
-          if getattr(k, f) is not None}
+  want = {f: getattr(k, f) for f in ("a", "b", "lam", "w_norm", "res_a", "res_b") if getattr(k, f) is not None}
   if set(fields) != set(want):
-    out.append(f"{p}: fields {sorted(fields)} in the checkpoint, {sorted(want)} in the target "
-               "(init='paper' adapters carry res_a/res_b)")
+    out.append(
+      f"{p}: fields {sorted(fields)} in the checkpoint, {sorted(want)} in the target "
+      "(init='paper' adapters carry res_a/res_b)"
+    )
     return out
   for f, x in want.items():
     got = fields[f]
     if (got.get("shape"), got.get("dtype")) != (list(x.shape), _dtype(x)):
-      out.append(f"{p}.{f}: {got.get('dtype')}{tuple(got.get('shape') or ())} in the checkpoint, "
-                 f"{_dtype(x)}{tuple(x.shape)} in the target")
+      out.append(
+        f"{p}.{f}: {got.get('dtype')}{tuple(got.get('shape') or ())} in the checkpoint, "
+        f"{_dtype(x)}{tuple(x.shape)} in the target"
+      )
   return out
 
 
@@ -123,30 +135,44 @@ def check_target(meta: dict, ks: dict[str, DeloraKernel], leaves, path: str) -> 
     if p in stored:
       problems += _kernel_problems(p, stored[p], k)
   if problems:
-    _raise(problems, path, "the target tree",
-           "Wrap the target with the same rules (patterns, ranks, layouts, dtypes) the "
-           "checkpoint was saved with, on the same base model. Nothing was restored.")
+    _raise(
+      problems,
+      path,
+      "the target tree",
+      "Wrap the target with the same rules (patterns, ranks, layouts, dtypes) the "
+      "checkpoint was saved with, on the same base model. Nothing was restored.",
+    )
   if leaves is None:
     return
   saved = meta.get("opt_state")
   if saved is None:
-    raise ValueError(f"load_adapters: the checkpoint {path!r} holds no optimizer state, but "
-                     "`opt_state` was given. Call load_adapters without opt_state and "
-                     "initialise the optimizer afresh.")
+    raise ValueError(
+      f"load_adapters: the checkpoint {path!r} holds no optimizer state, but "
+      "`opt_state` was given. Call load_adapters without opt_state and "
+      "initialise the optimizer afresh."
+    )
   keys, arrays, _ = leaves
   problems = []
   if [s.get("path") for s in saved] != keys:
-    problems.append(f"structure: {len(saved)} leaves in the checkpoint, {len(keys)} in the target "
-                    f"(first difference: {_first_diff([s.get('path') for s in saved], keys)})")
+    problems.append(
+      f"structure: {len(saved)} leaves in the checkpoint, {len(keys)} in the target "
+      f"(first difference: {_first_diff([s.get('path') for s in saved], keys)})"
+    )
   else:
     for s, key, x in zip(saved, keys, arrays):
       if (s.get("shape"), s.get("dtype")) != (list(x.shape), _dtype(x)):
-        problems.append(f"opt_state{key}: {s.get('dtype')}{tuple(s.get('shape'))} in the "
-                        f"checkpoint, {_dtype(x)}{tuple(x.shape)} in the target")
+        problems.append(
+          f"opt_state{key}: {s.get('dtype')}{tuple(s.get('shape'))} in the "
+          f"checkpoint, {_dtype(x)}{tuple(x.shape)} in the target"
+        )
   if problems:
-    _raise(problems, path, "the target `opt_state`",
-           "Build the target with the same optimizer on the same adapted tree "
-           "(opt.init(tree) or opt.init(trainable)). Nothing was restored.")
+    _raise(
+      problems,
+      path,
+      "the target `opt_state`",
+      "Build the target with the same optimizer on the same adapted tree "
+      "(opt.init(tree) or opt.init(trainable)). Nothing was restored.",
+    )
 
 
 def check_extras(meta: dict, plain: dict[str, Any], path: str) -> None:
@@ -158,15 +184,20 @@ def check_extras(meta: dict, plain: dict[str, Any], path: str) -> None:
   for p, e in stored.items():
     x = plain.get(p)
     if x is None:
-      problems.append(f"{p}: an extra leaf in the checkpoint (saved with extra_trainable), "
-                      "absent from the target tree")
+      problems.append(f"{p}: an extra leaf in the checkpoint (saved with extra_trainable), absent from the target tree")
     elif (e.get("shape"), e.get("dtype")) != (list(x.shape), _dtype(x)):
-      problems.append(f"{p}: {e.get('dtype')}{tuple(e.get('shape') or ())} in the checkpoint, "
-                      f"{_dtype(x)}{tuple(x.shape)} in the target")
+      problems.append(
+        f"{p}: {e.get('dtype')}{tuple(e.get('shape') or ())} in the checkpoint, "
+        f"{_dtype(x)}{tuple(x.shape)} in the target"
+      )
   if problems:
-    _raise(problems, path, "the target tree's extra leaves",
-           "Load into a tree of the same model (the same head and biases) that the checkpoint "
-           "was saved from. Nothing was restored.")
+    _raise(
+      problems,
+      path,
+      "the target tree's extra leaves",
+      "Load into a tree of the same model (the same head and biases) that the checkpoint "
+      "was saved from. Nothing was restored.",
+    )
 
 
 def _first_diff(a: list, b: list) -> str:
@@ -177,8 +208,7 @@ def _first_diff(a: list, b: list) -> str:
 
 
 def expected_stored(meta: dict) -> dict:
-  ads = {p: {f: (tuple(e["shape"]), e["dtype"]) for f, e in m["fields"].items()}
-         for p, m in meta["kernels"].items()}
+  ads = {p: {f: (tuple(e["shape"]), e["dtype"]) for f, e in m["fields"].items()} for p, m in meta["kernels"].items()}
   opt = meta.get("opt_state")
   opt = [(tuple(e["shape"]), e["dtype"]) for e in opt] if opt else None
   extra = {p: (tuple(e["shape"]), e["dtype"]) for p, e in (meta.get("extra") or {}).items()} or None
@@ -192,9 +222,10 @@ def check_stored(meta: dict, stored: dict, path: str) -> None:
     got = stored.get(item)
     if got != expected:
       raise ValueError(
-          f"load_adapters: the checkpoint {path!r} is corrupt: the arrays stored in item {item!r} "
-          f"do not match its metadata (stored {_summary(got)}, metadata lists {_summary(expected)}). "
-          "Restore an earlier checkpoint.")
+        f"load_adapters: the checkpoint {path!r} is corrupt: the arrays stored in item {item!r} "
+        f"do not match its metadata (stored {_summary(got)}, metadata lists {_summary(expected)}). "
+        "Restore an earlier checkpoint."
+      )
 
 
 def _summary(x: Any) -> str:
@@ -205,18 +236,23 @@ def _summary(x: Any) -> str:
   return f"{len(x)} arrays"
 
 
-def verify_checksums(meta: dict, restored: dict, opt_restored: list, path: str,
-                     extras: dict[str, Any] | None = None) -> None:
+def verify_checksums(
+  meta: dict, restored: dict, opt_restored: list, path: str, extras: dict[str, Any] | None = None
+) -> None:
   def differs(entry: dict, x: Any) -> bool:
     got = checksum(x)  # None where this process does not hold every shard: nothing to compare
     return entry.get("checksum") is not None and got is not None and got != entry["checksum"]
 
-  bad = [f"{p}.{f}" for p, m in meta["kernels"].items() for f, e in m["fields"].items()
-         if differs(e, restored[p][f])]
-  bad += [f"opt_state{e.get('path', i)}" for i, (e, x) in
-          enumerate(zip(meta.get("opt_state") or [], opt_restored)) if differs(e, x)]
+  bad = [f"{p}.{f}" for p, m in meta["kernels"].items() for f, e in m["fields"].items() if differs(e, restored[p][f])]
+  bad += [
+    f"opt_state{e.get('path', i)}"
+    for i, (e, x) in enumerate(zip(meta.get("opt_state") or [], opt_restored))
+    if differs(e, x)
+  ]
   bad += [p for p, e in (meta.get("extra") or {}).items() if differs(e, (extras or {})[p])]
   if bad:
-    raise ValueError(f"load_adapters: the checkpoint {path!r} is corrupt: the data read for "
-                     f"{bad[:_SHOWN]} differs from what was written (checksum mismatch). Restore an "
-                     "earlier checkpoint.")
+    raise ValueError(
+      f"load_adapters: the checkpoint {path!r} is corrupt: the data read for "
+      f"{bad[:_SHOWN]} differs from what was written (checksum mismatch). Restore an "
+      "earlier checkpoint."
+    )

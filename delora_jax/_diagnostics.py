@@ -39,10 +39,10 @@ def kernel_figures(k: _kernel.DeloraKernel) -> dict[str, jax.Array]:
   update = _frob(u, v)
   base = jnp.sqrt(jnp.sum(w_norm * w_norm, axis=-1))
   return {
-      "lam": lam,
-      "update_norm": update,
-      "relative_update": update / jnp.maximum(base, jnp.finfo(jnp.float32).tiny),
-      "bound_use": _frob(na, nb) / jnp.maximum(jnp.abs(lam), jnp.finfo(jnp.float32).tiny),
+    "lam": lam,
+    "update_norm": update,
+    "relative_update": update / jnp.maximum(base, jnp.finfo(jnp.float32).tiny),
+    "bound_use": _frob(na, nb) / jnp.maximum(jnp.abs(lam), jnp.finfo(jnp.float32).tiny),
   }
 
 

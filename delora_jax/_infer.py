@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.extend as jex
@@ -20,7 +21,7 @@ from delora_jax import _lazy
 from delora_jax._rule import Rule
 
 _PASS = ("convert_element_type", "copy", "copy_p")
-USES: contextvars.ContextVar["Uses | None"] = contextvars.ContextVar("delora_uses", default=None)
+USES: contextvars.ContextVar[Uses | None] = contextvars.ContextVar("delora_uses", default=None)
 
 
 @dataclasses.dataclass
@@ -45,8 +46,7 @@ def _union(axes, dims) -> tuple[int, ...]:
 def _walk(jaxpr, tracked: dict, uses: Uses) -> None:
   """``tracked``: jaxpr var -> (path, per-axis stored axes); fills it for derived vars."""
   for eqn in jaxpr.eqns:
-    got = [(i, tracked[v]) for i, v in enumerate(eqn.invars)
-           if not isinstance(v, jex.core.Literal) and v in tracked]
+    got = [(i, tracked[v]) for i, v in enumerate(eqn.invars) if not isinstance(v, jex.core.Literal) and v in tracked]
     if not got:
       continue
     name = eqn.primitive.name
@@ -106,37 +106,41 @@ def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str], lead
 def resolve(path: str, shape: tuple[int, ...], rule: Rule, uses: Uses) -> Rule:
   """The Rule with the layout the model's contractions show (checked against a declared one)."""
   seen = uses.contractions.get(path, set())
-  how = (f"other uses: {sorted(uses.others[path])}" if path in uses.others
-         else "the call does not use it")
+  how = f"other uses: {sorted(uses.others[path])}" if path in uses.others else "the call does not use it"
   if not seen:
     raise ValueError(
-        f"{path}: cannot infer this kernel's layout: the model's call never contracts it "
-        f"({how}). Declare it, e.g. Rule(r, in_axes=...), or exclude it from the rules.")
+      f"{path}: cannot infer this kernel's layout: the model's call never contracts it "
+      f"({how}). Declare it, e.g. Rule(r, in_axes=...), or exclude it from the rules."
+    )
   if len(seen) > 1:
     raise ValueError(
-        f"{path}: the model contracts this kernel over different axes in different places "
-        f"({sorted(c for c, _ in seen)}), so no single layout fits. Declare one with "
-        "Rule(r, in_axes=...) (the other uses will then be merged, or raise with strict=True).")
-  (contracted, batch), = seen
+      f"{path}: the model contracts this kernel over different axes in different places "
+      f"({sorted(c for c, _ in seen)}), so no single layout fits. Declare one with "
+      "Rule(r, in_axes=...) (the other uses will then be merged, or raise with strict=True)."
+    )
+  ((contracted, batch),) = seen
   stack = rule.stack_axes or uses.lead.get(path, 0)
   if any(a >= stack for a in batch) or any(a < stack for a in contracted):
     raise ValueError(
-        f"{path}: the model batches this kernel over axes {batch} and contracts axes "
-        f"{contracted}; only leading stacked axes (here {stack}) may be batch axes. Declare "
-        "the layout with Rule(r, in_axes=..., stack_axes=...).")
+      f"{path}: the model batches this kernel over axes {batch} and contracts axes "
+      f"{contracted}; only leading stacked axes (here {stack}) may be batch axes. Declare "
+      "the layout with Rule(r, in_axes=..., stack_axes=...)."
+    )
   outs = tuple(a for a in range(stack, len(shape)) if a not in contracted)
   if not outs:
-    raise ValueError(f"{path}: the model contracts every axis {contracted} of this kernel; "
-                     "it has no output axis to adapt.")
+    raise ValueError(
+      f"{path}: the model contracts every axis {contracted} of this kernel; it has no output axis to adapt."
+    )
   if rule.in_axes is not None or rule.out_axes is not None:
     declared_in, _ = rule.layout(path, shape)
     declared = tuple(sorted(len(shape) + a for a in declared_in))
     if declared != contracted:
       raise ValueError(
-          f"{path}: the declared layout has input axes {declared} (Rule(in_axes="
-          f"{rule.in_axes}, out_axes={rule.out_axes}, stack_axes={rule.stack_axes})), but the "
-          f"model contracts axes {contracted} of this kernel of shape {shape}. Use "
-          f"Rule(r, in_axes={contracted}, stack_axes={stack}) or leave the layout out.")
+        f"{path}: the declared layout has input axes {declared} (Rule(in_axes="
+        f"{rule.in_axes}, out_axes={rule.out_axes}, stack_axes={rule.stack_axes})), but the "
+        f"model contracts axes {contracted} of this kernel of shape {shape}. Use "
+        f"Rule(r, in_axes={contracted}, stack_axes={stack}) or leave the layout out."
+      )
   return dataclasses.replace(rule, in_axes=contracted, out_axes=outs, stack_axes=stack)
 
 

@@ -39,7 +39,7 @@ class DeloraKernel:
   out_axes: tuple[int, ...] = (-1,)
   dropout: float = 0.0
 
-  def replace(self, **changes: Any) -> "DeloraKernel":
+  def replace(self, **changes: Any) -> DeloraKernel:
     """A copy with the given fields changed (``dataclasses.replace``)."""
     return dataclasses.replace(self, **changes)
 
@@ -50,12 +50,12 @@ class DeloraKernel:
 
   def __array__(self, *args: Any, **kwargs: Any):
     raise TypeError(
-        "A DeLoRA-adapted kernel was used as a plain array: the parameter tree "
-        "holds DeloraKernel nodes made by `delora_jax.wrap`, which plain "
-        "`model.apply` cannot read. Call `delora_jax.apply(model, variables, "
-        "...)` instead, or pass `delora_jax.merge(params)` (plain arrays). In Flax NNX "
-        "code, do not put a wrapped State into a model: adapt the model itself with "
-        "`delora_jax.nnx.wrap(model, rules)` and call it."
+      "A DeLoRA-adapted kernel was used as a plain array: the parameter tree "
+      "holds DeloraKernel nodes made by `delora_jax.wrap`, which plain "
+      "`model.apply` cannot read. Call `delora_jax.apply(model, variables, "
+      "...)` instead, or pass `delora_jax.merge(params)` (plain arrays). In Flax NNX "
+      "code, do not put a wrapped State into a model: adapt the model itself with "
+      "`delora_jax.nnx.wrap(model, rules)` and call it."
     )
 
   def __jax_array__(self):
@@ -120,9 +120,9 @@ class DeloraKernel:
 
 
 jax.tree_util.register_dataclass(
-    DeloraKernel,
-    data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-    meta_fields=["in_axes", "out_axes", "dropout"],
+  DeloraKernel,
+  data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
+  meta_fields=["in_axes", "out_axes", "dropout"],
 )
 
 TRAINABLE_FIELDS = ("a", "b", "lam")
@@ -212,8 +212,7 @@ def normalised(a: jax.Array, b: jax.Array, lam: jax.Array) -> tuple[jax.Array, j
   r = a.shape[-1]
   sa = (_wide(lam)[..., None] / r) / clamped_norm(a, -2)
   sb = 1.0 / clamped_norm(b, -1)
-  return ((_wide(a) * sa[..., None, :]).astype(a.dtype),
-          (_wide(b) * sb[..., :, None]).astype(b.dtype))
+  return ((_wide(a) * sa[..., None, :]).astype(a.dtype), (_wide(b) * sb[..., :, None]).astype(b.dtype))
 
 
 def factors(k: DeloraKernel) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,8 @@ place that decides "factorised or merged" for code delora_jax did not write
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.extend as jex
@@ -32,11 +33,12 @@ class FallbackWarning(UserWarning):
 
 def strict_error(path: str, why: str = "outside a layer delora_jax can factorise") -> TypeError:
   return TypeError(
-      f"{path}: this adapted kernel is used {why}, so it would be computed through the merged "
-      "weight w + ΔW. strict=True forbids that; contract it with a layer or op delora_jax "
-      "factorises (any jnp.einsum/jnp.dot/@/lax.dot_general/lax.conv_general_dilated over its "
-      "input axes), exclude it from the rules, or call with strict=False to accept the "
-      "merged path.")
+    f"{path}: this adapted kernel is used {why}, so it would be computed through the merged "
+    "weight w + ΔW. strict=True forbids that; contract it with a layer or op delora_jax "
+    "factorises (any jnp.einsum/jnp.dot/@/lax.dot_general/lax.conv_general_dilated over its "
+    "input axes), exclude it from the rules, or call with strict=False to accept the "
+    "merged path."
+  )
 
 
 class LayoutError(ValueError):
@@ -84,8 +86,10 @@ class Lazy:
     s = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     letter = {p: s[p] for p in range(self.base.ndim)}
     stk = "".join(letter[p] for p in self.stacks)
-    eq = (f"{stk}{''.join(letter[p] for p in self.ins)}Z,{stk}Z{''.join(letter[p] for p in self.outs)}"
-          f"->{''.join(letter[p] for p in range(self.base.ndim))}")
+    eq = (
+      f"{stk}{''.join(letter[p] for p in self.ins)}Z,{stk}Z{''.join(letter[p] for p in self.outs)}"
+      f"->{''.join(letter[p] for p in range(self.base.ndim))}"
+    )
     d = jnp.einsum(eq, self.u, self.v, precision=lax.Precision.HIGHEST)
     return d.astype(self.base.dtype)
 
@@ -98,7 +102,8 @@ class Lazy:
 
 
 jax.tree_util.register_dataclass(
-    Lazy, data_fields=["base", "u", "v", "key"], meta_fields=["stacks", "ins", "outs", "src", "axes"])
+  Lazy, data_fields=["base", "u", "v", "key"], meta_fields=["stacks", "ins", "outs", "src", "axes"]
+)
 
 
 def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> Lazy:
@@ -111,7 +116,7 @@ def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> 
   ins = tuple(nd + a for a in k.in_axes)
   outs = tuple(nd + a for a in k.out_axes)
   stacks = tuple(range(nd - len(ins) - len(outs)))
-  stack_shape = w.shape[:len(stacks)]
+  stack_shape = w.shape[: len(stacks)]
   u = u.reshape(*stack_shape, *(w.shape[p] for p in ins), u.shape[-1])
   v = v.reshape(*stack_shape, v.shape[-2], *(w.shape[p] for p in outs))
   axes = tuple((src.lead + p,) for p in range(nd))
@@ -124,9 +129,13 @@ def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> 
 def _transpose(lz: Lazy, perm) -> Lazy:
   where = {old: new for new, old in enumerate(perm)}
   return dataclasses.replace(
-      lz, base=lax.transpose(lz.base, perm), stacks=tuple(where[p] for p in lz.stacks),
-      ins=tuple(where[p] for p in lz.ins), outs=tuple(where[p] for p in lz.outs),
-      axes=tuple(lz.axes[p] for p in perm))
+    lz,
+    base=lax.transpose(lz.base, perm),
+    stacks=tuple(where[p] for p in lz.stacks),
+    ins=tuple(where[p] for p in lz.ins),
+    outs=tuple(where[p] for p in lz.outs),
+    axes=tuple(lz.axes[p] for p in perm),
+  )
 
 
 def _groups(old: tuple[int, ...], new: tuple[int, ...]):
@@ -159,7 +168,7 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
   groups = _groups(tuple(lz.base.shape), tuple(new_shape))
   if groups is None:
     return None
-  kind = {**{p: "s" for p in lz.stacks}, **{p: "i" for p in lz.ins}, **{p: "o" for p in lz.outs}}
+  kind = {**dict.fromkeys(lz.stacks, "s"), **dict.fromkeys(lz.ins, "i"), **dict.fromkeys(lz.outs, "o")}
   order = {"s": list(lz.stacks), "i": list(lz.ins), "o": list(lz.outs)}
   # Each run of old axes must be of one kind and consecutive, ascending, in that kind's order.
   new_order: dict[str, list[int]] = {"s": [], "i": [], "o": []}
@@ -185,8 +194,17 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
       k += n_old
   u = lz.u.reshape(*sizes["s"], *sizes["i"], lz.u.shape[-1])
   v = lz.v.reshape(*sizes["s"], lz.v.shape[len(lz.stacks)], *sizes["o"])
-  return Lazy(lax.reshape(lz.base, tuple(new_shape)), u, v, tuple(new_order["s"]),
-              tuple(new_order["i"]), tuple(new_order["o"]), lz.src, tuple(axes), lz.key)
+  return Lazy(
+    lax.reshape(lz.base, tuple(new_shape)),
+    u,
+    v,
+    tuple(new_order["s"]),
+    tuple(new_order["i"]),
+    tuple(new_order["o"]),
+    lz.src,
+    tuple(axes),
+    lz.key,
+  )
 
 
 # ---------------------------------------------------------------- contractions
@@ -217,10 +235,11 @@ def _check_contraction(lz: Lazy, contracted: tuple[int, ...], op: str) -> None:
   src = lz.src
   got = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
   raise LayoutError(
-      f"{src.path}: the model contracts this kernel over its axes {got} (in `{op}`), but its "
-      f"layout declares input axes {tuple(sorted(src.in_axes))}. Declare the axes the model "
-      f"contracts, e.g. Rule(r, in_axes={got}, ...), or leave the layout out and let "
-      "delora_jax infer it: wrap(params, rules, like=(model, *example_args)).")
+    f"{src.path}: the model contracts this kernel over its axes {got} (in `{op}`), but its "
+    f"layout declares input axes {tuple(sorted(src.in_axes))}. Declare the axes the model "
+    f"contracts, e.g. Rule(r, in_axes={got}, ...), or leave the layout out and let "
+    "delora_jax infer it: wrap(params, rules, like=(model, *example_args))."
+  )
 
 
 def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) -> jax.Array | None:
@@ -242,16 +261,21 @@ def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array
   x_con = tuple(x_of[p] for p in lz.ins)
   u_b = tuple(lz.stacks.index(p) for p in kb)
   pref = None if acc == cdt else acc
-  h = lax.dot_general(_cast(xd, cdt), _cast(lz.u, cdt), ((x_con, u_con), (xb, u_b)),
-                      precision=precision, preferred_element_type=pref)
+  h = lax.dot_general(
+    _cast(xd, cdt), _cast(lz.u, cdt), ((x_con, u_con), (xb, u_b)), precision=precision, preferred_element_type=pref
+  )
   # h: (*batch, *x_free, *rest_stack, r)
   rest = [p for p in lz.stacks if p not in kb]
   nb, nxf = len(kb), x.ndim - len(xc) - len(xb)
   h_rest = tuple(range(nb + nxf, nb + nxf + len(rest)))
   v_b = u_b + tuple(lz.stacks.index(p) for p in rest)
-  d = lax.dot_general(_cast(h, cdt), _cast(lz.v, cdt),
-                      (((h.ndim - 1,), (ns,)), (tuple(range(nb)) + h_rest, v_b)),
-                      precision=precision, preferred_element_type=pref)
+  d = lax.dot_general(
+    _cast(h, cdt),
+    _cast(lz.v, cdt),
+    (((h.ndim - 1,), (ns,)), (tuple(range(nb)) + h_rest, v_b)),
+    precision=precision,
+    preferred_element_type=pref,
+  )
   # d: (*batch, *rest_stack, *x_free, *outs) -> dot_general's order for the original operands.
   k_free = [p for p in range(lz.base.ndim) if p not in kc and p not in kb]
   pos = {p: nb + i for i, p in enumerate(rest)}
@@ -266,7 +290,7 @@ def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array
 
 def _conv(lz: Lazy, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | None:
   dn = params["dimension_numbers"]
-  if (params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lz.stacks):
+  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lz.stacks:
     return None
   o_dim = dn.rhs_spec[0]
   _check_contraction(lz, tuple(p for p in range(lz.base.ndim) if p != o_dim), "conv_general_dilated")
@@ -279,11 +303,13 @@ def _conv(lz: Lazy, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | N
   acc = _acc(cdt)
   pref = None if acc == cdt else acc
   p = {k: v for k, v in params.items() if k != "preferred_element_type"}
-  h = lax.conv_general_dilated_p.bind(_cast(_branch_input(lz, x), cdt), _cast(uk, cdt), **p,
-                                      preferred_element_type=pref)
+  h = lax.conv_general_dilated_p.bind(
+    _cast(_branch_input(lz, x), cdt), _cast(uk, cdt), **p, preferred_element_type=pref
+  )
   f = dn.out_spec[1]
-  d = jnp.tensordot(_cast(h, cdt), _cast(lz.v.reshape(lz.v.shape[0], -1), cdt),
-                    axes=((f,), (0,)), preferred_element_type=pref)
+  d = jnp.tensordot(
+    _cast(h, cdt), _cast(lz.v.reshape(lz.v.shape[0], -1), cdt), axes=((f,), (0,)), preferred_element_type=pref
+  )
   d = jnp.moveaxis(d, -1, f)
   lz.src.record(lz.src.path, "factorised")
   return out + _cast(d, out.dtype)
@@ -331,8 +357,9 @@ def _rule(eqn, invals):
     return evaluate(closed.jaxpr, closed.consts, invals)
   if name in ("remat2", "checkpoint"):
     jaxpr = eqn.params["jaxpr"]
-    fn = jax.checkpoint(lambda *a: evaluate(jaxpr, (), list(a)),
-                        prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    fn = jax.checkpoint(
+      lambda *a: evaluate(jaxpr, (), list(a)), prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"]
+    )
     return fn(*invals)
   if name == "dot_general" and len(lazies) == 1:
     lhs, rhs = invals
@@ -380,4 +407,3 @@ def run(fn: Callable[..., Any], bases: list[jax.Array], lazies: list[Lazy]) -> A
   outs = evaluate(closed.jaxpr, closed.consts, lazies)
   outs = [_plain(x, "a returned kernel") for x in outs]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
-

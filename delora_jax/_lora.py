@@ -72,8 +72,9 @@ def _mismatch(w, stored, *, in_axes, out_axes, rtol):
 @functools.lru_cache(maxsize=256)
 def _mismatch_fn(in_axes, out_axes, rtol: float, out_shardings):
   """The compiled comparison, one per layout (not one per kernel and call)."""
-  return jax.jit(functools.partial(_mismatch, in_axes=in_axes, out_axes=out_axes, rtol=rtol),
-                 out_shardings=out_shardings)
+  return jax.jit(
+    functools.partial(_mismatch, in_axes=in_axes, out_axes=out_axes, rtol=rtol), out_shardings=out_shardings
+  )
 
 
 def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> None:
@@ -89,8 +90,10 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   n_stack = k.w.ndim - len(k.in_axes) - len(k.out_axes)
   want_shape = (*k.w.shape[:n_stack], math.prod(k.w.shape[i] for i in k.in_axes))
   if tuple(stored.shape) != want_shape:
-    raise ValueError(f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
-                     f"{want_shape} for the base kernel of shape {tuple(k.w.shape)}.")
+    raise ValueError(
+      f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
+      f"{want_shape} for the base kernel of shape {tuple(k.w.shape)}."
+    )
   # A norm PEFT computed in a bf16/fp16 base's dtype is rounded by up to eps/2 of that dtype.
   rtol = max(norm_tolerance(stored.dtype), float(jnp.finfo(k.w.dtype).eps))
   sh = getattr(k.w, "sharding", None)
@@ -102,8 +105,9 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   n_bad, rel = int(n_bad), float(rel)
   if n_bad:
     raise ValueError(
-        f"{path}: the base kernel differs from the one {source} was made for: its stored "
-        f"w_norm (input-row norms of the base kernel) differs from the norms of this tree's "
-        f"kernel in {n_bad} of {math.prod(want_shape)} entries (max relative difference {rel:.3g}, "
-        f"tolerance {rtol:g}). Load the adapters into the same pretrained weights they were "
-        "trained on (pass check_base=False only if you know the bases match).")
+      f"{path}: the base kernel differs from the one {source} was made for: its stored "
+      f"w_norm (input-row norms of the base kernel) differs from the norms of this tree's "
+      f"kernel in {n_bad} of {math.prod(want_shape)} entries (max relative difference {rel:.3g}, "
+      f"tolerance {rtol:g}). Load the adapters into the same pretrained weights they were "
+      "trained on (pass check_base=False only if you know the bases match)."
+    )

@@ -15,7 +15,8 @@ import contextvars
 import functools
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -58,18 +59,24 @@ class Adapter(nnx.Module):
   def kernel(self, w: Any) -> DeloraKernel:
     res = vars(self)
     return DeloraKernel(
-        w=w, a=self.a.get_value(), b=self.b.get_value(), lam=self.lam.get_value(),
-        w_norm=self.w_norm.get_value(),
-        res_a=res["res_a"].get_value() if "res_a" in res else None,
-        res_b=res["res_b"].get_value() if "res_b" in res else None,
-        in_axes=self.in_axes, out_axes=self.out_axes, dropout=self.dropout)
+      w=w,
+      a=self.a.get_value(),
+      b=self.b.get_value(),
+      lam=self.lam.get_value(),
+      w_norm=self.w_norm.get_value(),
+      res_a=res["res_a"].get_value() if "res_a" in res else None,
+      res_b=res["res_b"].get_value() if "res_b" in res else None,
+      in_axes=self.in_axes,
+      out_axes=self.out_axes,
+      dropout=self.dropout,
+    )
 
 
 # id(module) -> {kernel name: placeholder} for the module calls being traced now.
-_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "delora_nnx_active", default=types.MappingProxyType({}))
+_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("delora_nnx_active", default=types.MappingProxyType({}))
 _RECORDER: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
-    "delora_nnx_recorder", default=None)
+  "delora_nnx_recorder", default=None
+)
 
 
 def _record(path: str, kind: str) -> None:
@@ -78,10 +85,13 @@ def _record(path: str, kind: str) -> None:
     rec(path, kind)
   elif kind == "merged":
     warnings.warn(
-        f"delora_jax.nnx: the adapted kernel {path!r} is used outside a call delora_jax can "
-        "factorise and was computed through the merged weight w + ΔW (adapter dropout does "
-        "not apply there). Pass strict=True to delora_jax.nnx.wrap to make this an error; "
-        "delora_jax.explain(adapted, *args) lists the paths.", _lazy.FallbackWarning, stacklevel=4)
+      f"delora_jax.nnx: the adapted kernel {path!r} is used outside a call delora_jax can "
+      "factorise and was computed through the merged weight w + ΔW (adapter dropout does "
+      "not apply there). Pass strict=True to delora_jax.nnx.wrap to make this an error; "
+      "delora_jax.explain(adapted, *args) lists the paths.",
+      _lazy.FallbackWarning,
+      stacklevel=4,
+    )
 
 
 def _like(var: nnx.Variable, value: Any) -> nnx.Variable:
@@ -140,8 +150,9 @@ def _call(self, base_call, args, kwargs):
     key = None
     if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
       key = ad.rngs.dropout()
-    src = _lazy.Source(ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes),
-                       strict=ad.strict, dropout=ad.dropout)
+    src = _lazy.Source(
+      ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes), strict=ad.strict, dropout=ad.dropout
+    )
     bases.append(w)
     lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
   return _lazy.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
@@ -156,12 +167,11 @@ def _subclass(cls: type, names: tuple[str, ...], prefix: str, call, prop) -> typ
     return call(self, base_call, args, kwargs)
 
   ns = {n: prop(n) for n in names}
-  ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__,
-            __doc__=cls.__doc__)
+  ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__, __doc__=cls.__doc__)
   return type(f"{prefix}{cls.__name__}", (cls,), ns)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adapted_class(cls: type, names: tuple[str, ...]) -> type:
   """The subclass of ``cls`` whose kernels ``names`` are adapted."""
   return _subclass(cls, names, "Delora", _call, _kernel_property)
@@ -230,8 +240,7 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   """`delora_jax.explain` for an adapted NNX model: traces ``model(*args, **kwargs)`` abstractly."""
   paths = list(kernels(model))
   if not paths:
-    raise ValueError("explain: this nnx.Module holds no DeLoRA adapter; call "
-                     "delora_jax.nnx.wrap(model, rules) first.")
+    raise ValueError("explain: this nnx.Module holds no DeLoRA adapter; call delora_jax.nnx.wrap(model, rules) first.")
   seen: dict[str, set] = {"factorised": set(), "merged": set()}
   token = _RECORDER.set(lambda path, kind: seen[kind].add(path))
   try:
@@ -239,9 +248,9 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   finally:
     _RECORDER.reset(token)
   return {
-      "factorised": [p for p in paths if p in seen["factorised"] and p not in seen["merged"]],
-      "merged": [p for p in paths if p in seen["merged"]],
-      "unused": [p for p in paths if p not in seen["factorised"] and p not in seen["merged"]],
+    "factorised": [p for p in paths if p in seen["factorised"] and p not in seen["merged"]],
+    "merged": [p for p in paths if p in seen["merged"]],
+    "unused": [p for p in paths if p not in seen["factorised"] and p not in seen["merged"]],
   }
 
 
@@ -267,16 +276,17 @@ def _probe_call(self, base_call, args, kwargs):
     return base_call(self, *args, **kwargs)
   paths = vars(self)["_delora_paths"]
   bases = [vars(self)[n].get_value() for n in names]
-  return _infer.trace(_with_placeholders(self, names, base_call, args, kwargs), bases,
-                      [paths[n] for n in names], [0] * len(names))
+  return _infer.trace(
+    _with_placeholders(self, names, base_call, args, kwargs), bases, [paths[n] for n in names], [0] * len(names)
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_class(cls: type, names: tuple[str, ...]) -> type:
   return _subclass(cls, names, "Probe", _probe_call, _probe_property)
 
 
-def probe(model: nnx.Module, like: Any, paths: set[str]) -> "_infer.Uses":
+def probe(model: nnx.Module, like: Any, paths: set[str]) -> _infer.Uses:
   """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
   new = copy(model)
   mods = modules(new)
@@ -294,6 +304,8 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> "_infer.Uses":
   elif isinstance(like, tuple):
     call = lambda m: m(*like)  # noqa: E731
   else:
-    raise TypeError("`like` must be a tuple of example arguments for model(*like), or a "
-                    f"function like(model) that calls it; got {type(like).__name__}.")
+    raise TypeError(
+      "`like` must be a tuple of example arguments for model(*like), or a "
+      f"function like(model) that calls it; got {type(like).__name__}."
+    )
   return _infer.probe(lambda: nnx.eval_shape(call, new))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,10 @@ def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) 
       out.append("adapter")
     elif trainable_half:
       raise ValueError(
-          f"optimizer: {p} is in the trainable half (split(..., extra_trainable=...) put it there) "
-          "but the optimizer's `extra_trainable` does not match it, so it would get a zero update "
-          "and never train. Pass the same extra_trainable to delora_jax.optimizer.")
+        f"optimizer: {p} is in the trainable half (split(..., extra_trainable=...) put it there) "
+        "but the optimizer's `extra_trainable` does not match it, so it would get a zero update "
+        "and never train. Pass the same extra_trainable to delora_jax.optimizer."
+      )
     else:
       out.append("frozen")
   return treedef.unflatten(out)
@@ -53,14 +55,14 @@ def _opt(value, label):
 
 
 def optimizer(
-    tx: optax.GradientTransformation | Callable[..., optax.GradientTransformation],
-    /,
-    *,
-    lam_learning_rate: Any = None,
-    lam_tx: optax.GradientTransformation | None = None,
-    decay_lam: bool = False,
-    extra_trainable: str | Sequence[str] | None = None,
-    **hyperparams: Any,
+  tx: optax.GradientTransformation | Callable[..., optax.GradientTransformation],
+  /,
+  *,
+  lam_learning_rate: Any = None,
+  lam_tx: optax.GradientTransformation | None = None,
+  decay_lam: bool = False,
+  extra_trainable: str | Sequence[str] | None = None,
+  **hyperparams: Any,
 ) -> optax.GradientTransformation:
   """Wraps an optax optimizer so that only DeLoRA adapters (and extras) train.
 
@@ -92,14 +94,16 @@ def optimizer(
   if isinstance(tx, optax.GradientTransformation):
     if hyperparams:
       raise TypeError(
-          f"optimizer: got hyperparameters {sorted(hyperparams)} with a ready "
-          "GradientTransformation; pass a factory instead, e.g. "
-          "delora_jax.optimizer(optax.adamw, learning_rate=1e-3).")
+        f"optimizer: got hyperparameters {sorted(hyperparams)} with a ready "
+        "GradientTransformation; pass a factory instead, e.g. "
+        "delora_jax.optimizer(optax.adamw, learning_rate=1e-3)."
+      )
     if lam_learning_rate is not None and lam_tx is None:
       raise TypeError(
-          "optimizer: `lam_learning_rate` needs a factory to rebuild the optimizer for λ; "
-          "pass e.g. delora_jax.optimizer(optax.adam, learning_rate=1e-3, "
-          "lam_learning_rate=1e-2), or give `lam_tx` explicitly.")
+        "optimizer: `lam_learning_rate` needs a factory to rebuild the optimizer for λ; "
+        "pass e.g. delora_jax.optimizer(optax.adam, learning_rate=1e-3, "
+        "lam_learning_rate=1e-2), or give `lam_tx` explicitly."
+      )
     main = tx
     lam = lam_tx if lam_tx is not None else tx
   elif callable(tx):
@@ -108,11 +112,11 @@ def optimizer(
   else:
     raise TypeError(f"optimizer: `tx` must be an optax factory or GradientTransformation; got {tx!r}.")
   return optax.chain(
-      optax.partition(
-          {"adapter": main, "lam": lam, "frozen": optax.set_to_zero()},
-          lambda params: param_labels(params, extra_trainable),
-      ),
-      bounded_factors(),
+    optax.partition(
+      {"adapter": main, "lam": lam, "frozen": optax.set_to_zero()},
+      lambda params: param_labels(params, extra_trainable),
+    ),
+    bounded_factors(),
   )
 
 
@@ -152,6 +156,7 @@ def bounded_factors() -> optax.GradientTransformation:
   (``opt.update(grads, state, params)``, which AdamW needs anyway); without them the updates
   pass unchanged.
   """
+
   def update(updates, state, params=None):
     if params is None:  # e.g. plain Adam called without params: the factors grow only linearly
       return updates, state
@@ -175,8 +180,10 @@ def _lam_hyperparams(factory, hyperparams, lam_learning_rate, decay_lam):
   params = _signature_params(factory)
   if lam_learning_rate is not None:
     if "learning_rate" not in hp and (params is not None and "learning_rate" not in params):
-      raise TypeError(f"optimizer: {getattr(factory, '__name__', factory)} takes no "
-                      "`learning_rate`, so `lam_learning_rate` cannot be applied.")
+      raise TypeError(
+        f"optimizer: {getattr(factory, '__name__', factory)} takes no "
+        "`learning_rate`, so `lam_learning_rate` cannot be applied."
+      )
     hp["learning_rate"] = lam_learning_rate
   if not decay_lam:
     for k in _DECAY_KEYS:

@@ -6,45 +6,96 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from delora_jax._peft_names import CONFIG
 
 #: Keys that describe the file, not the adapter: ignoring them cannot change results.
-METADATA = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-            "revision", "inference_mode")
+METADATA = (
+  "task_type",
+  "peft_type",
+  "auto_mapping",
+  "peft_version",
+  "base_model_name_or_path",
+  "revision",
+  "inference_mode",
+)
 #: Keys delora_jax reproduces.
-SUPPORTED = ("r", "delora_lambda", "module_dropout", "target_modules", "exclude_modules", "bias",
-             "init_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-             "lambda_pattern", "modules_to_save")
-DEFAULTS = {"r": 8, "delora_lambda": 15, "module_dropout": 0.0, "target_modules": None,
-            "exclude_modules": None, "bias": "none", "init_weights": True,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
-            "lambda_pattern": {}, "modules_to_save": None}
+SUPPORTED = (
+  "r",
+  "delora_lambda",
+  "module_dropout",
+  "target_modules",
+  "exclude_modules",
+  "bias",
+  "init_weights",
+  "layers_to_transform",
+  "layers_pattern",
+  "rank_pattern",
+  "lambda_pattern",
+  "modules_to_save",
+)
+DEFAULTS: dict[str, Any] = {
+  "r": 8,
+  "delora_lambda": 15,
+  "module_dropout": 0.0,
+  "target_modules": None,
+  "exclude_modules": None,
+  "bias": "none",
+  "init_weights": True,
+  "layers_to_transform": None,
+  "layers_pattern": None,
+  "rank_pattern": {},
+  "lambda_pattern": {},
+  "modules_to_save": None,
+}
 BIASES = ("none", "all", "delora_only")
 #: PEFT's heads of sequence-classification models, kept out of ``all-linear`` for SEQ_CLS.
 SEQ_CLS_HEADS = ("score", "classifier")
 
 #: PEFT 0.21's TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING (``target_modules=None``).
 DEFAULT_TARGETS: dict[str, Any] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
-    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
-    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
-    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"],
-    "falcon": ["query_key_value"], "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"],
-    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "rwkv": ["key", "value", "receptance", "output"],
-    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+  "t5": ["q", "v"],
+  "mt5": ["q", "v"],
+  "bart": ["q_proj", "v_proj"],
+  "gpt2": ["c_attn"],
+  "bloom": ["query_key_value"],
+  "blip-2": ["q", "v", "q_proj", "v_proj"],
+  "opt": ["q_proj", "v_proj"],
+  "gptj": ["q_proj", "v_proj"],
+  "gpt_neox": ["query_key_value"],
+  "gpt_neo": ["q_proj", "v_proj"],
+  "bert": ["query", "value"],
+  "roberta": ["query", "value"],
+  "xlm-roberta": ["query", "value"],
+  "electra": ["query", "value"],
+  "deberta-v2": ["query_proj", "value_proj"],
+  "deberta": ["in_proj"],
+  "layoutlm": ["query", "value"],
+  "llama": ["q_proj", "v_proj"],
+  "llama4": ["q_proj", "v_proj"],
+  "chatglm": ["query_key_value"],
+  "gpt_bigcode": ["c_attn"],
+  "mpt": ["Wqkv"],
+  "RefinedWebModel": ["query_key_value"],
+  "RefinedWeb": ["query_key_value"],
+  "falcon": ["query_key_value"],
+  "btlm": ["c_proj", "c_attn"],
+  "codegen": ["qkv_proj"],
+  "mistral": ["q_proj", "v_proj"],
+  "mixtral": ["q_proj", "v_proj"],
+  "stablelm": ["q_proj", "v_proj"],
+  "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+  "gemma": ["q_proj", "v_proj"],
+  "gemma2": ["q_proj", "v_proj"],
+  "gemma3_text": ["q_proj", "v_proj"],
+  "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+  "qwen2": ["q_proj", "v_proj"],
+  "qwen3": ["q_proj", "v_proj"],
+  "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+  "rwkv": ["key", "value", "receptance", "output"],
+  "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 
@@ -66,25 +117,29 @@ def read(config: Any) -> tuple[dict, str]:
     path = os.path.abspath(os.fspath(config))
     file = os.path.join(path, CONFIG) if os.path.isdir(path) else path
     if not os.path.isfile(file):
-      raise ValueError(f"{file!r} does not exist; `config` must be a PEFT adapter folder, its "
-                       f"{CONFIG}, a dict or a peft.DeloraConfig.")
+      raise ValueError(
+        f"{file!r} does not exist; `config` must be a PEFT adapter folder, its {CONFIG}, a dict or a peft.DeloraConfig."
+      )
     try:
       with open(file) as fh:
         cfg = json.load(fh)
     except (OSError, ValueError) as e:
-      raise ValueError(f"{file!r} is unreadable ({type(e).__name__}: {e}); write it with "
-                       "PeftModel.save_pretrained or delora_jax.peft.export.") from e
+      raise ValueError(
+        f"{file!r} is unreadable ({type(e).__name__}: {e}); write it with "
+        "PeftModel.save_pretrained or delora_jax.peft.export."
+      ) from e
     source = file
   elif isinstance(config, Mapping):
     cfg, source = dict(config), "the config dict"
   elif callable(getattr(config, "to_dict", None)):
     cfg, source = config.to_dict(), f"the {type(config).__name__}"
   else:
-    raise TypeError("`config` must be a PEFT adapter folder, an adapter_config.json path, a dict "
-                    f"or a peft.DeloraConfig; got {type(config).__name__}.")
+    raise TypeError(
+      "`config` must be a PEFT adapter folder, an adapter_config.json path, a dict "
+      f"or a peft.DeloraConfig; got {type(config).__name__}."
+    )
   if not isinstance(cfg, Mapping):
-    raise ValueError(f"{source} holds a {type(cfg).__name__}, expected a JSON object of "
-                     "DeloraConfig fields.")
+    raise ValueError(f"{source} holds a {type(cfg).__name__}, expected a JSON object of DeloraConfig fields.")
   return check(_plain(dict(cfg)), source), source
 
 
@@ -98,8 +153,10 @@ def _regex(source: str, key: str, pattern: Any) -> None:
   try:
     re.compile(pattern)
   except re.error as e:
-    raise ValueError(f"{source}: `{key}` holds {pattern!r}, which is not a valid regular "
-                     f"expression ({e}). Fix the pattern (PEFT would fail on it too).") from None
+    raise ValueError(
+      f"{source}: `{key}` holds {pattern!r}, which is not a valid regular "
+      f"expression ({e}). Fix the pattern (PEFT would fail on it too)."
+    ) from None
 
 
 def _names(source: str, key: str, value: Any, *, regex_ok: bool = True) -> None:
@@ -119,19 +176,23 @@ def _number(source: str, key: str, value: Any, *, integer: bool = False) -> None
     ok = float(value).is_integer() and value > 0
   if not ok or not math.isfinite(float(value)):
     want = "a positive integer" if integer else "a finite number"
-    raise _bad(source, key, want, value, f"Write e.g. \"{key}\": {8 if integer else 15}.")
+    raise _bad(source, key, want, value, f'Write e.g. "{key}": {8 if integer else 15}.')
 
 
 def check(cfg: dict, source: str) -> dict:
   """``cfg`` with defaults filled in; a ``ValueError`` naming ``source`` and the key if malformed."""
   if cfg.get("peft_type", "DELORA") != "DELORA":
-    raise ValueError(f"{source} has peft_type {cfg.get('peft_type')!r}, expected 'DELORA'. Only "
-                     "PEFT DeLoRA adapters (peft.DeloraConfig) can be read as DeLoRA.")
+    raise ValueError(
+      f"{source} has peft_type {cfg.get('peft_type')!r}, expected 'DELORA'. Only "
+      "PEFT DeLoRA adapters (peft.DeloraConfig) can be read as DeLoRA."
+    )
   unknown = sorted(k for k in cfg if k not in METADATA and k not in SUPPORTED)
   if unknown:
-    raise ValueError(f"{source} has keys delora_jax does not support: {unknown}. They are not "
-                     "DeloraConfig fields of PEFT 0.21, so whether ignoring them changes results "
-                     "is unknown; remove them if they are yours and do not affect the adapter.")
+    raise ValueError(
+      f"{source} has keys delora_jax does not support: {unknown}. They are not "
+      "DeloraConfig fields of PEFT 0.21, so whether ignoring them changes results "
+      "is unknown; remove them if they are yours and do not affect the adapter."
+    )
   cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in METADATA}}
   _number(source, "r", cfg["r"], integer=True)
   _number(source, "delora_lambda", cfg["delora_lambda"])
@@ -146,8 +207,7 @@ def check(cfg: dict, source: str) -> dict:
   if cfg["bias"] not in BIASES:
     raise _bad(source, "bias", f"one of {BIASES}", cfg["bias"])
   if not isinstance(cfg["init_weights"], bool):
-    raise _bad(source, "init_weights", "true or false (DeLoRA has no other initialisation)",
-               cfg["init_weights"])
+    raise _bad(source, "init_weights", "true or false (DeLoRA has no other initialisation)", cfg["init_weights"])
   _check_layers(cfg, source)
   _check_patterns(cfg, source)
   cfg["r"] = int(cfg["r"])
@@ -157,23 +217,34 @@ def check(cfg: dict, source: str) -> dict:
 
 def _check_layers(cfg: dict, source: str) -> None:
   layers = cfg["layers_to_transform"]
-  if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
-      isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+  if (
+    layers is not None
+    and not (isinstance(layers, int) and not isinstance(layers, bool))
+    and not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
+  ):
     raise _bad(source, "layers_to_transform", "null, a layer index or a list of them", layers)
   _names(source, "layers_pattern", cfg["layers_pattern"])
   if isinstance(cfg["target_modules"], str) and layers is not None:
-    raise ValueError(f"{source}: `layers_to_transform` cannot be used with a regex string "
-                     "`target_modules` (PEFT refuses it too); give a list of module names.")
+    raise ValueError(
+      f"{source}: `layers_to_transform` cannot be used with a regex string "
+      "`target_modules` (PEFT refuses it too); give a list of module names."
+    )
   if cfg["layers_pattern"] and layers is None:
-    raise ValueError(f"{source}: `layers_pattern` is set but `layers_to_transform` is not; set "
-                     "both or neither (PEFT refuses it too).")
+    raise ValueError(
+      f"{source}: `layers_pattern` is set but `layers_to_transform` is not; set both or neither (PEFT refuses it too)."
+    )
 
 
 def _check_patterns(cfg: dict, source: str) -> None:
   for key, integer in (("rank_pattern", True), ("lambda_pattern", False)):
     if not isinstance(cfg[key], Mapping):
-      raise _bad(source, key, "an object {module regex: value}", cfg[key],
-                 f'Write e.g. "{key}": {{"q_proj": {8 if integer else 15}}}.')
+      raise _bad(
+        source,
+        key,
+        "an object {module regex: value}",
+        cfg[key],
+        f'Write e.g. "{key}": {{"q_proj": {8 if integer else 15}}}.',
+      )
     for pat, value in cfg[key].items():
       _regex(source, f"{key}[{pat!r}]", pat)
       _number(source, f"{key}[{pat!r}]", value, integer=integer)
@@ -208,8 +279,7 @@ def targeted(cfg: dict, name: str, targets: Any) -> bool:
   ex = cfg["exclude_modules"]
   if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _listed(ex, name)):
     return False
-  if cfg["modules_to_save"] and any(re.match(rf"(^|.*\.){m}($|\..*)", name)
-                                    for m in cfg["modules_to_save"]):
+  if cfg["modules_to_save"] and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg["modules_to_save"]):
     return False
   if isinstance(targets, str):
     return re.fullmatch(targets, name) is not None
@@ -234,9 +304,11 @@ def resolve_targets(cfg: dict, source: str, names: list[str], model_type: str | 
     return sorted(n for n in names if n not in heads)
   if targets is None:
     if model_type not in DEFAULT_TARGETS:
-      raise ValueError(f"{source}: `target_modules` is null, so PEFT would pick its defaults for "
-                       f"the model's architecture; pass model_type= (one of "
-                       f"{sorted(DEFAULT_TARGETS)[:6]}...; got {model_type!r}) or set "
-                       "target_modules in the config.")
+      raise ValueError(
+        f"{source}: `target_modules` is null, so PEFT would pick its defaults for "
+        f"the model's architecture; pass model_type= (one of "
+        f"{sorted(DEFAULT_TARGETS)[:6]}...; got {model_type!r}) or set "
+        "target_modules in the config."
+      )
     targets = DEFAULT_TARGETS[model_type]
   return targets

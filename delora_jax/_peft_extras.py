@@ -58,25 +58,35 @@ def export_extras(tree: Any, module_names: Any, extra_trainable: Any) -> tuple[d
   names = leaf_names(tree, module_names)
   extras = [p for p in paths if not is_kernel(values[p]) and match(p)]
   if extra_trainable is not None and not extras:
-    raise ValueError(f"`extra_trainable`={extra_trainable!r} matches no plain leaf of `tree`; "
-                     f"some paths: {_tree.sample_paths(paths)}. Fix the pattern.")
+    raise ValueError(
+      f"`extra_trainable`={extra_trainable!r} matches no plain leaf of `tree`; "
+      f"some paths: {_tree.sample_paths(paths)}. Fix the pattern."
+    )
   saved, bias = set(), "none"
   for p in extras:
     if p not in names:
       leaf, kpath = p.rpartition("/")[2], p.rpartition("/")[0] + "/kernel"
       stacked = leaf in TORCH_PARAM and (names_of(module_names, kpath, (1, 1, 1)) or (0, 0))[1] > 0
-      why = (f"its leaf name {leaf!r} is not one of {sorted(TORCH_PARAM)}" if leaf not in TORCH_PARAM
-             else f"its module {kpath!r} is stacked (one torch module per slice), which PEFT "
-                  "folders cannot hold trained leaves of" if stacked
-             else f"`module_names` gives no torch module for {kpath!r}")
-      raise ValueError(f"{p}: this extra_trainable leaf cannot be written to a PEFT folder: {why}. "
-                       "Map its module in `module_names` (a dict entry for the sibling "
-                       "'<module>/kernel' path) or leave it out of extra_trainable.")
+      why = (
+        f"its leaf name {leaf!r} is not one of {sorted(TORCH_PARAM)}"
+        if leaf not in TORCH_PARAM
+        else f"its module {kpath!r} is stacked (one torch module per slice), which PEFT "
+        "folders cannot hold trained leaves of"
+        if stacked
+        else f"`module_names` gives no torch module for {kpath!r}"
+      )
+      raise ValueError(
+        f"{p}: this extra_trainable leaf cannot be written to a PEFT folder: {why}. "
+        "Map its module in `module_names` (a dict entry for the sibling "
+        "'<module>/kernel' path) or leave it out of extra_trainable."
+      )
     module, _, is_adapted = names[p]
     if not p.endswith("/bias"):
       if is_adapted:
-        raise ValueError(f"{p}: PEFT cannot save a trained non-bias leaf of an adapted module "
-                         f"({module!r}); leave it out of extra_trainable.")
+        raise ValueError(
+          f"{p}: PEFT cannot save a trained non-bias leaf of an adapted module "
+          f"({module!r}); leave it out of extra_trainable."
+        )
       saved.add(module)
   for p in extras:
     module, _, is_adapted = names[p]
@@ -96,36 +106,38 @@ def _file_key(key: str) -> str | None:
   return re.sub(r"\.modules_to_save(\.default)?\.", ".", key)
 
 
-def load_extras(tensors: dict[str, np.ndarray], tree: Any,
-                module_names: Any) -> tuple[dict[str, Any], list[str]]:
+def load_extras(tensors: dict[str, np.ndarray], tree: Any, module_names: Any) -> tuple[dict[str, Any], list[str]]:
   """``({leaf path: new value}, problems)`` of the non-adapter tensors of a PEFT file."""
   paths, leaves, _ = _tree.flatten(tree)
   values = dict(zip(paths, leaves))
   by_key = {key: p for p, (_, key, _) in leaf_names(tree, module_names).items()}
   out, problems = {}, []
   for raw, t in tensors.items():
-    key = _file_key(raw[len(PREFIX):] if raw.startswith(PREFIX) else raw)
+    key = _file_key(raw[len(PREFIX) :] if raw.startswith(PREFIX) else raw)
     if key is None:
       continue
     p = by_key.get(key)
     if p is None:
-      problems.append(f"{raw}: no leaf of the target tree maps to this tensor (a modules_to_save "
-                      "or bias leaf missing from the tree?); map its module in `module_names` "
-                      "('<flax path>/kernel' -> torch module; bias/scale siblings follow)")
+      problems.append(
+        f"{raw}: no leaf of the target tree maps to this tensor (a modules_to_save "
+        "or bias leaf missing from the tree?); map its module in `module_names` "
+        "('<flax path>/kernel' -> torch module; bias/scale siblings follow)"
+      )
       continue
     want = values[p]
     got = np.asarray(t)
     got = got.T if p.endswith("kernel") and got.ndim == 2 else got
     if tuple(got.shape) != tuple(want.shape):
-      problems.append(f"{raw}: shape {tuple(t.shape)} in the file, the tree's {p} needs "
-                      f"{tuple(want.shape)}{' (transposed)' if p.endswith('kernel') else ''}")
+      problems.append(
+        f"{raw}: shape {tuple(t.shape)} in the file, the tree's {p} needs "
+        f"{tuple(want.shape)}{' (transposed)' if p.endswith('kernel') else ''}"
+      )
       continue
     out[p] = jnp.asarray(got).astype(want.dtype)
   return out, problems
 
 
-def trainable(config: Any, params: Any, *, module_names: Any,
-              model_type: str | None = None) -> list[str]:
+def trainable(config: Any, params: Any, *, module_names: Any, model_type: str | None = None) -> list[str]:
   """The ``extra_trainable`` of :func:`delora_jax.split` that trains what PEFT trains.
 
   Besides the adapters, PEFT trains the modules in ``modules_to_save`` (all
@@ -153,8 +165,7 @@ def trainable(config: Any, params: Any, *, module_names: Any,
     ['head/bias', 'head/kernel', 'lin0/bias']
   """
   cfg, source = read(config)
-  adapted = {p.rpartition("/")[0] for p in by_path(cfg, source, params, module_names, model_type,
-                                                    "float32")}
+  adapted = {p.rpartition("/")[0] for p in by_path(cfg, source, params, module_names, model_type, "float32")}
   saved = cfg["modules_to_save"] or []
   paths, leaves, _ = _tree.flatten(params)
   out = []
@@ -164,8 +175,7 @@ def trainable(config: Any, params: Any, *, module_names: Any,
     if is_kernel(x) or leaf not in TORCH_PARAM or module is None:
       continue
     in_saved = any(module == m or module.endswith("." + m) for m in saved)
-    is_bias = leaf == "bias" and (cfg["bias"] == "all" or (cfg["bias"] == "delora_only"
-                                                            and parent in adapted))
+    is_bias = leaf == "bias" and (cfg["bias"] == "all" or (cfg["bias"] == "delora_only" and parent in adapted))
     if in_saved or is_bias:
       out.append(re.escape(p))
   return sorted(out)

@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from delora_jax import _tree
+from delora_jax import _peft_config, _tree
 from delora_jax._lora import check_base_norms
-from delora_jax import _peft_config
 from delora_jax._peft_config import pattern_value, resolve_targets, targeted
 from delora_jax._peft_extras import load_extras
 from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, resolve_all, safetensors_numpy
@@ -28,18 +27,21 @@ def _read(directory: str | os.PathLike) -> tuple[str, dict, dict]:
   cfg_file, w_file = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
   for f in (cfg_file, w_file):
     if not os.path.isfile(f):
-      raise ValueError(f"peft.load: {f!r} does not exist; `directory` must be a PEFT adapter "
-                       "folder written by save_pretrained or delora_jax.peft.export.")
+      raise ValueError(
+        f"peft.load: {f!r} does not exist; `directory` must be a PEFT adapter "
+        "folder written by save_pretrained or delora_jax.peft.export."
+      )
   try:
     with open(cfg_file) as fh:
       config = json.load(fh)
     tensors = safetensors_numpy().load_file(w_file)
   except Exception as e:  # json / safetensors raise their own error types
-    raise ValueError(f"peft.load: the adapter files in {path!r} are unreadable ({type(e).__name__}: "
-                     f"{e}).") from e
+    raise ValueError(f"peft.load: the adapter files in {path!r} are unreadable ({type(e).__name__}: {e}).") from e
   if not isinstance(config, dict):
-    raise ValueError(f"peft.load: {cfg_file!r} holds a {type(config).__name__}, expected a JSON "
-                     "object of DeloraConfig fields (peft_type 'DELORA').")
+    raise ValueError(
+      f"peft.load: {cfg_file!r} holds a {type(config).__name__}, expected a JSON "
+      "object of DeloraConfig fields (peft_type 'DELORA')."
+    )
   try:
     config = _peft_config.check(_peft_config._plain(config), cfg_file)
   except ValueError as e:
@@ -71,12 +73,13 @@ def _module(name: str, got: dict, config: dict, targets: Any, k: Any, path: str)
   missing = sorted({"delora_A", "delora_B", "delora_lambda", "delora_w_norm"} - set(got))
   if missing:
     return out + [f"{name}: tensors {missing} missing"]
-  want = {"delora_A": (r_cfg, n_in), "delora_B": (n_out, r_cfg), "delora_lambda": (1,),
-          "delora_w_norm": (n_in,)}
+  want = {"delora_A": (r_cfg, n_in), "delora_B": (n_out, r_cfg), "delora_lambda": (1,), "delora_w_norm": (n_in,)}
   for field, shape in want.items():
     if tuple(got[field].shape) != shape:
-      out.append(f"{name}.{field}: shape {tuple(got[field].shape)} in the file, expected {shape} "
-                 f"(rank {r_cfg}, kernel {path} viewed as ({n_in}, {n_out}))")
+      out.append(
+        f"{name}.{field}: shape {tuple(got[field].shape)} in the file, expected {shape} "
+        f"(rank {r_cfg}, kernel {path} viewed as ({n_in}, {n_out}))"
+      )
   lam = got["delora_lambda"]
   if lam.size and not np.all(np.isfinite(lam.astype(np.float64))):
     out.append(f"{name}.delora_lambda: {lam.tolist()} is not finite")
@@ -90,16 +93,21 @@ def _stack(arrays: list[np.ndarray], like: Any) -> Any:
   return jax.device_put(x, sharding) if isinstance(sharding, jax.sharding.Sharding) else x
 
 
-def _problems(config: dict, source: str, model_type: str | None, modules: dict, names: dict,
-              ks: dict, live: dict) -> list[str]:
+def _problems(
+  config: dict, source: str, model_type: str | None, modules: dict, names: dict, ks: dict, live: dict
+) -> list[str]:
   all_names = [n for ns in names.values() for n in ns]
   try:
     targets = resolve_targets(config, source, all_names, model_type)
   except ValueError as e:
     return [str(e)]
   wanted = {n for p, ns in names.items() for n, on in zip(ns, live[p]) if on}
-  problems = [f"{n}: adapted in the target tree ({p}), absent from the file"
-              for p, ns in names.items() for n, on in zip(ns, live[p]) if on and n not in modules]
+  problems = [
+    f"{n}: adapted in the target tree ({p}), absent from the file"
+    for p, ns in names.items()
+    for n, on in zip(ns, live[p])
+    if on and n not in modules
+  ]
   problems += [f"{n}: in the file, not adapted in the target tree" for n in modules if n not in wanted]
   for p, ns in names.items():
     for n, on in zip(ns, live[p]):
@@ -111,13 +119,19 @@ def _problems(config: dict, source: str, model_type: str | None, modules: dict, 
 def _arrays(k: Any, per: list[dict | None]) -> dict[str, Any]:
   """The kernel's new adapter arrays; slices that are not adapted (None) stay zero."""
   n_in, n_out, r = k.a.shape[-2], k.b.shape[-1], k.rank
-  zeros = {"delora_A": np.zeros((r, n_in), np.float32), "delora_B": np.zeros((n_out, r), np.float32),
-           "delora_lambda": np.zeros(1, np.float32), "delora_w_norm": np.zeros(n_in, np.float32)}
-  per = [m if m is not None else zeros for m in per]
-  return {"a": _stack([m["delora_A"].T for m in per], k.a),
-          "b": _stack([m["delora_B"].T for m in per], k.b),
-          "lam": _stack([m["delora_lambda"].reshape(()) for m in per], k.lam),
-          "w_norm": _stack([m["delora_w_norm"] for m in per], k.w_norm)}
+  zeros = {
+    "delora_A": np.zeros((r, n_in), np.float32),
+    "delora_B": np.zeros((n_out, r), np.float32),
+    "delora_lambda": np.zeros(1, np.float32),
+    "delora_w_norm": np.zeros(n_in, np.float32),
+  }
+  full = [m if m is not None else zeros for m in per]
+  return {
+    "a": _stack([m["delora_A"].T for m in full], k.a),
+    "b": _stack([m["delora_B"].T for m in full], k.b),
+    "lam": _stack([m["delora_lambda"].reshape(()) for m in full], k.lam),
+    "w_norm": _stack([m["delora_w_norm"] for m in full], k.w_norm),
+  }
 
 
 def _check_base(p: str, k: Any, per: list[dict | None], source: str) -> None:
@@ -131,8 +145,15 @@ def _check_base(p: str, k: Any, per: list[dict | None], source: str) -> None:
   check_base_norms(p, k.replace(w=w), stored, source)
 
 
-def load(directory: str | os.PathLike, tree: Any, *, module_names: Any, flatten_nd: bool = False,
-         check_base: bool = True, model_type: str | None = None) -> Any:
+def load(
+  directory: str | os.PathLike,
+  tree: Any,
+  *,
+  module_names: Any,
+  flatten_nd: bool = False,
+  check_base: bool = True,
+  model_type: str | None = None,
+) -> Any:
   """Returns ``tree`` with the adapters (and trained heads, biases) of a PEFT DeLoRA folder.
 
   ``tree`` is either plain parameters, which are first wrapped with the
@@ -178,8 +199,9 @@ def load(directory: str | os.PathLike, tree: Any, *, module_names: Any, flatten_
   path, config, tensors = _read(directory)
   if not _tree.kernels(tree):
     try:
-      tree = wrap(tree, config_rules(os.path.join(path, CONFIG), tree, module_names=module_names,
-                                     model_type=model_type))
+      tree = wrap(
+        tree, config_rules(os.path.join(path, CONFIG), tree, module_names=module_names, model_type=model_type)
+      )
     except ValueError as e:
       raise ValueError(f"peft.load: {e}") from None
   ks = _tree.require_adapted(tree, "peft.load")
@@ -194,9 +216,11 @@ def load(directory: str | os.PathLike, tree: Any, *, module_names: Any, flatten_
   if problems:
     shown = "\n  ".join(problems[:8])
     more = f"\n  ... ({len(problems)} problems in all)" if len(problems) > 8 else ""
-    raise ValueError(f"peft.load: the adapter in {path!r} does not fit the target tree:\n  {shown}"
-                     f"{more}\nWrap the tree with the adapter's ranks and targets (or pass plain "
-                     "params) and check `module_names`. Nothing was loaded.")
+    raise ValueError(
+      f"peft.load: the adapter in {path!r} does not fit the target tree:\n  {shown}"
+      f"{more}\nWrap the tree with the adapter's ranks and targets (or pass plain "
+      "params) and check `module_names`. Nothing was loaded."
+    )
   new = {}
   for p, k in ks.items():
     per = [modules[n] if on else None for n, on in zip(names[p], live[p])]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from delora_jax._kernel import DeloraKernel
 
@@ -77,33 +78,44 @@ def resolve(module_names: Any, path: str, k: DeloraKernel) -> list[str]:
   n = math.prod(stack)
   if isinstance(module_names, Mapping):
     if path not in module_names:
-      raise ValueError(f"{path}: `module_names` has no entry for this adapted kernel. Add "
-                       f"{{{path!r}: 'torch.module.name'}} (or drop the kernel from the rules).")
+      raise ValueError(
+        f"{path}: `module_names` has no entry for this adapted kernel. Add "
+        f"{{{path!r}: 'torch.module.name'}} (or drop the kernel from the rules)."
+      )
     got = module_names[path]
   elif callable(module_names):
     got = module_names(path)
   else:
-    raise TypeError("`module_names` must be a callable path -> torch module name(s) or a dict "
-                    f"{{path: name}}; got {type(module_names).__name__}.")
+    raise TypeError(
+      "`module_names` must be a callable path -> torch module name(s) or a dict "
+      f"{{path: name}}; got {type(module_names).__name__}."
+    )
   if got is None:
-    raise ValueError(f"{path}: `module_names` gives no torch module name for this adapted "
-                     "kernel. Extend the mapping (see docs/checkpoints.md) or remove the kernel "
-                     "from the rules.")
+    raise ValueError(
+      f"{path}: `module_names` gives no torch module name for this adapted "
+      "kernel. Extend the mapping (see docs/checkpoints.md) or remove the kernel "
+      "from the rules."
+    )
   if isinstance(got, str):
     if "{}" in got:
       if not stack:
-        raise ValueError(f"{path}: `module_names` returned the template {got!r}, but the kernel "
-                         "is not stacked; return a plain module name.")
+        raise ValueError(
+          f"{path}: `module_names` returned the template {got!r}, but the kernel "
+          "is not stacked; return a plain module name."
+        )
       return [got.format(i) for i in range(n)]
     if stack:
-      raise ValueError(f"{path}: the kernel holds {n} stacked adapters (stack shape {stack}); "
-                       f"`module_names` must give {n} names (a sequence, or a template with "
-                       f"'{{}}' for the slice index), got the single name {got!r}.")
+      raise ValueError(
+        f"{path}: the kernel holds {n} stacked adapters (stack shape {stack}); "
+        f"`module_names` must give {n} names (a sequence, or a template with "
+        f"'{{}}' for the slice index), got the single name {got!r}."
+      )
     return [got]
   if isinstance(got, Sequence) and all(isinstance(s, str) for s in got):
     if len(got) != n:
-      raise ValueError(f"{path}: `module_names` gave {len(got)} names, expected {n} (one per "
-                       f"stacked slice, stack shape {stack}).")
+      raise ValueError(
+        f"{path}: `module_names` gave {len(got)} names, expected {n} (one per stacked slice, stack shape {stack})."
+      )
     return list(got)
   raise TypeError(f"{path}: `module_names` must give a str or a sequence of str; got {got!r}.")
 
@@ -115,8 +127,10 @@ def resolve_all(module_names: Any, ks: dict[str, DeloraKernel]) -> dict[str, lis
     out[path] = resolve(module_names, path, k)
     for name in out[path]:
       if not name or name in seen:
-        raise ValueError(f"{path}: torch module name {name!r} is empty or also used for "
-                         f"{seen.get(name)!r}; `module_names` must give distinct names.")
+        raise ValueError(
+          f"{path}: torch module name {name!r} is empty or also used for "
+          f"{seen.get(name)!r}; `module_names` must give distinct names."
+        )
       seen[name] = path
   return out
 
@@ -129,24 +143,28 @@ def pattern_key(name: str) -> str:
 def check_linear(path: str, k: Any, flatten_nd: bool, fn: str) -> None:
   """Raises unless the kernel at ``path`` is something PEFT's DeLoRA (nn.Linear) can hold."""
   if k.res_a is not None and fn != "export_lora":
-    fix = ("Use delora_jax.peft.export_lora (a LoRA adapter with the same update), or train with "
-           "init='peft'." if fn == "export" else "Wrap the target with init='peft' or 'random'.")
+    fix = (
+      "Use delora_jax.peft.export_lora (a LoRA adapter with the same update), or train with init='peft'."
+      if fn == "export"
+      else "Wrap the target with init='peft' or 'random'."
+    )
     raise ValueError(
-        f"{path}: this adapter was made with init='paper' (a frozen initial update res_a/res_b), "
-        f"which PEFT's DeLoRA cannot represent. {fix}")
+      f"{path}: this adapter was made with init='paper' (a frozen initial update res_a/res_b), "
+      f"which PEFT's DeLoRA cannot represent. {fix}"
+    )
   if len(k.in_axes) + len(k.out_axes) > 2 and not flatten_nd:
     raise ValueError(
-        f"{path}: kernel of shape {tuple(k.w.shape)} is N-D (in_axes={k.in_axes}, out_axes="
-        f"{k.out_axes}); PEFT adapts only torch nn.Linear. If its torch module is an "
-        "nn.Linear(in_flat, out_flat) whose weight.T equals this kernel viewed as (in_flat, "
-        "out_flat) (input axes flattened row-major in in_axes order, then output axes), pass "
-        f"flatten_nd=True to {fn}. Convolution kernels cannot be written as PEFT adapters.")
+      f"{path}: kernel of shape {tuple(k.w.shape)} is N-D (in_axes={k.in_axes}, out_axes="
+      f"{k.out_axes}); PEFT adapts only torch nn.Linear. If its torch module is an "
+      "nn.Linear(in_flat, out_flat) whose weight.T equals this kernel viewed as (in_flat, "
+      "out_flat) (input axes flattened row-major in in_axes order, then output axes), pass "
+      f"flatten_nd=True to {fn}. Convolution kernels cannot be written as PEFT adapters."
+    )
 
 
 def safetensors_numpy():
   try:
     import safetensors.numpy as stn
   except ImportError:  # pragma: no cover - safetensors ships with the test extra
-    raise ImportError("delora_jax.peft needs the `safetensors` package: "
-                      "pip install safetensors") from None
+    raise ImportError("delora_jax.peft needs the `safetensors` package: pip install safetensors") from None
   return stn

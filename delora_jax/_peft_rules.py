@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -21,8 +22,10 @@ def names_of(module_names: Any, path: str, shape: tuple[int, ...]) -> tuple[list
   elif callable(module_names):
     got = module_names(path)
   else:
-    raise TypeError("`module_names` must be a callable path -> torch module name(s) or a dict "
-                    f"{{path: name}}; got {type(module_names).__name__}.")
+    raise TypeError(
+      "`module_names` must be a callable path -> torch module name(s) or a dict "
+      f"{{path: name}}; got {type(module_names).__name__}."
+    )
   if got is None:
     return None
   if isinstance(got, str):
@@ -33,8 +36,10 @@ def names_of(module_names: Any, path: str, shape: tuple[int, ...]) -> tuple[list
     for k in range(1, len(shape) - 1):
       if math.prod(shape[:k]) == len(got):
         return list(got), k
-    raise ValueError(f"{path}: `module_names` gave {len(got)} names, but no leading axes of the "
-                     f"kernel of shape {shape} hold that many slices; give one name per slice.")
+    raise ValueError(
+      f"{path}: `module_names` gave {len(got)} names, but no leading axes of the "
+      f"kernel of shape {shape} hold that many slices; give one name per slice."
+    )
   raise TypeError(f"{path}: `module_names` must give a str or a sequence of str; got {got!r}.")
 
 
@@ -52,8 +57,9 @@ def candidates(params: Any, module_names: Any) -> dict[str, tuple[list[str], int
   return out
 
 
-def rules(config: Any, params: Any, *, module_names: Any, model_type: str | None = None,
-          norm: str = "float32") -> dict[str, Rule]:
+def rules(
+  config: Any, params: Any, *, module_names: Any, model_type: str | None = None, norm: str = "float32"
+) -> dict[str, Rule]:
   """The ``wrap`` rules that adapt ``params`` as PEFT adapts the torch model under ``config``.
 
   Reproduces ``target_modules`` (a regex string with ``re.fullmatch``, a list
@@ -90,16 +96,17 @@ def rules(config: Any, params: Any, *, module_names: Any, model_type: str | None
     >>> import jax.numpy as jnp, delora_jax
     >>> params = {"lin0": {"kernel": jnp.ones((10, 20))}, "lin1": {"kernel": jnp.ones((20, 2))}}
     >>> cfg = {"peft_type": "DELORA", "target_modules": ["lin1"], "rank_pattern": {"lin1": 2}}
-    >>> delora_jax.peft.rules(cfg, params, module_names=lambda p: p.split("/")[0])
-    {'lin1/kernel': Rule(rank=2, lam=15.0, init='peft', dropout=0.0, in_axes=None, out_axes=None, stack_axes=0, dtype='float32', norm='float32', slices=None)}
+    >>> got = delora_jax.peft.rules(cfg, params, module_names=lambda p: p.split("/")[0])
+    >>> {p: (r.rank, r.lam, r.init) for p, r in got.items()}
+    {'lin1/kernel': (2, 15.0, 'peft')}
   """
   cfg, source = read(config)
-  return {re.escape(p): r for p, r in by_path(cfg, source, params, module_names, model_type,
-                                              norm).items()}
+  return {re.escape(p): r for p, r in by_path(cfg, source, params, module_names, model_type, norm).items()}
 
 
-def by_path(cfg: dict, source: str, params: Any, module_names: Any, model_type: str | None,
-            norm: str) -> dict[str, Rule]:
+def by_path(
+  cfg: dict, source: str, params: Any, module_names: Any, model_type: str | None, norm: str
+) -> dict[str, Rule]:
   """:func:`rules` of a checked config, keyed by the plain kernel path."""
   found = candidates(params, module_names)
   all_names = [n for ns, _ in found.values() for n in ns]
@@ -112,17 +119,26 @@ def by_path(cfg: dict, source: str, params: Any, module_names: Any, model_type: 
     ranks = {pattern_value(cfg["rank_pattern"], names[i], cfg["r"]) for i in live}
     lams = {float(pattern_value(cfg["lambda_pattern"], names[i], cfg["delora_lambda"])) for i in live}
     if len(ranks) > 1 or len(lams) > 1:
-      raise ValueError(f"{path}: {source} gives the slices of this stacked kernel different ranks "
-                       f"{sorted(ranks)} or λ {sorted(lams)}; one stacked kernel has one rank and "
-                       "one initial λ. Unstack the layers or make the patterns agree.")
+      raise ValueError(
+        f"{path}: {source} gives the slices of this stacked kernel different ranks "
+        f"{sorted(ranks)} or λ {sorted(lams)}; one stacked kernel has one rank and "
+        "one initial λ. Unstack the layers or make the patterns agree."
+      )
     slices = tuple(live) if stack_axes and len(live) < len(names) else None
-    out[path] = Rule(ranks.pop(), lams.pop(),
-                                init="peft" if cfg["init_weights"] else "random",
-                                dropout=cfg["module_dropout"], stack_axes=stack_axes,
-                                slices=slices, norm=norm)
+    out[path] = Rule(
+      ranks.pop(),
+      lams.pop(),
+      init="peft" if cfg["init_weights"] else "random",
+      dropout=cfg["module_dropout"],
+      stack_axes=stack_axes,
+      slices=slices,
+      norm=norm,
+    )
   if not out:
-    raise ValueError(f"{source}: target_modules={cfg['target_modules']!r} selects none of the "
-                     f"torch modules `module_names` gives for `params` "
-                     f"({_tree.sample_paths(sorted(all_names))}). Check the config's targets and "
-                     "`module_names`.")
+    raise ValueError(
+      f"{source}: target_modules={cfg['target_modules']!r} selects none of the "
+      f"torch modules `module_names` gives for `params` "
+      f"({_tree.sample_paths(sorted(all_names))}). Check the config's targets and "
+      "`module_names`."
+    )
   return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +19,7 @@ def _as_axes(value: Any, name: str) -> tuple[int, ...] | None:
     return None
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     return (int(value),)
-  if isinstance(value, Sequence) and all(
-      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
-  ):
+  if isinstance(value, Sequence) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
     if not value:
       raise ValueError(f"`{name}` must name at least one axis; got an empty sequence.")
     return tuple(int(v) for v in value)
@@ -32,16 +31,23 @@ def _as_slices(value: Any, stack_axes: int) -> tuple[int, ...] | None:
     return None
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     value = (value,)
-  if not isinstance(value, Sequence) or isinstance(value, str) or not all(
-      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-    raise TypeError(f"`slices` must be None or a sequence of slice indices (ints); got {value!r}. "
-                    "Use e.g. Rule(8, stack_axes=1, slices=(0, 2)).")
+  if (
+    not isinstance(value, Sequence)
+    or isinstance(value, str)
+    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+  ):
+    raise TypeError(
+      f"`slices` must be None or a sequence of slice indices (ints); got {value!r}. "
+      "Use e.g. Rule(8, stack_axes=1, slices=(0, 2))."
+    )
   out = tuple(sorted({int(v) for v in value}))
   if not out or out[0] < 0:
     raise ValueError(f"`slices` must name at least one slice, each index >= 0; got {value!r}.")
   if stack_axes < 1:
-    raise ValueError(f"`slices`={out} selects slices of a stacked kernel, but stack_axes="
-                     f"{stack_axes}. Give stack_axes >= 1 (layers under nn.scan) or drop `slices`.")
+    raise ValueError(
+      f"`slices`={out} selects slices of a stacked kernel, but stack_axes="
+      f"{stack_axes}. Give stack_axes >= 1 (layers under nn.scan) or drop `slices`."
+    )
   return out
 
 
@@ -87,8 +93,9 @@ class Rule:
 
   Example:
     >>> import delora_jax
-    >>> delora_jax.Rule(8, lam=12.0)
-    Rule(rank=8, lam=12.0, init='peft', dropout=0.0, in_axes=None, out_axes=None, stack_axes=0, dtype='float32', norm='float32', slices=None)
+    >>> rule = delora_jax.Rule(8, lam=12.0)
+    >>> rule.rank, rule.lam, rule.init, rule.dtype
+    (8, 12.0, 'peft', 'float32')
     >>> first_layer_only = delora_jax.Rule(8, stack_axes=1, slices=(0,))  # under nn.scan
     >>> attn_out = delora_jax.Rule(8, out_axes=-1)  # (heads, head_dim, embed)
   """
@@ -120,10 +127,11 @@ class Rule:
     object.__setattr__(self, "rank", int(self.rank))
     if self.init not in INITS:
       raise ValueError(f"`init` must be one of {INITS}; got {self.init!r}.")
-    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.floating,
-                                                                        np.integer)):
-      raise TypeError(f"`dropout` must be a probability in [0, 1) (PEFT's module_dropout); got "
-                      f"{self.dropout!r}. Use e.g. Rule(8, dropout=0.1).")
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.floating, np.integer)):
+      raise TypeError(
+        f"`dropout` must be a probability in [0, 1) (PEFT's module_dropout); got "
+        f"{self.dropout!r}. Use e.g. Rule(8, dropout=0.1)."
+      )
     if not 0.0 <= float(self.dropout) < 1.0:
       raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
     object.__setattr__(self, "dropout", float(self.dropout))
@@ -142,28 +150,34 @@ class Rule:
       stored = np.asarray(lam, dtype=dtype)
     if not np.isfinite(stored):
       raise ValueError(
-          f"`lam`={lam!r} overflows the adapter dtype {dtype.name} (it would be stored as "
-          f"{stored}). Use a smaller λ (PEFT's default is 15) or a wider `dtype`.")
+        f"`lam`={lam!r} overflows the adapter dtype {dtype.name} (it would be stored as "
+        f"{stored}). Use a smaller λ (PEFT's default is 15) or a wider `dtype`."
+      )
     if self.norm not in NORMS:
-      raise ValueError(f"`norm` must be one of {NORMS}; got {self.norm!r}. Use 'base' for PEFT's "
-                       "w_norm on low-precision bases.")
+      raise ValueError(
+        f"`norm` must be one of {NORMS}; got {self.norm!r}. Use 'base' for PEFT's w_norm on low-precision bases."
+      )
     object.__setattr__(self, "slices", _as_slices(self.slices, self.stack_axes))
     if lam == 0.0 and self.init == "peft":
       raise ValueError(
-          "`lam`=0 with init='peft' (b = 0) gives exactly zero gradients to a, b and λ, so the "
-          "adapter could never train. Use a non-zero λ (PEFT's default is 15), or init='random'.")
+        "`lam`=0 with init='peft' (b = 0) gives exactly zero gradients to a, b and λ, so the "
+        "adapter could never train. Use a non-zero λ (PEFT's default is 15), or init='random'."
+      )
 
   def layout(self, path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Resolves ``(in_axes, out_axes)`` as negative axes of a kernel of ``shape``."""
     ndim = len(shape)
-    fix = ("Declare the layout in the Rule, e.g. Rule(r, in_axes=..., out_axes=..., "
-           "stack_axes=...), or let wrap infer it from the model: "
-           "wrap(params, rules, like=(model, *example_args)).")
+    fix = (
+      "Declare the layout in the Rule, e.g. Rule(r, in_axes=..., out_axes=..., "
+      "stack_axes=...), or let wrap infer it from the model: "
+      "wrap(params, rules, like=(model, *example_args))."
+    )
     n = ndim - self.stack_axes
     if n < 2:
       raise ValueError(
-          f"{path}: kernel of shape {shape} with stack_axes={self.stack_axes} leaves "
-          f"{n} axis(es); expected at least 2 (inputs and outputs). {fix}")
+        f"{path}: kernel of shape {shape} with stack_axes={self.stack_axes} leaves "
+        f"{n} axis(es); expected at least 2 (inputs and outputs). {fix}"
+      )
     body = list(range(self.stack_axes, ndim))
 
     def norm(axes, name):
@@ -174,8 +188,9 @@ class Rule:
         ax = ax % ndim
         if ax < self.stack_axes:
           raise ValueError(
-              f"{path}: `{name}` axis {ax} is one of the {self.stack_axes} leading stacked axes "
-              f"of kernel shape {shape}. {fix}")
+            f"{path}: `{name}` axis {ax} is one of the {self.stack_axes} leading stacked axes "
+            f"of kernel shape {shape}. {fix}"
+          )
         out.append(ax)
       if len(set(out)) != len(out):
         raise ValueError(f"{path}: `{name}`={axes} repeats an axis. {fix}")
@@ -186,9 +201,10 @@ class Rule:
     if ins is None and outs is None:
       if n != 2:
         raise ValueError(
-            f"{path}: kernel of shape {shape} is {n}-D after {self.stack_axes} stacked axes, "
-            f"so which axes are inputs and which outputs is ambiguous; expected a 2-D "
-            f"(in, out) kernel or a declared layout. {fix}")
+          f"{path}: kernel of shape {shape} is {n}-D after {self.stack_axes} stacked axes, "
+          f"so which axes are inputs and which outputs is ambiguous; expected a 2-D "
+          f"(in, out) kernel or a declared layout. {fix}"
+        )
       ins, outs = [body[0]], [body[1]]
     elif ins is None:
       assert outs is not None  # the first branch took "both None"
@@ -199,8 +215,9 @@ class Rule:
       raise ValueError(f"{path}: in_axes {tuple(ins)} and out_axes {tuple(outs)} overlap. {fix}")
     if sorted(ins + outs) != body or not ins or not outs:
       raise ValueError(
-          f"{path}: in_axes {tuple(ins)} and out_axes {tuple(outs)} must together cover the "
-          f"non-stacked axes {tuple(body)} of kernel shape {shape}, each side non-empty. {fix}")
+        f"{path}: in_axes {tuple(ins)} and out_axes {tuple(outs)} must together cover the "
+        f"non-stacked axes {tuple(body)} of kernel shape {shape}, each side non-empty. {fix}"
+      )
     return tuple(a - ndim for a in ins), tuple(a - ndim for a in outs)
 
 
@@ -209,5 +226,4 @@ def as_rule(value: Any, pattern: str) -> Rule:
     return value
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     return Rule(int(value))
-  raise TypeError(
-      f"rules[{pattern!r}] must be a delora_jax.Rule or an int rank; got {value!r}.")
+  raise TypeError(f"rules[{pattern!r}] must be a delora_jax.Rule or an int rank; got {value!r}.")

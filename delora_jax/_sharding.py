@@ -10,7 +10,8 @@ base matmul runs and no full frozen kernel is ever gathered for it.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -42,7 +43,7 @@ def _contiguous(shape: Sequence[int], counts: Sequence[int]) -> bool:
   """
   split = [n // c for n, c in zip(shape, counts)]
   first = next((i for i, s in enumerate(split) if s > 1), len(split))
-  return all(c == 1 for c in counts[first + 1:])
+  return all(c == 1 for c in counts[first + 1 :])
 
 
 def _flat_entry(shape, axes, entries, sizes) -> Any:
@@ -64,26 +65,31 @@ def _padded(path: str, spec: PartitionSpec, shape: tuple[int, ...], sizes) -> li
   entries = list(spec)
   if len(entries) > len(shape):
     raise ValueError(
-        f"{path}: PartitionSpec {spec} has {len(entries)} entries but the parameter has shape "
-        f"{tuple(shape)} ({len(shape)} axes). Give at most one entry per axis.")
+      f"{path}: PartitionSpec {spec} has {len(entries)} entries but the parameter has shape "
+      f"{tuple(shape)} ({len(shape)} axes). Give at most one entry per axis."
+    )
   entries += [None] * (len(shape) - len(entries))
   seen: list[str] = []
   for ax, entry in enumerate(entries):
     for m in _mesh_axes(entry):
       if m in seen:
-        raise ValueError(f"{path}: PartitionSpec {spec} uses mesh axis {m!r} twice; each mesh "
-                         "axis may split at most one array axis.")
+        raise ValueError(
+          f"{path}: PartitionSpec {spec} uses mesh axis {m!r} twice; each mesh axis may split at most one array axis."
+        )
       seen.append(m)
       if sizes is not None and m not in sizes:
-        raise ValueError(f"{path}: PartitionSpec {spec} names mesh axis {m!r}, but the mesh has "
-                         f"axes {tuple(sizes)}. Use one of those names.")
+        raise ValueError(
+          f"{path}: PartitionSpec {spec} names mesh axis {m!r}, but the mesh has "
+          f"axes {tuple(sizes)}. Use one of those names."
+        )
     if sizes is not None:
       count = math.prod(sizes[m] for m in _mesh_axes(entry))
       if shape[ax] % count:
         raise ValueError(
-            f"{path}: mesh axes {_mesh_axes(entry)} (size {count}) do not divide axis {ax} "
-            f"(size {shape[ax]}) of shape {tuple(shape)} (PartitionSpec {spec}). Leave that "
-            "axis unsplit (None) or use mesh axes whose size divides it.")
+          f"{path}: mesh axes {_mesh_axes(entry)} (size {count}) do not divide axis {ax} "
+          f"(size {shape[ax]}) of shape {tuple(shape)} (PartitionSpec {spec}). Leave that "
+          "axis unsplit (None) or use mesh axes whose size divides it."
+        )
   return entries
 
 
@@ -95,8 +101,9 @@ def _or_other(own: Any, other: Any, n: int, sizes: dict[str, int] | None) -> Any
   return other if count > 1 and n % count == 0 else own
 
 
-def kernel_specs(path: str, shape: tuple[int, ...], spec: PartitionSpec, in_axes, out_axes,
-                 sizes: dict[str, int] | None) -> dict[str, PartitionSpec]:
+def kernel_specs(
+  path: str, shape: tuple[int, ...], spec: PartitionSpec, in_axes, out_axes, sizes: dict[str, int] | None
+) -> dict[str, PartitionSpec]:
   """PartitionSpecs of a DeLoRA node's fields, from the kernel's ``spec``.
 
   ``sizes`` maps mesh axis names to sizes (``None`` if unknown: then no
@@ -105,7 +112,7 @@ def kernel_specs(path: str, shape: tuple[int, ...], spec: PartitionSpec, in_axes
   """
   entries = _padded(path, spec, tuple(shape), sizes)
   ndim = len(shape)
-  stack = entries[:ndim - len(in_axes) - len(out_axes)]
+  stack = entries[: ndim - len(in_axes) - len(out_axes)]
   e_in = _flat_entry(shape, [ndim + a for a in in_axes], entries, sizes)
   e_out = _flat_entry(shape, [ndim + a for a in out_axes], entries, sizes)
   n_in = math.prod(shape[ndim + a] for a in in_axes)
@@ -115,8 +122,7 @@ def kernel_specs(path: str, shape: tuple[int, ...], spec: PartitionSpec, in_axes
   # split along its input axis only. It takes the other side's mesh axes instead.
   e_in, e_out = _or_other(e_in, e_out, n_in, sizes), _or_other(e_out, e_in, n_out, sizes)
   a, b = PartitionSpec(*stack, e_in, None), PartitionSpec(*stack, None, e_out)
-  return {"a": a, "b": b, "lam": PartitionSpec(*stack), "w_norm": PartitionSpec(*stack, e_in),
-          "res_a": a, "res_b": b}
+  return {"a": a, "b": b, "lam": PartitionSpec(*stack), "w_norm": PartitionSpec(*stack, e_in), "res_a": a, "res_b": b}
 
 
 def _mesh_sizes(mesh: Any) -> dict[str, int] | None:
@@ -128,8 +134,7 @@ def _mesh_sizes(mesh: Any) -> dict[str, int] | None:
 def _resolve(path: str, given: Any, mesh: Any):
   """``(spec, sizes, make)`` of one given sharding; ``make(spec)`` builds the output."""
   if isinstance(given, NamedSharding):
-    return given.spec, _mesh_sizes(given.mesh), (
-        lambda s: NamedSharding(given.mesh, s, memory_kind=given.memory_kind))
+    return given.spec, _mesh_sizes(given.mesh), (lambda s: NamedSharding(given.mesh, s, memory_kind=given.memory_kind))
   if isinstance(given, PartitionSpec):
     if mesh is not None:
       return given, _mesh_sizes(mesh), lambda s: NamedSharding(mesh, s)
@@ -137,9 +142,10 @@ def _resolve(path: str, given: Any, mesh: Any):
   if isinstance(given, SingleDeviceSharding):
     return PartitionSpec(), None, lambda s: given
   raise TypeError(
-      f"{path}: `base_shardings` leaf is a {type(given).__name__}; expected a "
-      "jax.sharding.NamedSharding, PartitionSpec or SingleDeviceSharding (PartitionSpec() "
-      "for a replicated parameter).")
+    f"{path}: `base_shardings` leaf is a {type(given).__name__}; expected a "
+    "jax.sharding.NamedSharding, PartitionSpec or SingleDeviceSharding (PartitionSpec() "
+    "for a replicated parameter)."
+  )
 
 
 def _node(path: str, k: DeloraKernel, given: Any, mesh: Any) -> DeloraKernel:
@@ -162,33 +168,37 @@ def _check_structure(paths: list[str], base_paths: list[str]) -> None:
     return
   missing = [p for p in paths if p not in base_paths]
   extra = [p for p in base_paths if p not in paths]
-  first = next((f"{a!r} vs {b!r}" for a, b in zip(paths, base_paths) if a != b),
-               f"{len(paths)} vs {len(base_paths)} leaves")
+  first = next(
+    (f"{a!r} vs {b!r}" for a, b in zip(paths, base_paths) if a != b), f"{len(paths)} vs {len(base_paths)} leaves"
+  )
   raise ValueError(
-      "`base_shardings` must have the structure of the original (unwrapped) params: "
-      f"missing paths {_tree.sample_paths(missing)}, unexpected paths "
-      f"{_tree.sample_paths(extra)} (first difference: {first}). Build it from the params "
-      "before `wrap`, e.g. jax.tree.map(lambda x: x.sharding, params), or from "
-      "`delora_jax.unwrap(tree)`.")
+    "`base_shardings` must have the structure of the original (unwrapped) params: "
+    f"missing paths {_tree.sample_paths(missing)}, unexpected paths "
+    f"{_tree.sample_paths(extra)} (first difference: {first}). Build it from the params "
+    "before `wrap`, e.g. jax.tree.map(lambda x: x.sharding, params), or from "
+    "`delora_jax.unwrap(tree)`."
+  )
 
 
 def _carried(tree: Any) -> Any:
   """The shardings the unwrapped leaves of ``tree`` carry (arrays, abstract ``ShapeDtypeStruct``s)."""
+
   def one(path: str, x: Any) -> Any:
     sh = getattr(x, "sharding", None)
     if isinstance(sh, _SPEC_TYPES):
       return sh
     what = type(x).__name__ if sh is None else f"{type(x).__name__} with a {type(sh).__name__}"
     raise ValueError(
-        f"{path}: `base_shardings` was not given, so every parameter must carry its own "
-        f"sharding, but this one is a {what} and has none. Build abstract params as "
-        "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) (before `wrap`), "
-        "or pass `base_shardings`.")
+      f"{path}: `base_shardings` was not given, so every parameter must carry its own "
+      f"sharding, but this one is a {what} and has none. Build abstract params as "
+      "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) (before `wrap`), "
+      "or pass `base_shardings`."
+    )
+
   return _tree.map_leaves(one, _tree.map_kernels(lambda _, k: k.w, tree))
 
 
-def shardings(tree: Any, base_shardings: Any = None, *,
-              mesh: Mesh | AbstractMesh | None = None) -> Any:
+def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMesh | None = None) -> Any:
   """Shardings for an adapted tree, derived from those of the original params.
 
   ``base_shardings`` has the structure of the params before :func:`wrap`
@@ -203,8 +213,9 @@ def shardings(tree: Any, base_shardings: Any = None, *,
   never split. Where ``w`` is split along one side only (FSDP splits the
   input axis alone), the factor of the other side is split over the same
   mesh axes (if their size divides it), so no factor and no optimizer moment
-  is replicated over devices that share out ``w``; this needs the mesh sizes. Use it for ``jax.device_put``, ``jax.jit(in_shardings=...,
-  out_shardings=...)`` and, through :func:`split`, for the trainable half.
+  is replicated over devices that share out ``w``; this needs the mesh sizes.
+  Use it for ``jax.device_put``, ``jax.jit(in_shardings=..., out_shardings=...)``
+  and, through :func:`split`, for the trainable half.
 
   N-D kernels: the input axes are flattened into one (``in_axes`` order). If
   one of them is split, its mesh axes are used. If several are, their mesh
@@ -259,7 +270,8 @@ def shardings(tree: Any, base_shardings: Any = None, *,
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
   paths, leaves, treedef = _tree.flatten(tree)
   base_leaves, _ = jax.tree_util.tree_flatten_with_path(
-      base_shardings, is_leaf=lambda x: x is None or isinstance(x, _SPEC_TYPES))
+    base_shardings, is_leaf=lambda x: x is None or isinstance(x, _SPEC_TYPES)
+  )
   base_paths = [_tree.path_str(p) for p, _ in base_leaves]
   _check_structure(paths, base_paths)
   out = []

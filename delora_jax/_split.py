@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -15,8 +16,10 @@ def _extra_matcher(extra_trainable: str | Sequence[str] | None):
   if extra_trainable is None:
     return lambda path: False
   if not isinstance(extra_trainable, (str, list, tuple)):
-    raise TypeError("`extra_trainable` must be a regex string or a list of them (e.g. "
-                    f"'head/.*' or ['.*bias']); got {extra_trainable!r}.")
+    raise TypeError(
+      "`extra_trainable` must be a regex string or a list of them (e.g. "
+      f"'head/.*' or ['.*bias']); got {extra_trainable!r}."
+    )
   pats = [extra_trainable] if isinstance(extra_trainable, str) else list(extra_trainable)
   compiled = []
   for p in pats:
@@ -30,7 +33,7 @@ def _extra_matcher(extra_trainable: str | Sequence[str] | None):
 
 
 def _none_fields(k: DeloraKernel, fields) -> DeloraKernel:
-  return k.replace(**{f: None for f in fields})
+  return k.replace(**dict.fromkeys(fields))
 
 
 def split(tree: Any, *, extra_trainable: str | Sequence[str] | None = None) -> tuple[Any, Any]:
@@ -76,15 +79,16 @@ def split(tree: Any, *, extra_trainable: str | Sequence[str] | None = None) -> t
 
 
 def _holes_flatten(tree):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: x is None or is_kernel(x))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_kernel(x))
   return [_tree.path_str(p) for p, _ in leaves], [x for _, x in leaves], treedef
 
 
 def _pick(path: str, field: str, t: Any, f: Any) -> Any:
   if t is not None and f is not None:
-    raise ValueError(f"combine: {path}{field} is present in both halves; expected it in "
-                     "exactly one. Pass the two halves `delora_jax.split` returned.")
+    raise ValueError(
+      f"combine: {path}{field} is present in both halves; expected it in "
+      "exactly one. Pass the two halves `delora_jax.split` returned."
+    )
   return f if t is None else t
 
 
@@ -105,11 +109,11 @@ def combine(trainable: Any, frozen: Any) -> Any:
   tp, tl, tdef = _holes_flatten(trainable)
   fp, fl, fdef = _holes_flatten(frozen)
   if tdef != fdef:
-    where = next((f"at {a!r} vs {b!r}" for a, b in zip(tp, fp) if a != b),
-                 f"({len(tp)} vs {len(fp)} leaves)")
+    where = next((f"at {a!r} vs {b!r}" for a, b in zip(tp, fp) if a != b), f"({len(tp)} vs {len(fp)} leaves)")
     raise ValueError(
-        "combine: the trainable and frozen halves have different structures "
-        f"{where}. Pass the two halves that `delora_jax.split` returned for the same tree.")
+      "combine: the trainable and frozen halves have different structures "
+      f"{where}. Pass the two halves that `delora_jax.split` returned for the same tree."
+    )
   out = []
   for p, t, f in zip(tp, tl, fl):
     if is_kernel(t) != is_kernel(f):
@@ -143,8 +147,13 @@ def trainable_mask(tree: Any, *, extra_trainable: str | Sequence[str] | None = N
   out = []
   for p, x in zip(paths, leaves):
     if is_kernel(x):
-      out.append(x.replace(**{f: (f in TRAINABLE_FIELDS) if getattr(x, f) is not None else None
-                              for f in TRAINABLE_FIELDS + FROZEN_FIELDS}))
+      out.append(
+        x.replace(
+          **{
+            f: (f in TRAINABLE_FIELDS) if getattr(x, f) is not None else None for f in TRAINABLE_FIELDS + FROZEN_FIELDS
+          }
+        )
+      )
     else:
       out.append(bool(extra(p)))
   return jax.tree_util.tree_unflatten(treedef, out)

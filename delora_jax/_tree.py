@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax import tree_util as jtu
@@ -46,10 +47,11 @@ def _raise_collision(raw: list[tuple], paths: list[str]) -> None:
     if p in seen:
       keys = sorted({n for e in (*seen[p], *entries) if (n := key_name(e)) and "/" in n})
       raise ValueError(
-          f"two leaves of the tree have the path {p!r}: a key that holds '/' ({keys}) joins to the "
-          "same path as nested keys, so rules, adapters and checkpoints could not tell them apart "
-          "and one kernel would get the other's adapter. Rename the key(s) holding '/' (e.g. "
-          "replace '/' by '_') before calling delora_jax.")
+        f"two leaves of the tree have the path {p!r}: a key that holds '/' ({keys}) joins to the "
+        "same path as nested keys, so rules, adapters and checkpoints could not tell them apart "
+        "and one kernel would get the other's adapter. Rename the key(s) holding '/' (e.g. "
+        "replace '/' by '_') before calling delora_jax."
+      )
     seen[p] = entries
 
 
@@ -82,28 +84,37 @@ def map_kernels(fn: Callable[[str, DeloraKernel], Any], tree: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
-_NNX_EQUIVALENT = {"merge": "delora_jax.nnx.merge(model)", "unwrap": "delora_jax.nnx.unwrap(model)",
-                   "with_adapters": "delora_jax.load_adapters(path, model)"}
+_NNX_EQUIVALENT = {
+  "merge": "delora_jax.nnx.merge(model)",
+  "unwrap": "delora_jax.nnx.unwrap(model)",
+  "with_adapters": "delora_jax.load_adapters(path, model)",
+}
 
 
 def require_adapted(tree: Any, fn_name: str, nnx_ok: bool = False) -> dict[str, DeloraKernel]:
   """``{path: DeloraKernel}`` of an adapted Linen/State tree (or, with ``nnx_ok``, of an
   adapted NNX model); a clear error otherwise."""
   from flax import nnx  # noqa: PLC0415 (flax.nnx is imported lazily by the Linen-only paths)
+
   if isinstance(tree, nnx.Module):
     from delora_jax import _nnx  # noqa: PLC0415 (import cycle)
+
     if not nnx_ok:
       raise TypeError(
-          f"`{fn_name}` takes a parameter tree; got an nnx.Module. For an NNX model adapted by "
-          f"delora_jax.nnx.wrap use {_NNX_EQUIVALENT.get(fn_name, 'the delora_jax.nnx functions')}.")
+        f"`{fn_name}` takes a parameter tree; got an nnx.Module. For an NNX model adapted by "
+        f"delora_jax.nnx.wrap use {_NNX_EQUIVALENT.get(fn_name, 'the delora_jax.nnx functions')}."
+      )
     ks = _nnx.kernels(tree)
     if not ks:
-      raise ValueError(f"`{fn_name}` expects an NNX model adapted by `delora_jax.nnx.wrap`, but "
-                       "it holds no DeLoRA adapter. Call `delora_jax.nnx.wrap(model, rules)` first.")
+      raise ValueError(
+        f"`{fn_name}` expects an NNX model adapted by `delora_jax.nnx.wrap`, but "
+        "it holds no DeLoRA adapter. Call `delora_jax.nnx.wrap(model, rules)` first."
+      )
     return ks
   ks = kernels(tree)
   if not ks:
     raise ValueError(
-        f"`{fn_name}` expects a tree adapted by `delora_jax.wrap`, but it holds no "
-        "DeLoRA-adapted kernel. Call `delora_jax.wrap(params, rules)` first.")
+      f"`{fn_name}` expects a tree adapted by `delora_jax.wrap`, but it holds no "
+      "DeLoRA-adapted kernel. Call `delora_jax.wrap(params, rules)` first."
+    )
   return ks

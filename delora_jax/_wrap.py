@@ -6,7 +6,8 @@ import functools
 import hashlib
 import math
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,8 @@ RESIDUAL_FIELDS = ("res_a", "res_b")
 def _compile(rules: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Rule]]:
   if not isinstance(rules, Mapping):
     raise TypeError(
-        "`rules` must map regex patterns to a Rule or an int rank, e.g. "
-        f"{{'.*kernel': 8}}; got {type(rules).__name__}.")
+      f"`rules` must map regex patterns to a Rule or an int rank, e.g. {{'.*kernel': 8}}; got {type(rules).__name__}."
+    )
   if not rules:
     raise ValueError("`rules` is empty: nothing would be adapted. Pass e.g. {'.*kernel': 8}.")
   out = []
@@ -37,9 +38,10 @@ def _compile(rules: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Rule]]:
       compiled = re.compile(pattern)
     except re.error as e:
       raise ValueError(
-          f"rules pattern {pattern!r} is not a valid regular expression ({e}). "
-          "Patterns are matched with re.fullmatch against '/'-joined paths such as "
-          "'Dense_0/kernel'.") from None
+        f"rules pattern {pattern!r} is not a valid regular expression ({e}). "
+        "Patterns are matched with re.fullmatch against '/'-joined paths such as "
+        "'Dense_0/kernel'."
+      ) from None
     out.append((pattern, compiled, as_rule(value, pattern)))
   return out
 
@@ -52,22 +54,29 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def _check_kernel_leaf(path: str, pattern: str, leaf: Any) -> None:
-  hint = (f"Narrow the pattern {pattern!r} so it only selects kernels "
-          "(e.g. end it with 'kernel').")
+  hint = f"Narrow the pattern {pattern!r} so it only selects kernels (e.g. end it with 'kernel')."
   if not _tree.is_array_like(leaf):
-    raise TypeError(f"{path}: rules pattern {pattern!r} matched a {type(leaf).__name__}, "
-                    f"expected a floating-point kernel array. {hint}")
+    raise TypeError(
+      f"{path}: rules pattern {pattern!r} matched a {type(leaf).__name__}, "
+      f"expected a floating-point kernel array. {hint}"
+    )
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
-    raise TypeError(f"{path}: rules pattern {pattern!r} matched an array of dtype "
-                    f"{leaf.dtype}, expected a floating-point kernel. {hint}")
+    raise TypeError(
+      f"{path}: rules pattern {pattern!r} matched an array of dtype "
+      f"{leaf.dtype}, expected a floating-point kernel. {hint}"
+    )
   if leaf.ndim < 2:
-    raise ValueError(f"{path}: rules pattern {pattern!r} matched a {leaf.ndim}-D array of "
-                     f"shape {tuple(leaf.shape)} (a bias or scale?), expected a kernel "
-                     f"with at least 2 axes. {hint}")
+    raise ValueError(
+      f"{path}: rules pattern {pattern!r} matched a {leaf.ndim}-D array of "
+      f"shape {tuple(leaf.shape)} (a bias or scale?), expected a kernel "
+      f"with at least 2 axes. {hint}"
+    )
   if 0 in tuple(leaf.shape):
-    raise ValueError(f"{path}: rules pattern {pattern!r} matched a kernel of shape "
-                     f"{tuple(leaf.shape)}, which has no entries: there is nothing to adapt (and no "
-                     f"norm to normalise by). {hint}")
+    raise ValueError(
+      f"{path}: rules pattern {pattern!r} matched a kernel of shape "
+      f"{tuple(leaf.shape)}, which has no entries: there is nothing to adapt (and no "
+      f"norm to normalise by). {hint}"
+    )
 
 
 def _uniform(key, shape, bound, dtype):
@@ -77,7 +86,7 @@ def _uniform(key, shape, bound, dtype):
 def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes) -> dict:
   n_in = math.prod(w.shape[i] for i in in_axes)
   n_out = math.prod(w.shape[o] for o in out_axes)
-  stack = tuple(w.shape[:w.ndim - len(in_axes) - len(out_axes)])
+  stack = tuple(w.shape[: w.ndim - len(in_axes) - len(out_axes)])
   dtype, r = jnp.dtype(rule.dtype), rule.rank
   ka, kb = jax.random.split(key)
   # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on torch-shaped A (r, in) / B (out, r).
@@ -104,9 +113,11 @@ def _keep_slices(arrays: dict, slices: tuple[int, ...], stack: tuple[int, ...]) 
   """
   live = np.zeros(math.prod(stack), bool)
   live[list(slices)] = True
-  live = jnp.asarray(live.reshape(stack))
-  return {f: jnp.where(live.reshape(stack + (1,) * (x.ndim - len(stack))), x, jnp.zeros((), x.dtype))
-          for f, x in arrays.items()}
+  mask = jnp.asarray(live.reshape(stack))
+  return {
+    f: jnp.where(mask.reshape(stack + (1,) * (x.ndim - len(stack))), x, jnp.zeros((), x.dtype))
+    for f, x in arrays.items()
+  }
 
 
 def live_slices(k: DeloraKernel) -> np.ndarray:
@@ -139,8 +150,7 @@ def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes) -> tupl
   return tuple((f, NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind)) for f in fields)
 
 
-def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes,
-                     out_axes) -> dict:
+def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes, out_axes) -> dict:
   """Adapters of an abstract kernel as ``ShapeDtypeStruct``s: nothing is computed or allocated.
 
   A kernel carrying a ``NamedSharding`` gives its adapters the derived ones
@@ -163,11 +173,13 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   # Any rank > 0 is accepted, as PEFT does: above min(in, out) the update simply has rank
   # min(in, out) and the bound still holds (each normalised rank-one term has norm 1).
   if rule.slices is not None:
-    n = math.prod(w.shape[:rule.stack_axes])
+    n = math.prod(w.shape[: rule.stack_axes])
     if rule.slices[-1] >= n:
-      raise ValueError(f"{path}: Rule slices {rule.slices} name slice {rule.slices[-1]}, but the "
-                       f"kernel of shape {tuple(w.shape)} has {n} stacked slices (stack_axes="
-                       f"{rule.stack_axes}). Use indices below {n}.")
+      raise ValueError(
+        f"{path}: Rule slices {rule.slices} name slice {rule.slices[-1]}, but the "
+        f"kernel of shape {tuple(w.shape)} has {n} stacked slices (stack_axes="
+        f"{rule.stack_axes}). Use indices below {n}."
+      )
   key = _path_key(key, path)
   if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
     arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes)
@@ -178,12 +190,11 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
     arrays = _sharded_init(rule, in_axes, out_axes, shardings)(w, key)
   if rule.slices is not None:
-    arrays = _keep_slices(arrays, rule.slices, tuple(w.shape[:rule.stack_axes]))
+    arrays = _keep_slices(arrays, rule.slices, tuple(w.shape[: rule.stack_axes]))
   return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
 
 
-def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None,
-         like: Any = None) -> Any:
+def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None, like: Any = None) -> Any:
   """Adds DeLoRA adapters to the kernels that ``rules`` select.
 
   Each leaf's ``/``-joined path (e.g. ``Dense_0/kernel``; an NNX Variable's
@@ -245,21 +256,24 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
   probe = None
   if like is not None:
     from delora_jax import _apply  # noqa: PLC0415 (import cycle)
+
     probe = lambda paths: _apply.probe(like, params, paths)  # noqa: E731
   return wrap_with(params, rules, key=key, probe=probe)
 
 
-def wrap_with(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None,
-              probe: Callable[[set[str]], Any] | None) -> Any:
+def wrap_with(
+  params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None, probe: Callable[[set[str]], Any] | None
+) -> Any:
   """`wrap`, with layouts inferred by ``probe(selected paths) -> _infer.Uses`` if given."""
   compiled = _compile(rules)
   paths, leaves, treedef = _tree.flatten(params)
   adapted = [p for p, x in zip(paths, leaves) if is_kernel(x)]
   if adapted:
     raise ValueError(
-        f"`params` is already adapted (DeLoRA kernels at {_tree.sample_paths(adapted)}). "
-        "Wrapping twice would stack adapters; call `delora_jax.unwrap(tree)` or "
-        "`delora_jax.merge(tree)` first.")
+      f"`params` is already adapted (DeLoRA kernels at {_tree.sample_paths(adapted)}). "
+      "Wrapping twice would stack adapters; call `delora_jax.unwrap(tree)` or "
+      "`delora_jax.merge(tree)` first."
+    )
   key = jax.random.key(0) if key is None else key
   if isinstance(key, np.ndarray):
     key = jnp.asarray(key)
@@ -284,17 +298,20 @@ def wrap_with(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | 
   for pattern, _, _ in compiled:
     if not hits[pattern]:
       raise ValueError(
-          f"rules pattern {pattern!r} matches no leaf (re.fullmatch on '/'-joined paths). "
-          f"Some paths in `params`: {_tree.sample_paths(paths)}. Fix the pattern or remove it.")
+        f"rules pattern {pattern!r} matches no leaf (re.fullmatch on '/'-joined paths). "
+        f"Some paths in `params`: {_tree.sample_paths(paths)}. Fix the pattern or remove it."
+      )
     if not claimed[pattern]:
       raise ValueError(
-          f"rules pattern {pattern!r} only matches leaves that earlier patterns already "
-          f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
-          "Reorder the rules or remove this one.")
+        f"rules pattern {pattern!r} only matches leaves that earlier patterns already "
+        f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
+        "Reorder the rules or remove this one."
+      )
   if probe is not None:
     uses = probe({paths[i] for i in owners})
-    owners = {i: (pat, _infer.resolve(paths[i], tuple(leaves[i].shape), rule, uses))
-              for i, (pat, rule) in owners.items()}
+    owners = {
+      i: (pat, _infer.resolve(paths[i], tuple(leaves[i].shape), rule, uses)) for i, (pat, rule) in owners.items()
+    }
   new = list(leaves)
   for i, (_, rule) in owners.items():
     new[i] = _adapt(paths[i], leaves[i], rule, key)
@@ -341,14 +358,18 @@ def merge(tree: Any, *, safe: bool = False) -> Any:
         finite = bool(jnp.isfinite(m).all())
         base_finite = finite or bool(jnp.isfinite(jnp.asarray(ks[p].w)).all())
       except jax.errors.ConcretizationTypeError:
-        raise TypeError("merge(..., safe=True) checks values and cannot run under jit; "
-                        "call it outside jit or use safe=False.") from None
+        raise TypeError(
+          "merge(..., safe=True) checks values and cannot run under jit; call it outside jit or use safe=False."
+        ) from None
       if not base_finite:
-        raise ValueError(f"{p}: the base kernel itself has NaN or inf entries (before any "
-                         "adapter is added); check the pretrained weights. Nothing was merged.")
+        raise ValueError(
+          f"{p}: the base kernel itself has NaN or inf entries (before any "
+          "adapter is added); check the pretrained weights. Nothing was merged."
+        )
       if not finite:
-        raise ValueError(f"{p}: merged kernel has NaN or inf entries; the adapter is broken "
-                         "(check its a, b, lam). Nothing was merged.")
+        raise ValueError(
+          f"{p}: merged kernel has NaN or inf entries; the adapter is broken (check its a, b, lam). Nothing was merged."
+        )
     return _tree.map_kernels(lambda p, _: out[p], tree)
   return _tree.map_kernels(lambda _, k: _kernel.merged(k), tree)
 
@@ -409,10 +430,11 @@ def with_adapters(tree: Any, adapters: Mapping[str, Mapping[str, Any]]) -> Any:
   missing = [p for p in ks if p not in adapters]
   if unknown or missing:
     raise ValueError(
-        f"`adapters` does not match the adapted kernels of `tree`: unknown paths "
-        f"{_tree.sample_paths(unknown)}, missing paths {_tree.sample_paths(missing)}; "
-        f"adapted paths are {_tree.sample_paths(list(ks))}. Use the paths "
-        "`delora_jax.adapters(tree)` returns.")
+      f"`adapters` does not match the adapted kernels of `tree`: unknown paths "
+      f"{_tree.sample_paths(unknown)}, missing paths {_tree.sample_paths(missing)}; "
+      f"adapted paths are {_tree.sample_paths(list(ks))}. Use the paths "
+      "`delora_jax.adapters(tree)` returns."
+    )
   for p, k in ks.items():
     _check_fields(p, k, adapters[p])
   return _tree.map_kernels(lambda p, k: k.replace(**dict(adapters[p])), tree)
@@ -429,10 +451,12 @@ def _check_fields(path: str, k: DeloraKernel, given: Any) -> None:
       raise TypeError(f"adapters[{path!r}][{f!r}] must be an array; got {type(got).__name__}.")
     if tuple(got.shape) != tuple(want.shape):
       raise ValueError(
-          f"adapters[{path!r}][{f!r}] has shape {tuple(got.shape)}, expected "
-          f"{tuple(want.shape)} (rank {k.rank}). Adapters saved for another rank or "
-          "kernel shape cannot be put into this tree.")
+        f"adapters[{path!r}][{f!r}] has shape {tuple(got.shape)}, expected "
+        f"{tuple(want.shape)} (rank {k.rank}). Adapters saved for another rank or "
+        "kernel shape cannot be put into this tree."
+      )
     if np.dtype(got.dtype) != np.dtype(want.dtype):
       raise ValueError(
-          f"adapters[{path!r}][{f!r}] has dtype {got.dtype}, expected {want.dtype}. "
-          f"Cast it first, e.g. x.astype('{want.dtype}').")
+        f"adapters[{path!r}][{f!r}] has dtype {got.dtype}, expected {want.dtype}. "
+        f"Cast it first, e.g. x.astype('{want.dtype}')."
+      )

@@ -28,7 +28,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from flax import nnx
@@ -46,8 +47,7 @@ def _require_module(model: Any, fn: str) -> None:
     hint = ""
     if _tree.kernels(model) if _is_tree(model) else False:
       hint = " This looks like a Linen parameter tree adapted by delora_jax.wrap; use delora_jax.apply."
-    raise TypeError(f"delora_jax.nnx.{fn}: `model` must be a flax.nnx.Module; got "
-                    f"{type(model).__name__}.{hint}")
+    raise TypeError(f"delora_jax.nnx.{fn}: `model` must be a flax.nnx.Module; got {type(model).__name__}.{hint}")
 
 
 def _is_tree(x: Any) -> bool:
@@ -61,12 +61,20 @@ def _is_tree(x: Any) -> bool:
 def _require_adapted(model: Any, fn: str) -> None:
   _require_module(model, fn)
   if not _nnx.kernels(model):
-    raise ValueError(f"delora_jax.nnx.{fn}: `model` holds no DeLoRA adapter; call "
-                     "delora_jax.nnx.wrap(model, rules) first.")
+    raise ValueError(
+      f"delora_jax.nnx.{fn}: `model` holds no DeLoRA adapter; call delora_jax.nnx.wrap(model, rules) first."
+    )
 
 
-def wrap(model: nnx.Module, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None,
-         like: Any = None, rngs: nnx.Rngs | None = None, strict: bool = False) -> nnx.Module:
+def wrap(
+  model: nnx.Module,
+  rules: Mapping[str, Rule | int],
+  *,
+  key: jax.Array | None = None,
+  like: Any = None,
+  rngs: nnx.Rngs | None = None,
+  strict: bool = False,
+) -> nnx.Module:
   """A copy of ``model`` with DeLoRA adapters on the kernels ``rules`` select.
 
   Paths, rules and keys are those of ``delora_jax.wrap(nnx.state(model), rules,
@@ -94,10 +102,13 @@ def wrap(model: nnx.Module, rules: Mapping[str, Rule | int], *, key: jax.Array |
   """
   _require_module(model, "wrap")
   if _nnx.kernels(model):
-    raise ValueError("delora_jax.nnx.wrap: `model` is already adapted (it holds DeLoRA "
-                     "adapters); wrapping twice would stack them. Call "
-                     "delora_jax.nnx.unwrap(model) or delora_jax.nnx.merge(model) first.")
+    raise ValueError(
+      "delora_jax.nnx.wrap: `model` is already adapted (it holds DeLoRA "
+      "adapters); wrapping twice would stack them. Call "
+      "delora_jax.nnx.unwrap(model) or delora_jax.nnx.merge(model) first."
+    )
   from delora_jax import _wrap  # noqa: PLC0415 (import cycle)
+
   state = nnx.state(model)
   probe = None if like is None else (lambda paths: _nnx.probe(model, like, paths))
   tree = _wrap.wrap_with(state, rules, key=key, probe=probe)
@@ -110,15 +121,18 @@ def wrap(model: nnx.Module, rules: Mapping[str, Rule | int], *, key: jax.Array |
     owner = mods.get(prefix)
     if owner is None or not isinstance(vars(owner).get(name), nnx.Variable):
       raise TypeError(
-          f"{path}: this kernel is not a Variable attribute of an nnx.Module (it is held by "
-          f"{type(owner).__name__ if owner is not None else 'a container'}), so the NNX path "
-          "cannot adapt the layer that uses it. Select kernels that are attributes of modules "
-          "(e.g. 'layers/0/attn/q_proj/w'), or narrow the rules.")
+        f"{path}: this kernel is not a Variable attribute of an nnx.Module (it is held by "
+        f"{type(owner).__name__ if owner is not None else 'a container'}), so the NNX path "
+        "cannot adapt the layer that uses it. Select kernels that are attributes of modules "
+        "(e.g. 'layers/0/attn/q_proj/w'), or narrow the rules."
+      )
     if not callable(owner):
       raise TypeError(f"{path}: its module {type(owner).__name__} has no __call__ to adapt.")
     if k.dropout > 0.0 and rngs is None:
-      raise ValueError(f"{path}: its Rule has dropout={k.dropout}, which needs random keys; "
-                       "pass rngs=nnx.Rngs(dropout=0) to delora_jax.nnx.wrap.")
+      raise ValueError(
+        f"{path}: its Rule has dropout={k.dropout}, which needs random keys; "
+        "pass rngs=nnx.Rngs(dropout=0) to delora_jax.nnx.wrap."
+      )
     owners.setdefault(prefix, []).append((name, path, k))
   for prefix, items in owners.items():
     owner = mods[prefix]

@@ -27,15 +27,13 @@ from delora_jax._lora import to_lora
 from delora_jax._peft_extras import export_extras
 from delora_jax._peft_extras import trainable as trainable
 from delora_jax._peft_load import load as load
-from delora_jax._peft_rules import rules as rules
-from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all
+from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all, safetensors_numpy
 from delora_jax._peft_names import bert_module_names as bert_module_names
 from delora_jax._peft_names import llama_module_names as llama_module_names
-from delora_jax._peft_names import safetensors_numpy
+from delora_jax._peft_rules import rules as rules
 from delora_jax._wrap import _compile, live_slices
 
-__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load", "rules",
-           "trainable"]
+__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load", "rules", "trainable"]
 
 
 def _slices(x: Any, n_stack: int) -> np.ndarray:
@@ -58,8 +56,10 @@ def _write(directory: str | os.PathLike, config: dict, tensors: dict[str, np.nda
   path = os.path.abspath(os.fspath(directory))
   os.makedirs(path, exist_ok=True)
   save = safetensors_numpy().save_file
-  for name, write in ((WEIGHTS, lambda f: save(tensors, f, metadata={"format": "pt"})),
-                      (CONFIG, lambda f: _write_json(f, config))):
+  for name, write in (
+    (WEIGHTS, lambda f: save(tensors, f, metadata={"format": "pt"})),
+    (CONFIG, lambda f: _write_json(f, config)),
+  ):
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
     os.close(fd)
     try:
@@ -74,8 +74,10 @@ def _write(directory: str | os.PathLike, config: dict, tensors: dict[str, np.nda
 def _dropout(ks: dict) -> float:
   drops = sorted({float(k.dropout) for k in ks.values()})
   if len(drops) > 1:
-    raise ValueError(f"The adapted kernels use different dropout rates {drops}; PEFT has one "
-                     "module_dropout per adapter. Use one Rule dropout for all kernels to export.")
+    raise ValueError(
+      f"The adapted kernels use different dropout rates {drops}; PEFT has one "
+      "module_dropout per adapter. Use one Rule dropout for all kernels to export."
+    )
   return drops[0]
 
 
@@ -85,14 +87,23 @@ def _initial_lams(rules: Any, ks: dict) -> dict[str, float]:
   for p in ks:
     rule = next((r for _, rx, r in compiled if rx.fullmatch(p)), None)
     if rule is None:
-      raise ValueError(f"{p}: no pattern of `rules` matches this adapted kernel; pass the rules "
-                       "the tree was wrapped with (or rules=None to record the trained λ).")
+      raise ValueError(
+        f"{p}: no pattern of `rules` matches this adapted kernel; pass the rules "
+        "the tree was wrapped with (or rules=None to record the trained λ)."
+      )
     out[p] = rule.lam
   return out
 
 
-def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules: Any = None,
-           flatten_nd: bool = False, extra_trainable: Any = None) -> str:
+def export(
+  tree: Any,
+  directory: str | os.PathLike,
+  *,
+  module_names: Any,
+  rules: Any = None,
+  flatten_nd: bool = False,
+  extra_trainable: Any = None,
+) -> str:
   """Writes the DeLoRA adapters of ``tree`` as a PEFT DeLoRA adapter folder.
 
   ``adapter_model.safetensors`` holds, per torch module ``m``,
@@ -160,17 +171,28 @@ def export(tree: Any, directory: str | os.PathLike, *, module_names: Any, rules:
   r, rank_pattern = _default_and_pattern(ranks)
   lam_default, lambda_pattern = _default_and_pattern(lams)
   config = {
-      "peft_type": "DELORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-      "inference_mode": True, "r": r, "delora_lambda": lam_default,
-      "module_dropout": _dropout(ks), "target_modules": sorted(ranks), "exclude_modules": None,
-      "bias": bias, "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
-      "rank_pattern": rank_pattern, "lambda_pattern": lambda_pattern, "modules_to_save": saved,
+    "peft_type": "DELORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "revision": None,
+    "inference_mode": True,
+    "r": r,
+    "delora_lambda": lam_default,
+    "module_dropout": _dropout(ks),
+    "target_modules": sorted(ranks),
+    "exclude_modules": None,
+    "bias": bias,
+    "init_weights": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": rank_pattern,
+    "lambda_pattern": lambda_pattern,
+    "modules_to_save": saved,
   }
   return _write(directory, config, tensors)
 
 
-def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any,
-                flatten_nd: bool = False) -> str:
+def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any, flatten_nd: bool = False) -> str:
   """Writes the updates of ``tree`` as a plain PEFT LoRA adapter folder.
 
   Uses :func:`delora_jax.to_lora`: ``lora_A.weight = lora_a.T`` ``(r, in)``,
@@ -203,12 +225,24 @@ def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any,
       ranks[name] = int(la.shape[-1])
   r, rank_pattern = _default_and_pattern(ranks)
   config = {
-      "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-      "inference_mode": True, "r": r, "lora_alpha": r, "rank_pattern": rank_pattern,
-      "alpha_pattern": dict(rank_pattern), "target_modules": sorted(ranks),
-      "lora_dropout": _dropout(ks), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-      "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-      "layers_to_transform": None, "layers_pattern": None,
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "revision": None,
+    "inference_mode": True,
+    "r": r,
+    "lora_alpha": r,
+    "rank_pattern": rank_pattern,
+    "alpha_pattern": dict(rank_pattern),
+    "target_modules": sorted(ranks),
+    "lora_dropout": _dropout(ks),
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": True,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
   }
   return _write(directory, config, tensors)
-

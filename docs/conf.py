@@ -43,15 +43,17 @@ html_title = f"delora_jax {release}"
 
 # The public modules; each has an `automodule` under api/. Their public names: ``__all__``, or
 # for a module without one, the functions and classes it defines whose names have no underscore.
-PUBLIC_MODULES = ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models",
-                  "delora_jax.models.bert")
+PUBLIC_MODULES = ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models", "delora_jax.models.bert")
 
 
 def public_names(mod) -> list[str]:
   if hasattr(mod, "__all__"):
     return list(mod.__all__)
-  return [n for n, o in vars(mod).items() if not n.startswith("_")
-          and (inspect.isfunction(o) or inspect.isclass(o)) and o.__module__ == mod.__name__]
+  return [
+    n
+    for n, o in vars(mod).items()
+    if not n.startswith("_") and (inspect.isfunction(o) or inspect.isclass(o)) and o.__module__ == mod.__name__
+  ]
 
 
 def _undocumented(modname: str) -> list[str]:
@@ -67,8 +69,11 @@ def _undocumented(modname: str) -> list[str]:
     if inspect.isclass(obj):
       for attr, member in vars(obj).items():
         fn = member.fget if isinstance(member, property) else member
-        if (not attr.startswith("_") and (inspect.isfunction(fn) or isinstance(member, property))
-            and not inspect.getdoc(fn)):
+        if (
+          not attr.startswith("_")
+          and (inspect.isfunction(fn) or isinstance(member, property))
+          and not inspect.getdoc(fn)
+        ):
           missing.append(f"{modname}.{name}.{attr}")
   return missing
 

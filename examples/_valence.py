@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -65,12 +65,10 @@ def tokenize(words: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   tok.enable_padding(pad_id=0, pad_token="[PAD]", length=seq_len)
   tok.enable_truncation(max_length=seq_len)
   enc = tok.encode_batch(words)
-  return (np.array([e.ids for e in enc], np.int32),
-          np.array([e.attention_mask for e in enc], np.int32))
+  return (np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32))
 
 
-def splits(n_train: int | None, n_test: int | None, seq_len: int = 8,
-           seed: int = 0) -> tuple[Data, Data]:
+def splits(n_train: int | None, n_test: int | None, seq_len: int = 8, seed: int = 0) -> tuple[Data, Data]:
   """A fixed random split of the lexicon: 1,500 test entries, the other 6,020 for training."""
   words, y = load_lexicon()
   order = np.random.default_rng(seed).permutation(len(words))
@@ -102,12 +100,12 @@ def batched(fn: Callable[..., jax.Array], data: Data, batch: int = 256) -> np.nd
   out = []
   n = len(data.y)
   for i in range(0, n, batch):
-    ids, mask = data.ids[i:i + batch], data.mask[i:i + batch]
+    ids, mask = data.ids[i : i + batch], data.mask[i : i + batch]
     pad = batch - len(ids)
     if pad:
       ids = np.concatenate([ids, np.repeat(ids[:1], pad, 0)])
       mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
-    out.append(np.asarray(fn(ids, mask))[:batch - pad])
+    out.append(np.asarray(fn(ids, mask))[: batch - pad])
   return np.concatenate(out)
 
 

@@ -69,19 +69,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lam-lr", type=float, default=1e-2, help="learning rate of λ")
   p.add_argument("--rank", type=int, default=8, help="DeLoRA rank r")
   p.add_argument("--lam", type=float, default=2.0, help="initial λ (the update's bound)")
-  p.add_argument("--targets", default=r"encoder/layer_\d+/attention/self/(query|value)/kernel",
-                 help="regex of the kernels to adapt")
+  p.add_argument(
+    "--targets", default=r"encoder/layer_\d+/attention/self/(query|value)/kernel", help="regex of the kernels to adapt"
+  )
   p.add_argument("--out", default="finetune_out", help="folder for the saved adapters")
   p.add_argument("--train-size", type=int, default=None, help="use N training words (default all 6,020)")
   p.add_argument("--test-size", type=int, default=None, help="use N test words (default all 1,500)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--log-every", type=int, default=10,
-                 help="record the per-layer diagnostics every N steps")
-  p.add_argument("--plot", default=None,
-                 help="PNG of per-layer bound use and relative update over training "
-                      "(default: OUT/diagnostics.png)")
-  p.add_argument("--quick", action="store_true",
-                 help="CI settings: 80 steps of 32, 2,048 train and 512 test words")
+  p.add_argument("--log-every", type=int, default=10, help="record the per-layer diagnostics every N steps")
+  p.add_argument(
+    "--plot",
+    default=None,
+    help="PNG of per-layer bound use and relative update over training (default: OUT/diagnostics.png)",
+  )
+  p.add_argument("--quick", action="store_true", help="CI settings: 80 steps of 32, 2,048 train and 512 test words")
   if p.parse_args(argv).quick:  # explicit flags still win over the quick defaults
     p.set_defaults(steps=80, batch=32, train_size=2048, test_size=512)
   return p.parse_args(argv)
@@ -96,6 +97,7 @@ def predict(model, tree, ids, mask):
 def make_train_step(model, opt, diagnose: bool = True):
   """The jitted step; with ``diagnose`` it also returns ``delora_jax.diagnostics`` of the
   updated adapters (computed from the factors inside the step, as metrics)."""
+
   def loss_fn(trainable, frozen, ids, mask, y):
     pred = predict(model, delora_jax.combine(trainable, frozen), ids, mask)
     return jnp.mean((pred - y) ** 2)
@@ -121,8 +123,9 @@ def evaluate(predict_fn, tree, data) -> tuple[dict[str, float], np.ndarray]:
 
 def train(model, tree, data, args) -> tuple[dict, list[float]]:
   schedule = optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1)
-  opt = delora_jax.optimizer(optax.adamw, learning_rate=schedule, weight_decay=1e-4,
-                             lam_learning_rate=args.lam_lr, extra_trainable=HEAD)
+  opt = delora_jax.optimizer(
+    optax.adamw, learning_rate=schedule, weight_decay=1e-4, lam_learning_rate=args.lam_lr, extra_trainable=HEAD
+  )
   trainable, frozen = delora_jax.split(tree, extra_trainable=HEAD)
   opt_state = opt.init(trainable)
   step = make_train_step(model, opt)
@@ -131,15 +134,17 @@ def train(model, tree, data, args) -> tuple[dict, list[float]]:
   bar = tqdm(range(args.steps), desc="DeLoRA fine-tuning", unit="step", mininterval=1.0)
   for t in bar:
     idx = rng.integers(0, len(data.y), args.batch)
-    trainable, opt_state, loss, diag = step(trainable, opt_state, frozen,
-                                            data.ids[idx], data.mask[idx], data.y[idx])
+    trainable, opt_state, loss, diag = step(trainable, opt_state, frozen, data.ids[idx], data.mask[idx], data.y[idx])
     losses.append(float(loss))
     if t % args.log_every == 0 or t == args.steps - 1:
       record(history, t + 1, diag["kernels"])
       s = diag["summary"]
-      bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
-                      bound_max=f"{float(s['bound_use']['max']):.3f}",
-                      rel_mean=f"{float(s['relative_update']['mean']):.2e}", refresh=False)
+      bar.set_postfix(
+        loss=f"{np.mean(losses[-20:]):.3f}",
+        bound_max=f"{float(s['bound_use']['max']):.3f}",
+        rel_mean=f"{float(s['relative_update']['mean']):.2e}",
+        refresh=False,
+      )
   return delora_jax.combine(trainable, frozen), losses, history
 
 
@@ -155,21 +160,29 @@ def record(history: dict, step: int, kernels: dict) -> None:
 def plot_diagnostics(history: dict, png: str, title: str = "DeLoRA fine-tuning") -> None:
   """Heatmaps layer x step of bound use and relative update."""
   import matplotlib  # noqa: PLC0415 (plotting is optional)
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   paths = sorted(history["kernels"])
-  labels = [p.replace("encoder/", "").replace("attention/self/", "").replace("/kernel", "")
-            for p in paths]
+  labels = [p.replace("encoder/", "").replace("attention/self/", "").replace("/kernel", "") for p in paths]
   steps = history["step"]
   fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(paths) + 1.8), sharey=True)
-  for ax, metric, label in zip(axes, ("bound_use", "relative_update"),
-                               ("bound use ||diag(1/w_norm) ΔW||_F / |λ|",
-                                "relative update ||ΔW||_F / ||W||_F")):
+  for ax, metric, label in zip(
+    axes,
+    ("bound_use", "relative_update"),
+    ("bound use ||diag(1/w_norm) ΔW||_F / |λ|", "relative update ||ΔW||_F / ||W||_F"),
+  ):
     data = np.array([history["kernels"][p][metric] for p in paths])
-    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis",
-                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(paths) - 0.5, -0.5),
-                   vmin=0.0, vmax=1.0 if metric == "bound_use" else None)
+    im = ax.imshow(
+      data,
+      aspect="auto",
+      interpolation="nearest",
+      cmap="viridis",
+      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(paths) - 0.5, -0.5),
+      vmin=0.0,
+      vmax=1.0 if metric == "bound_use" else None,
+    )
     ax.set_title(label, fontsize=10)
     ax.set_xlabel("step")
     fig.colorbar(im, ax=ax)
@@ -199,35 +212,46 @@ def save(out: str, tree, rules) -> dict[str, str]:
   folder ``modules_to_save: ["head"]``), so neither needs a side file.
   """
   os.makedirs(out, exist_ok=True)
-  return {"adapters": delora_jax.save_adapters(os.path.join(out, "delora"), tree,
-                                               extra_trainable=HEAD, overwrite=True),
-          "peft": delora_jax.peft.export(tree, os.path.join(out, "peft"), module_names=module_names,
-                                         rules={f"bert/{k}": v for k, v in rules.items()},
-                                         extra_trainable=HEAD)}
+  return {
+    "adapters": delora_jax.save_adapters(os.path.join(out, "delora"), tree, extra_trainable=HEAD, overwrite=True),
+    "peft": delora_jax.peft.export(
+      tree,
+      os.path.join(out, "peft"),
+      module_names=module_names,
+      rules={f"bert/{k}": v for k, v in rules.items()},
+      extra_trainable=HEAD,
+    ),
+  }
 
 
 def reload(paths: dict[str, str], params, rules, head_like) -> dict:
   """A fresh adapted tree (other random init, an untrained head) with the saved adapters and
   head put in, from the orbax checkpoint alone."""
-  fresh = {"bert": delora_jax.wrap(params, rules, key=jax.random.key(12345)),
-           "head": jax.tree.map(jnp.zeros_like, head_like)}
+  fresh = {
+    "bert": delora_jax.wrap(params, rules, key=jax.random.key(12345)),
+    "head": jax.tree.map(jnp.zeros_like, head_like),
+  }
   return delora_jax.load_adapters(paths["adapters"], fresh)
 
 
 def update_sizes(tree) -> dict[str, float]:
   """How far the fine-tuned weights moved, and DeLoRA's bound on it (from the factors)."""
   s = jax.tree.map(float, delora_jax.diagnostics(tree)["summary"])
-  return {"rel_update_mean": s["relative_update"]["mean"], "rel_update_max": s["relative_update"]["max"],
-          "bound_ratio_max": s["bound_use"]["max"], "lam_min": s["lam"]["min"],
-          "lam_max": s["lam"]["max"], "bound_holds": s["bound_use"]["max"] <= 1 + 1e-5}
+  return {
+    "rel_update_mean": s["relative_update"]["mean"],
+    "rel_update_max": s["relative_update"]["max"],
+    "bound_ratio_max": s["bound_use"]["max"],
+    "lam_min": s["lam"]["min"],
+    "lam_max": s["lam"]["max"],
+    "bound_holds": s["bound_use"]["max"] <= 1 + 1e-5,
+  }
 
 
 def prepare(args):
   """Data, the pretrained encoder, its linear-probe head and the DeLoRA-wrapped tree."""
   train_set, test_set = V.splits(args.train_size, args.test_size, seed=args.seed)
   model, params = V.load_encoder()
-  print(f"all-MiniLM-L6-v2 loaded; VADER valence: {len(train_set.y)} train / "
-        f"{len(test_set.y)} test words")
+  print(f"all-MiniLM-L6-v2 loaded; VADER valence: {len(train_set.y)} train / {len(test_set.y)} test words")
   embed = jax.jit(V.embed_fn(model))
   train_emb = V.batched(lambda ids, mask: embed(params, ids, mask), train_set)
   head = {k: jnp.asarray(v) for k, v in V.ridge_head(train_emb, train_set.y).items()}
@@ -244,13 +268,15 @@ def _show(label: str, m: dict[str, float]) -> None:
 
 
 def _show_bound(sizes: dict[str, float]) -> None:
-  print("Why DeLoRA: each adapted matrix's update is bounded by its own λ, whatever the "
-        "learning rate:\n"
-        f"  ||diag(1/w_norm) ΔW||_F / |λ| <= 1: largest {sizes['bound_ratio_max']:.3f} "
-        f"(trained λ in [{sizes['lam_min']:.2f}, {sizes['lam_max']:.2f}])\n"
-        f"  relative change ||ΔW||_F / ||W||_F: mean {sizes['rel_update_mean']:.4f}, "
-        f"max {sizes['rel_update_max']:.4f}\n"
-        "  LoRA has no such bound: examples/lr_robustness.py sweeps the learning rate for both.")
+  print(
+    "Why DeLoRA: each adapted matrix's update is bounded by its own λ, whatever the "
+    "learning rate:\n"
+    f"  ||diag(1/w_norm) ΔW||_F / |λ| <= 1: largest {sizes['bound_ratio_max']:.3f} "
+    f"(trained λ in [{sizes['lam_min']:.2f}, {sizes['lam_max']:.2f}])\n"
+    f"  relative change ||ΔW||_F / ||W||_F: mean {sizes['rel_update_mean']:.4f}, "
+    f"max {sizes['rel_update_max']:.4f}\n"
+    "  LoRA has no such bound: examples/lr_robustness.py sweeps the learning rate for both."
+  )
 
 
 def main(argv=None) -> dict:
@@ -273,16 +299,22 @@ def main(argv=None) -> dict:
   plot_diagnostics(history, paths["plot"])
   paths["predictions"] = os.path.join(args.out, "test_predictions.npz")
   np.savez(paths["predictions"], ids=test_set.ids, mask=test_set.mask, y=test_set.y, pred=pred)
-  print(f"saved to {args.out}/ (delora/, peft/, diagnostics.json, test_predictions.npz); "
-        f"plot {paths['plot']}")
+  print(f"saved to {args.out}/ (delora/, peft/, diagnostics.json, test_predictions.npz); plot {paths['plot']}")
   reloaded, _ = evaluate(predict_fn, reload(paths, params, rules, tree["head"]), test_set)
   _show("reloaded from disk into a fresh model:", reloaded)
 
   sizes = update_sizes(tree["bert"])
   _show_bound(sizes)
-  result = {"before": before, "after": after, "reloaded": reloaded, "update": sizes,
-            "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
-            "paths": paths, "seconds": round(time.time() - t0, 1)}
+  result = {
+    "before": before,
+    "after": after,
+    "reloaded": reloaded,
+    "update": sizes,
+    "first_loss": float(np.mean(losses[:10])),
+    "last_loss": float(np.mean(losses[-10:])),
+    "paths": paths,
+    "seconds": round(time.time() - t0, 1),
+  }
   print(f"total time {result['seconds']} s")
   print("RESULT " + json.dumps(result))
   return result

@@ -66,20 +66,33 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--test-size", type=int, default=1000)
   p.add_argument("--json", default=os.path.join(HERE, "lr_robustness.json"))
   p.add_argument("--png", default=os.path.join(HERE, "lr_robustness.png"))
-  p.add_argument("--png-diagnostics", default=os.path.join(HERE, "lr_robustness_diagnostics.png"),
-                 help="per-layer relative update (and DeLoRA's bound use) over training")
+  p.add_argument(
+    "--png-diagnostics",
+    default=os.path.join(HERE, "lr_robustness_diagnostics.png"),
+    help="per-layer relative update (and DeLoRA's bound use) over training",
+  )
   p.add_argument("--log-every", type=int, default=10, help="record the diagnostics every N steps")
   p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --json")
-  p.add_argument("--quick", action="store_true",
-                 help="CI: 3 learning rates, 8 steps, small data, output in the temp folder")
+  p.add_argument(
+    "--quick", action="store_true", help="CI: 3 learning rates, 8 steps, small data, output in the temp folder"
+  )
   if p.parse_args(argv).quick:  # explicit flags still win over the quick defaults
     tmp = os.path.join(tempfile.gettempdir(), "lr_robustness_quick")
-    p.set_defaults(lrs=[1e-4, 1e-2, 1e-1], steps=8, batch=16, train_size=512, test_size=128,
-                   json=tmp + ".json", png=tmp + ".png", png_diagnostics=tmp + "_diag.png")
+    p.set_defaults(
+      lrs=[1e-4, 1e-2, 1e-1],
+      steps=8,
+      batch=16,
+      train_size=512,
+      test_size=128,
+      json=tmp + ".json",
+      png=tmp + ".png",
+      png_diagnostics=tmp + "_diag.png",
+    )
   return p.parse_args(argv)
 
 
 # --- plain LoRA, alpha = r (scaling 1) ---------------------------------------------
+
 
 def lora_init(params, rank: int, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
   """``{path: {"a": (in, r) Kaiming-uniform, "b": (r, out) zeros}}`` on the target kernels."""
@@ -88,9 +101,10 @@ def lora_init(params, rank: int, key: jax.Array) -> dict[str, dict[str, jax.Arra
   for i, path in enumerate(sorted(p for p in flat if re.fullmatch(TARGETS, p))):
     n_in, n_out = flat[path].shape
     bound = 1.0 / math.sqrt(n_in)  # torch kaiming_uniform_(a=sqrt(5)), as PEFT
-    out[path] = {"a": jax.random.uniform(jax.random.fold_in(key, i), (n_in, rank),
-                                         minval=-bound, maxval=bound),
-                 "b": jnp.zeros((rank, n_out))}
+    out[path] = {
+      "a": jax.random.uniform(jax.random.fold_in(key, i), (n_in, rank), minval=-bound, maxval=bound),
+      "b": jnp.zeros((rank, n_out)),
+    }
   return out
 
 
@@ -108,8 +122,7 @@ def lora_forward(model, trainable, frozen, ids, mask):
 
 def lora_rel_update(params, lora) -> float:
   flat = traverse_util.flatten_dict(params, sep="/")
-  return float(np.mean([jnp.linalg.norm(f["a"] @ f["b"]) / jnp.linalg.norm(flat[p])
-                        for p, f in lora.items()]))
+  return float(np.mean([jnp.linalg.norm(f["a"] @ f["b"]) / jnp.linalg.norm(flat[p]) for p, f in lora.items()]))
 
 
 def lora_diagnostics(w_norms: dict[str, jax.Array], lora) -> dict[str, dict[str, jax.Array]]:
@@ -124,20 +137,22 @@ def lora_diagnostics(w_norms: dict[str, jax.Array], lora) -> dict[str, dict[str,
 
 # --- DeLoRA ---------------------------------------------------------------------------
 
+
 def delora_forward(model, trainable, frozen, ids, mask):
   return finetune.predict(model, delora_jax.combine(trainable, frozen), ids, mask)
 
 
 def delora_rel_update(tree) -> float:
   flat = traverse_util.flatten_dict(delora_jax.unwrap(tree), sep="/")
-  return float(np.mean([jnp.linalg.norm(d) / jnp.linalg.norm(flat[p])
-                        for p, d in delora_jax.delta(tree).items()]))
+  return float(np.mean([jnp.linalg.norm(d) / jnp.linalg.norm(flat[p]) for p, d in delora_jax.delta(tree).items()]))
 
 
 # --- one training run -----------------------------------------------------------------
 
+
 def make_step(forward, opt):
   """A jitted Adam step; the adapters' and the head's learning rates are arguments."""
+
   def loss_fn(trainable, frozen, ids, mask, y):
     return jnp.mean((forward(trainable, frozen, ids, mask) - y) ** 2)
 
@@ -145,8 +160,7 @@ def make_step(forward, opt):
   def step(trainable, opt_state, frozen, ids, mask, y, lr, head_lr):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, y)
     updates, opt_state = opt.update(grads, opt_state, trainable)  # unit learning rate
-    updates = {k: jax.tree.map(lambda u, f=(head_lr if k == "head" else lr): u * f, v)
-               for k, v in updates.items()}
+    updates = {k: jax.tree.map(lambda u, f=(head_lr if k == "head" else lr): u * f, v) for k, v in updates.items()}
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   return step
@@ -160,8 +174,9 @@ def run(step, opt, trainable, frozen, train, batches, lr, desc, diagnose, log_ev
   bar = tqdm(batches, desc=desc, leave=False, mininterval=1.0)
   for t, idx in enumerate(bar):
     f = float(schedule(t))
-    trainable, opt_state, loss = step(trainable, opt_state, frozen, train.ids[idx],
-                                      train.mask[idx], train.y[idx], lr * f, HEAD_LR * f)
+    trainable, opt_state, loss = step(
+      trainable, opt_state, frozen, train.ids[idx], train.mask[idx], train.y[idx], lr * f, HEAD_LR * f
+    )
     losses.append(float(loss))
     if t % log_every == 0 or t == len(batches) - 1:
       figures = diagnose(trainable)
@@ -191,11 +206,15 @@ def lora_method(model, params, head, rank: int) -> Method:
   fwd = lambda *a: lora_forward(model, *a)  # noqa: E731
   flat = traverse_util.flatten_dict(params, sep="/")
   w_norms = {p: jnp.linalg.norm(flat[p]) for p in flat if re.fullmatch(TARGETS, p)}
-  return Method(make_step(fwd, optax.adam(1.0)), optax.adam(1.0),
-                {"lora": lora_init(params, rank, jax.random.key(0)), "head": head}, frozen,
-                jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)),
-                lambda tr: {"rel_update": lora_rel_update(params, tr["lora"])},
-                jax.jit(lambda tr: lora_diagnostics(w_norms, tr["lora"])))
+  return Method(
+    make_step(fwd, optax.adam(1.0)),
+    optax.adam(1.0),
+    {"lora": lora_init(params, rank, jax.random.key(0)), "head": head},
+    frozen,
+    jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)),
+    lambda tr: {"rel_update": lora_rel_update(params, tr["lora"])},
+    jax.jit(lambda tr: lora_diagnostics(w_norms, tr["lora"])),
+  )
 
 
 def delora_method(model, params, head, rank: int, lam: float) -> Method:
@@ -209,10 +228,10 @@ def delora_method(model, params, head, rank: int, lam: float) -> Method:
     lams = [float(x["lam"]) for x in delora_jax.adapters(bert_tree).values()]
     return {"rel_update": delora_rel_update(bert_tree), "lam_mean": float(np.mean(lams))}
 
-  diagnose = jax.jit(
-      lambda tr: delora_jax.diagnostics(delora_jax.combine(tr, frozen)["bert"])["kernels"])
-  return Method(make_step(fwd, opt), opt, trainable, frozen,
-                jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)), stats, diagnose)
+  diagnose = jax.jit(lambda tr: delora_jax.diagnostics(delora_jax.combine(tr, frozen)["bert"])["kernels"])
+  return Method(
+    make_step(fwd, opt), opt, trainable, frozen, jax.jit(lambda tr, i, m: fwd(tr, frozen, i, m)), stats, diagnose
+  )
 
 
 def sweep(args) -> dict:
@@ -220,26 +239,41 @@ def sweep(args) -> dict:
   train, test = V.splits(args.train_size, args.test_size)
   model, params = V.load_encoder()
   embed = jax.jit(V.embed_fn(model))
-  head = {k: jnp.asarray(v) for k, v in
-          V.ridge_head(V.batched(lambda i, m: embed(params, i, m), train), train.y).items()}
+  head = {
+    k: jnp.asarray(v) for k, v in V.ridge_head(V.batched(lambda i, m: embed(params, i, m), train), train.y).items()
+  }
   probe = V.metrics(V.predict_head(head, V.batched(lambda i, m: embed(params, i, m), test)), test.y)
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, len(train.y), args.batch) for _ in range(args.steps)]
-  methods = {"LoRA": lora_method(model, params, head, args.rank),
-             "DeLoRA": delora_method(model, params, head, args.rank, args.lam)}
+  methods = {
+    "LoRA": lora_method(model, params, head, args.rank),
+    "DeLoRA": delora_method(model, params, head, args.rank, args.lam),
+  }
   runs = []
   for lr in args.lrs:
     for name, m in methods.items():
-      tr, losses, history = run(m.step, m.opt, m.trainable, m.frozen, train, batches, lr,
-                                f"{name} lr={lr:.0e}", m.diagnose, args.log_every)
+      tr, losses, history = run(
+        m.step, m.opt, m.trainable, m.frozen, train, batches, lr, f"{name} lr={lr:.0e}", m.diagnose, args.log_every
+      )
       metric = V.metrics(V.batched(functools.partial(m.predict, tr), test), test.y)
-      runs.append({"method": name, "lr": lr, **metric, **m.stats(tr),
-                   "final_train_loss": float(np.mean(losses[-10:])), "history": history})
-      print(f"{name:>6} lr={lr:.1e}: test r={metric['pearson']:.4f} MSE={metric['mse']:.4g} "
-            f"||ΔW||/||W||={runs[-1]['rel_update']:.3g}  ({time.time() - t0:.0f} s)")
+      runs.append(
+        {
+          "method": name,
+          "lr": lr,
+          **metric,
+          **m.stats(tr),
+          "final_train_loss": float(np.mean(losses[-10:])),
+          "history": history,
+        }
+      )
+      print(
+        f"{name:>6} lr={lr:.1e}: test r={metric['pearson']:.4f} MSE={metric['mse']:.4g} "
+        f"||ΔW||/||W||={runs[-1]['rel_update']:.3g}  ({time.time() - t0:.0f} s)"
+      )
   config = {k: getattr(args, k) for k in ("steps", "batch", "rank", "lam", "train_size", "test_size")}
-  config.update(targets=TARGETS, head_lr=HEAD_LR, n_train=len(train.y), n_test=len(test.y),
-                seconds=round(time.time() - t0, 1))
+  config.update(
+    targets=TARGETS, head_lr=HEAD_LR, n_train=len(train.y), n_test=len(test.y), seconds=round(time.time() - t0, 1)
+  )
   return {"config": config, "linear_probe": probe, "runs": runs}
 
 
@@ -256,21 +290,27 @@ def plot(result: dict, png: str) -> None:
     pearson = np.array([r["pearson"] for r in rs], float)
     ok = np.isfinite(pearson)
     ax1.plot(lr[ok], pearson[ok], "o-", color=color, label=method)
-    ax1.plot(lr[~ok], np.zeros((~ok).sum()), "x", color=color, ms=10,
-             label=f"{method} diverged (NaN)" if (~ok).any() else None)
+    ax1.plot(
+      lr[~ok], np.zeros((~ok).sum()), "x", color=color, ms=10, label=f"{method} diverged (NaN)" if (~ok).any() else None
+    )
     rel = np.array([r["rel_update"] for r in rs], float)
     ax2.plot(lr[np.isfinite(rel)], rel[np.isfinite(rel)], "o-", color=color, label=method)
   ax1.axhline(result["linear_probe"]["pearson"], color="gray", ls="--", label="linear probe (no fine-tuning)")
-  ax1.set(xscale="log", xlabel="learning rate", ylabel="held-out Pearson r",
-          title="VADER valence, all-MiniLM-L6-v2")
-  ax2.set(xscale="log", yscale="log", xlabel="learning rate",
-          ylabel="mean ||ΔW||_F / ||W||_F", title="size of the weight update")
+  ax1.set(xscale="log", xlabel="learning rate", ylabel="held-out Pearson r", title="VADER valence, all-MiniLM-L6-v2")
+  ax2.set(
+    xscale="log",
+    yscale="log",
+    xlabel="learning rate",
+    ylabel="mean ||ΔW||_F / ||W||_F",
+    title="size of the weight update",
+  )
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   c = result["config"]
-  fig.suptitle(f"rank {c['rank']} on query/value, {c['steps']} Adam steps of {c['batch']}, "
-               f"DeLoRA λ0 = {c['lam']}", fontsize=9)
+  fig.suptitle(
+    f"rank {c['rank']} on query/value, {c['steps']} Adam steps of {c['batch']}, DeLoRA λ0 = {c['lam']}", fontsize=9
+  )
   fig.tight_layout()
   fig.savefig(png, dpi=120)
   plt.close(fig)
@@ -300,10 +340,18 @@ def plot_diagnostics(result: dict, png: str) -> None:
       bound = np.array([k["bound_use"] for k in h["kernels"].values()], float)
       ax2.plot(steps, np.max(bound, 0), "-", color=c, label=f"lr={r['lr']:.0e} (max)")
       ax2.plot(steps, np.min(bound, 0), ":", color=c)
-  ax1.set(yscale="log", xlabel="step", ylabel="||ΔW||_F / ||W||_F (per layer)",
-          title="relative update: LoRA (dashed) vs DeLoRA (solid)")
-  ax2.set(xlabel="step", ylabel="||diag(1/w_norm) ΔW||_F / |λ|", ylim=(0, 1.05),
-          title="DeLoRA bound use (max solid, min dotted)")
+  ax1.set(
+    yscale="log",
+    xlabel="step",
+    ylabel="||ΔW||_F / ||W||_F (per layer)",
+    title="relative update: LoRA (dashed) vs DeLoRA (solid)",
+  )
+  ax2.set(
+    xlabel="step",
+    ylabel="||diag(1/w_norm) ΔW||_F / |λ|",
+    ylim=(0, 1.05),
+    title="DeLoRA bound use (max solid, min dotted)",
+  )
   ax2.axhline(1.0, color="gray", ls="--", lw=0.8)
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3)

@@ -63,9 +63,9 @@ def base_spec(path: str) -> P:
 
 
 RULES = {  # N-D attention kernels declare which axes are inputs / outputs.
-    r".*attn/(query|key|value)/kernel": dj.Rule(4, lam=8.0, in_axes=0),
-    r".*attn/out/kernel": dj.Rule(4, lam=8.0, out_axes=-1),
-    r".*(up|down)/kernel|head/kernel": dj.Rule(4, lam=8.0),
+  r".*attn/(query|key|value)/kernel": dj.Rule(4, lam=8.0, in_axes=0),
+  r".*attn/out/kernel": dj.Rule(4, lam=8.0, out_axes=-1),
+  r".*(up|down)/kernel|head/kernel": dj.Rule(4, lam=8.0),
 }
 
 
@@ -77,7 +77,7 @@ def default_mesh_shape(n: int) -> tuple[int, int]:
 def main(steps: int = 30, mesh_shape: tuple[int, int] | None = None, verbose: bool = True):
   n = jax.device_count()
   shape = mesh_shape or default_mesh_shape(n)
-  mesh = Mesh(np.array(jax.devices()[:shape[0] * shape[1]]).reshape(shape), ("data", "model"))
+  mesh = Mesh(np.array(jax.devices()[: shape[0] * shape[1]]).reshape(shape), ("data", "model"))
   batch = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
@@ -103,14 +103,15 @@ def main(steps: int = 30, mesh_shape: tuple[int, int] | None = None, verbose: bo
   t_sh, f_sh = dj.split(sh)
   if verbose:
     q = sh["block"]["attn"]["query"]["kernel"]
-    print(f"mesh {dict(mesh.shape)}; query kernel {q.w.spec} -> a {q.a.spec}, b {q.b.spec}, "
-          f"w_norm {q.w_norm.spec}, lam {q.lam.spec}")
+    print(
+      f"mesh {dict(mesh.shape)}; query kernel {q.w.spec} -> a {q.a.spec}, b {q.b.spec}, "
+      f"w_norm {q.w_norm.spec}, lam {q.lam.spec}"
+    )
 
   # 3. Optimizer state next to the adapters (scalar step counts replicated).
   opt = dj.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.01, lam_learning_rate=1e-2)
   opt_state = opt.init(trainable)
-  s_sh = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) > 1 else replicated,
-                      opt_state)
+  s_sh = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) > 1 else replicated, opt_state)
   opt_state = jax.device_put(opt_state, s_sh)
 
   def loss_fn(trainable, frozen, tokens, targets):
@@ -122,8 +123,12 @@ def main(steps: int = 30, mesh_shape: tuple[int, int] | None = None, verbose: bo
     updates, opt_state = opt.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  step = jax.jit(train_step, in_shardings=(t_sh, s_sh, f_sh, batch, batch),
-                 out_shardings=(t_sh, s_sh, replicated), donate_argnums=(0, 1))
+  step = jax.jit(
+    train_step,
+    in_shardings=(t_sh, s_sh, f_sh, batch, batch),
+    out_shardings=(t_sh, s_sh, replicated),
+    donate_argnums=(0, 1),
+  )
   losses = []
   for i in range(steps):
     trainable, opt_state, loss = step(trainable, opt_state, frozen, tokens, targets)
@@ -136,7 +141,11 @@ def main(steps: int = 30, mesh_shape: tuple[int, int] | None = None, verbose: bo
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--mesh", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
-                      help="data,model sizes, e.g. 2,4 (default: all devices)")
+  parser.add_argument(
+    "--mesh",
+    type=lambda s: tuple(int(v) for v in s.split(",")),
+    default=None,
+    help="data,model sizes, e.g. 2,4 (default: all devices)",
+  )
   args = parser.parse_args()
   main(args.steps, args.mesh)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 class Attention(nn.Module):
   """q/k/v DenseGeneral (embed, heads, head_dim) and out (heads, head_dim, embed)."""
+
   heads: int = 2
   head_dim: int = 4
 
@@ -29,14 +30,14 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
   """Two blocks, optionally under nn.scan (params get a leading layer axis)."""
+
   scan: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(8, name="embed")(x)
     if self.scan:
-      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=2)(name="layers")(x, None)
+      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="layers")(x, None)
     else:
       for i in range(2):
         x, _ = Block(name=f"layers_{i}")(x)
@@ -81,18 +82,19 @@ class CustomGather(nn.Module):
 
 
 TRANSFORMER_RULES = {
-    r".*attn/(query|key|value)/kernel": 2,  # 2 is replaced per test
+  r".*attn/(query|key|value)/kernel": 2,  # 2 is replaced per test
 }
 
 
 def transformer_rules(scan: bool, init: str = "random", rank: int = 2, lam: float = 3.0):
   from delora_jax import Rule
+
   s = 1 if scan else 0
   return {
-      r".*attn/(query|key|value)/kernel": Rule(rank, lam, init=init, in_axes=s, stack_axes=s),
-      r".*attn/out/kernel": Rule(rank, lam, init=init, out_axes=-1, stack_axes=s),
-      r".*mlp_(in|out)/kernel": Rule(rank, lam, init=init, stack_axes=s),
-      r"head/kernel": Rule(rank, lam, init=init),
+    r".*attn/(query|key|value)/kernel": Rule(rank, lam, init=init, in_axes=s, stack_axes=s),
+    r".*attn/out/kernel": Rule(rank, lam, init=init, out_axes=-1, stack_axes=s),
+    r".*mlp_(in|out)/kernel": Rule(rank, lam, init=init, stack_axes=s),
+    r"head/kernel": Rule(rank, lam, init=init),
   }
 
 

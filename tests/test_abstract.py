@@ -23,15 +23,19 @@ class MLP(nn.Module):
 
 MODEL = MLP()
 X = jnp.ones((32, 16))
-SPECS = {"Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
-         "Dense_1": {"kernel": P("model", "data"), "bias": P()}}
+SPECS = {
+  "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
+  "Dense_1": {"kernel": P("model", "data"), "bias": P()},
+}
 RULES = {".*kernel": dj.Rule(4, init="random")}
 
 
 def abstract(specs=SPECS, mesh=MESH):
   shapes = jax.eval_shape(MODEL.init, jax.random.key(0), X)["params"]
-  return {m: {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, specs[m][n]))
-              for n, s in leaves.items()} for m, leaves in shapes.items()}
+  return {
+    m: {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, specs[m][n])) for n, s in leaves.items()}
+    for m, leaves in shapes.items()
+  }
 
 
 def test_abstract_wrap_has_the_shapes_dtypes_and_shardings_of_the_real_one():
@@ -47,21 +51,30 @@ def test_abstract_wrap_has_the_shapes_dtypes_and_shardings_of_the_real_one():
     assert (r.shape, r.dtype) == (f.shape, f.dtype)
     assert r.sharding.is_equivalent_to(f.sharding, r.ndim), (r.sharding, f.sharding)
   # shardings() reads them from the tree when no base shardings are given.
-  assert jax.tree.map(lambda s: s.spec, dj.shardings(fake)) == \
-      jax.tree.map(lambda s: s.spec, dj.shardings(real, base_sh))
+  assert jax.tree.map(lambda s: s.spec, dj.shardings(fake)) == jax.tree.map(
+    lambda s: s.spec, dj.shardings(real, base_sh)
+  )
 
 
-@pytest.mark.parametrize("sharding", [None, SingleDeviceSharding(jax.devices()[0])],
-                         ids=["no-sharding", "single-device"])
+@pytest.mark.parametrize(
+  "sharding", [None, SingleDeviceSharding(jax.devices()[0])], ids=["no-sharding", "single-device"]
+)
 def test_abstract_wrap_without_a_mesh(sharding):
   w = jax.ShapeDtypeStruct((3, 16, 8), jnp.bfloat16, sharding=sharding)  # stacked layers
   k = dj.wrap({"kernel": w}, {"kernel": dj.Rule(2, init="paper", stack_axes=1)})["kernel"]
-  got = {f: (getattr(k, f).shape, getattr(k, f).dtype, getattr(k, f).sharding)
-         for f in ("a", "b", "lam", "w_norm", "res_a", "res_b")}
+  got = {
+    f: (getattr(k, f).shape, getattr(k, f).dtype, getattr(k, f).sharding)
+    for f in ("a", "b", "lam", "w_norm", "res_a", "res_b")
+  }
   f32 = jnp.dtype("float32")
-  assert got == {"a": ((3, 16, 2), f32, sharding), "b": ((3, 2, 8), f32, sharding),
-                 "lam": ((3,), f32, sharding), "w_norm": ((3, 16), f32, sharding),
-                 "res_a": ((3, 16, 2), f32, sharding), "res_b": ((3, 2, 8), f32, sharding)}
+  assert got == {
+    "a": ((3, 16, 2), f32, sharding),
+    "b": ((3, 2, 8), f32, sharding),
+    "lam": ((3,), f32, sharding),
+    "w_norm": ((3, 16), f32, sharding),
+    "res_a": ((3, 16, 2), f32, sharding),
+    "res_b": ((3, 2, 8), f32, sharding),
+  }
 
 
 def test_abstract_step_compiles_with_the_derived_shardings():
@@ -74,15 +87,20 @@ def test_abstract_step_compiles_with_the_derived_shardings():
   def step(trainable, opt_state, frozen, x):
     def loss(t):
       return jnp.mean(dj.apply(MODEL, {"params": dj.combine(t, frozen)}, x, strict=True) ** 2)
+
     grads = jax.grad(loss)(trainable)
     updates, opt_state = opt.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state
 
   opt_state = jax.eval_shape(opt.init, trainable)
   x = jax.ShapeDtypeStruct(X.shape, X.dtype, sharding=batch)
-  compiled = jax.jit(step, in_shardings=(train_sh, None, frozen_sh, batch),
-                     out_shardings=(train_sh, None), donate_argnums=(0, 1)).lower(
-                         trainable, opt_state, frozen, x).compile()
+  compiled = (
+    jax.jit(
+      step, in_shardings=(train_sh, None, frozen_sh, batch), out_shardings=(train_sh, None), donate_argnums=(0, 1)
+    )
+    .lower(trainable, opt_state, frozen, x)
+    .compile()
+  )
   assert compiled.memory_analysis().argument_size_in_bytes > 0
   a_sh = compiled.input_shardings[0][0]["Dense_0"]["kernel"].a
   assert a_sh.is_equivalent_to(NamedSharding(MESH, P("data", None)), 2)
@@ -92,9 +110,13 @@ def test_abstract_kernel_split_by_a_mesh_axis_that_does_not_divide_it():
   bad = {**SPECS, "Dense_1": {"kernel": P("model", "data"), "bias": P()}}
   params = abstract(bad)
   params["Dense_1"]["kernel"] = jax.ShapeDtypeStruct(
-      (64, 6), jnp.float32, sharding=NamedSharding(MESH, P(None, "model")))
-  with pytest.raises(ValueError, match=r"Dense_1/kernel: mesh axes \('model',\) \(size 4\) do not "
-                                       r"divide axis 1 \(size 6\)"):
+    (64, 6), jnp.float32, sharding=NamedSharding(MESH, P(None, "model"))
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"Dense_1/kernel: mesh axes \('model',\) \(size 4\) do not "
+    r"divide axis 1 \(size 6\)",
+  ):
     dj.wrap(params, RULES)
 
 
@@ -102,7 +124,10 @@ def test_shardings_of_an_abstract_tree_without_shardings_names_the_leaf():
   params = abstract()
   params["Dense_0"]["bias"] = jax.ShapeDtypeStruct((64,), jnp.float32)  # no sharding
   tree = dj.wrap(params, RULES)
-  with pytest.raises(ValueError, match=r"Dense_0/bias: `base_shardings` was not given.*has none\. "
-                                       r"Build abstract params as jax\.ShapeDtypeStruct"):
+  with pytest.raises(
+    ValueError,
+    match=r"Dense_0/bias: `base_shardings` was not given.*has none\. "
+    r"Build abstract params as jax\.ShapeDtypeStruct",
+  ):
     dj.shardings(tree)
   dj.shardings(tree, jax.tree.map(lambda s: NamedSharding(MESH, s), SPECS))  # explicit: fine

@@ -35,11 +35,13 @@ def setup(model, x, rules, key=1):
 
 
 CASES = {
-    "transformer": (lambda: models.Transformer(), (2, 5, 6), lambda: models.transformer_rules(False)),
-    "transformer_scan": (lambda: models.Transformer(scan=True), (2, 5, 6),
-                         lambda: models.transformer_rules(True)),
-    "conv": (lambda: models.ConvNet(), (2, 9, 9, 3),
-             lambda: {r"conv\d/kernel": delora_jax.Rule(2, 4.0, init="random", out_axes=-1)}),
+  "transformer": (lambda: models.Transformer(), (2, 5, 6), lambda: models.transformer_rules(False)),
+  "transformer_scan": (lambda: models.Transformer(scan=True), (2, 5, 6), lambda: models.transformer_rules(True)),
+  "conv": (
+    lambda: models.ConvNet(),
+    (2, 9, 9, 3),
+    lambda: {r"conv\d/kernel": delora_jax.Rule(2, 4.0, init="random", out_axes=-1)},
+  ),
 }
 
 
@@ -84,14 +86,13 @@ def test_scan_equals_unrolled_layers():
   unrolled, scanned = models.Transformer(), models.Transformer(scan=True)
   p_un, t_un = setup(unrolled, x, models.transformer_rules(False))
   stack = lambda *xs: jax.tree.map(lambda *l: jnp.stack(l), *xs)
-  p_sc = {"embed": p_un["embed"], "head": p_un["head"],
-          "layers": stack(p_un["layers_0"], p_un["layers_1"])}
+  p_sc = {"embed": p_un["embed"], "head": p_un["head"], "layers": stack(p_un["layers_0"], p_un["layers_1"])}
   ad_un = delora_jax.adapters(t_un)
   t_sc = delora_jax.wrap(p_sc, models.transformer_rules(True))
   ad_sc = {}
   for path in delora_jax.adapters(t_sc):
     if path.startswith("layers/"):
-      rest = path[len("layers/"):]
+      rest = path[len("layers/") :]
       ad_sc[path] = stack(ad_un[f"layers_0/{rest}"], ad_un[f"layers_1/{rest}"])
     else:
       ad_sc[path] = ad_un[path]
@@ -104,7 +105,8 @@ def test_scan_equals_unrolled_layers():
 def loss_fn(model):
   def loss(trainable, frozen, x):
     y = delora_jax.apply(model, {"params": delora_jax.combine(trainable, frozen)}, x, strict=True)
-    return jnp.mean(y ** 2)
+    return jnp.mean(y**2)
+
   return loss
 
 
@@ -118,12 +120,14 @@ def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
 
   def merged_loss(trainable):
     return jnp.mean(model.apply({"params": delora_jax.merge(delora_jax.combine(trainable, frozen))}, x) ** 2)
+
   g_merged = jax.grad(merged_loss)(trainable)
   # a and b: relative error. λ: dL/dλ = <G, ΔW> / λ (ΔW is linear in λ, G = dL/dW) sums terms of
   # total size ~ ||G|| ||ΔW|| / |λ| that cancel to a much smaller value, so its rounding error is
   # relative to that scale, not to |dL/dλ| (measured: <= 2e-6 of it, on jax 0.10 and 0.12).
   g_w = traverse_util.flatten_dict(
-      jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(delora_jax.merge(tree)), sep="/")
+    jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(delora_jax.merge(tree)), sep="/"
+  )
   dws, ks = delora_jax.delta(tree), delora_jax._tree.kernels(tree)
   gfs, gms = delora_jax._tree.kernels(g_fact), delora_jax._tree.kernels(g_merged)
   assert sorted(gfs) == sorted(gms) == sorted(ks)
@@ -147,8 +151,9 @@ def test_vmap_over_inputs_and_over_adapters(form):
   np.testing.assert_allclose(jax.vmap(f, in_axes=(None, 0))(tree, x), f(tree, x), atol=ATOL)
   # An ensemble: adapters stacked on a leading axis, vmapped together with their kernels.
   plain = delora_jax.unwrap(tree)
-  trees = [delora_jax.wrap(plain, {"kernel": delora_jax.Rule(2, init="random")}, key=jax.random.key(i))
-           for i in range(3)]
+  trees = [
+    delora_jax.wrap(plain, {"kernel": delora_jax.Rule(2, init="random")}, key=jax.random.key(i)) for i in range(3)
+  ]
   stacked = jax.tree.map(lambda *l: jnp.stack(l), *trees)
   ys = jax.vmap(f, in_axes=(0, None))(stacked, x[0])
   for i, t in enumerate(trees):
@@ -162,6 +167,7 @@ def test_remat_and_jit(form):
     @nn.compact
     def __call__(self, x):
       return nn.remat(nn.Dense)(4, name="d")(x)
+
   model, x = M(), jnp.ones((2, 3))
   _, tree = setup(model, x, {"d/kernel": delora_jax.Rule(2, init="random")})
   y = jax.jit(lambda t: delora_jax.apply(model, {"params": t}, x, strict=True))(tree)
@@ -176,7 +182,10 @@ def test_custom_module_contracting_its_kernel_is_factorised():
   model, x = models.CustomDot(), jax.random.normal(jax.random.key(0), (3, 4))
   _, tree = setup(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
   assert delora_jax.explain(model, {"params": tree}, x) == {
-      "factorised": ["dense/kernel", "kernel"], "merged": [], "unused": []}
+    "factorised": ["dense/kernel", "kernel"],
+    "merged": [],
+    "unused": [],
+  }
   got = delora_jax.apply(model, {"params": tree}, x, strict=True)
   want = model.apply({"params": delora_jax.merge(tree)}, x)
   assert rel(got, want) < 1e-5
@@ -197,7 +206,10 @@ def test_custom_module_falls_back_to_merged_and_reports_it(name):
     got = delora_jax.apply(model, {"params": tree}, x)
   np.testing.assert_allclose(got, want, atol=ATOL)
   assert delora_jax.explain(model, {"params": tree}, x) == {
-      "factorised": ["dense/kernel"], "merged": ["kernel"], "unused": []}
+    "factorised": ["dense/kernel"],
+    "merged": ["kernel"],
+    "unused": [],
+  }
   with pytest.raises(TypeError, match=r"kernel: this adapted kernel is used .*strict=True forbids"):
     delora_jax.apply(model, {"params": tree}, x, strict=True)
 
@@ -208,6 +220,7 @@ def test_unused_kernels_are_reported():
     def __call__(self, x, which: int = 0):
       a, b = nn.Dense(2, name="a"), nn.Dense(2, name="b")
       return a(x) + b(x) if which == 0 else a(x)
+
   model, x = TwoHeads(), jnp.ones((1, 3))
   _, tree = setup(model, x, {".*kernel": 2})
   assert delora_jax.explain(model, {"params": tree}, x, 1)["unused"] == ["b/kernel"]
@@ -249,6 +262,7 @@ def test_frozen_leaves_get_exactly_zero_update_full_tree_optimizer():
 
   def loss(t):
     return jnp.mean(delora_jax.apply(model, {"params": t}, x, strict=True) ** 2)
+
   new = tree
   for _ in range(3):
     g = jax.grad(loss)(new)
@@ -288,8 +302,11 @@ def test_library_code_is_clean_under_strict_dtype_promotion(dtype, form):
   with jax.numpy_dtype_promotion("strict"):
     tree = delora_jax.wrap(params, models.transformer_rules(False))
     trainable, frozen = delora_jax.split(tree)
-    g = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x,
-                                                    strict=True).astype(jnp.float32)))(trainable)
+    g = jax.grad(
+      lambda t: jnp.sum(
+        delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True).astype(jnp.float32)
+      )
+    )(trainable)
     merged = delora_jax.merge(tree)
   assert all(np.all(np.isfinite(np.asarray(l, np.float32))) for l in jax.tree.leaves(g))
   assert merged["layers_0"]["attn"]["query"]["kernel"].dtype == jnp.dtype(dtype)
@@ -299,9 +316,13 @@ def _kernel_shaped_results(hlo: str, shape: tuple[int, int]) -> list[str]:
   """HLO instructions (not parameters or plumbing) whose result has ``shape`` in any layout."""
   dims = ",".join(map(str, shape)), ",".join(map(str, shape[::-1]))
   plumbing = ("parameter(", "get-tuple-element(", "tuple(", "bitcast(", "copy(")
-  return [l.strip() for l in hlo.splitlines()
-          if any(f"f32[{d}]" in l.split("=", 1)[-1].split("(")[0] for d in dims) and " = " in l
-          and not any(p in l for p in plumbing)]
+  return [
+    l.strip()
+    for l in hlo.splitlines()
+    if any(f"f32[{d}]" in l.split("=", 1)[-1].split("(")[0] for d in dims)
+    and " = " in l
+    and not any(p in l for p in plumbing)
+  ]
 
 
 def test_factorised_step_forms_no_dense_update_or_kernel_gradient(form):
@@ -319,6 +340,7 @@ def test_factorised_step_forms_no_dense_update_or_kernel_gradient(form):
       loss, g = jax.value_and_grad(lambda t: jnp.mean(forward(delora_jax.combine(t, frozen), x) ** 2))(trainable)
       upd, state = opt.update(g, state, trainable)
       return optax.apply_updates(trainable, upd), state, loss
+
     return jax.jit(step, donate_argnums=(0, 1))
 
   args = (trainable, opt.init(trainable), frozen, x)
@@ -377,9 +399,8 @@ def test_single_device_cpu_programs_use_the_joined_matmul(devices, want):
   import os
   import subprocess
   import sys
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", _FORM_PROBE], env=env, capture_output=True,
-                        text=True, timeout=120)
+
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _FORM_PROBE], env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split("\n")[-2] == want

@@ -23,15 +23,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _tree(version: int):
   """An adapted tree whose adapters all encode ``version`` exactly (lam = version, a = version/8)."""
   import jax.numpy as jnp  # noqa: PLC0415
+
   import delora_jax  # noqa: PLC0415
-  base = {"enc": {"kernel": jnp.arange(48, dtype=jnp.float32).reshape(8, 6) / 10},
-          "head": {"kernel": jnp.ones((6, 2)), "bias": jnp.zeros((2,))}}
+
+  base = {
+    "enc": {"kernel": jnp.arange(48, dtype=jnp.float32).reshape(8, 6) / 10},
+    "head": {"kernel": jnp.ones((6, 2)), "bias": jnp.zeros((2,))},
+  }
   tree = delora_jax.wrap(base, {"enc/kernel": delora_jax.Rule(2, 1.0)})
   k = tree["enc"]["kernel"]
-  k = k.replace(a=jnp.full_like(k.a, version / 8), b=jnp.full_like(k.b, version / 4),
-                lam=jnp.full_like(k.lam, float(version)))
-  return {**tree, "enc": {"kernel": k}, "head": {"kernel": jnp.full((6, 2), float(version)),
-                                                 "bias": jnp.full((2,), float(version))}}
+  k = k.replace(
+    a=jnp.full_like(k.a, version / 8), b=jnp.full_like(k.b, version / 4), lam=jnp.full_like(k.lam, float(version))
+  )
+  return {
+    **tree,
+    "enc": {"kernel": k},
+    "head": {"kernel": jnp.full((6, 2), float(version)), "bias": jnp.full((2,), float(version))},
+  }
 
 
 def _version_of(tree) -> int:
@@ -48,11 +56,13 @@ def _version_of(tree) -> int:
 
 def _load(path):
   import delora_jax  # noqa: PLC0415
+
   return delora_jax.load_adapters(path, _tree(0))
 
 
 def _save(path, version, overwrite=True):
   import delora_jax  # noqa: PLC0415
+
   return delora_jax.save_adapters(path, _tree(version), extra_trainable="head/.*", overwrite=overwrite)
 
 
@@ -62,6 +72,7 @@ def _leftovers(path) -> list[str]:
 
 
 # --- overwrite -----------------------------------------------------------------------------
+
 
 def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path):
   path = tmp_path / "ckpt"
@@ -73,10 +84,13 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path):
 
 def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
   import delora_jax  # noqa: PLC0415
+
   folder = tmp_path / "work"
   folder.mkdir()
   (folder / "thesis.txt").write_text("four years")
-  with pytest.raises(ValueError, match=r"is not an adapter checkpoint \(it holds \['thesis.txt'\]\).*nothing was touched"):
+  with pytest.raises(
+    ValueError, match=r"is not an adapter checkpoint \(it holds \['thesis.txt'\]\).*nothing was touched"
+  ):
     delora_jax.save_adapters(folder, _tree(1), overwrite=True)
   assert (folder / "thesis.txt").read_text() == "four years"
   plain = tmp_path / "notes.txt"
@@ -96,7 +110,9 @@ def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp  # noqa: PLC0415
+
   import delora_jax  # noqa: PLC0415
+
   path = tmp_path / "ckpt"
   _save(path, 1, overwrite=False)
   real = ocp.Checkpointer.save
@@ -106,7 +122,13 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     raise OSError(errno.ENOSPC, "No space left on device")  # ...when the disk fills up
 
   monkeypatch.setattr(ocp.Checkpointer, "save", full_disk)
-  with pytest.raises(delora_jax.CheckpointError, match=r"writing the checkpoint .*ckpt' failed \(OSError: .*No space left.*the checkpoint already there is unchanged.*free space") as info:
+  with pytest.raises(
+    delora_jax.CheckpointError,
+    match=(
+      r"writing the checkpoint .*ckpt' failed \(OSError: .*No space left"
+      r".*the checkpoint already there is unchanged.*free space"
+    ),
+  ) as info:
     _save(path, 2)
   assert isinstance(info.value, ValueError) and isinstance(info.value, OSError)
   monkeypatch.setattr(ocp.Checkpointer, "save", real)
@@ -116,6 +138,7 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp  # noqa: PLC0415
+
   import delora_jax  # noqa: PLC0415
 
   def refuse(self, directory, *args, **kwargs):
@@ -129,9 +152,11 @@ def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_stale_staging_of_a_dead_writer_is_removed(tmp_path):
   from delora_jax import _atomic  # noqa: PLC0415
+
   path = str(tmp_path / "ckpt")
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                        text=True, check=True).stdout.strip()
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+  ).stdout.strip()
   stale = _atomic.staging_path(path, f"{_atomic.socket.gethostname()}-{dead}-abc")
   os.makedirs(os.path.join(stale, "delora_meta"))
   alive = _atomic.staging_path(path, _atomic.staging_token())  # this process: still running
@@ -142,6 +167,7 @@ def test_stale_staging_of_a_dead_writer_is_removed(tmp_path):
 
 def test_exchange_fallback_keeps_the_old_checkpoint_aside_until_the_new_is_in_place(tmp_path, monkeypatch):
   from delora_jax import _atomic  # noqa: PLC0415
+
   monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)  # a filesystem without renameat2
   path = tmp_path / "ckpt"
   _save(path, 1, overwrite=False)
@@ -151,16 +177,21 @@ def test_exchange_fallback_keeps_the_old_checkpoint_aside_until_the_new_is_in_pl
 
 # --- extra leaves --------------------------------------------------------------------------
 
+
 def test_extra_leaves_are_saved_checked_and_restored(tmp_path):
   import jax.numpy as jnp  # noqa: PLC0415
+
   import delora_jax  # noqa: PLC0415
+
   path = _save(tmp_path / "ckpt", 7, overwrite=False)
   got = _load(path)
   assert _version_of(got) == 7
   np.testing.assert_array_equal(got["head"]["bias"], np.full((2,), 7.0, np.float32))
   target = _tree(0)
   target["head"]["kernel"] = jnp.ones((6, 3))
-  with pytest.raises(ValueError, match=r"head/kernel: float32\(6, 2\) in the checkpoint, float32\(6, 3\) in the target"):
+  with pytest.raises(
+    ValueError, match=r"head/kernel: float32\(6, 2\) in the checkpoint, float32\(6, 3\) in the target"
+  ):
     delora_jax.load_adapters(path, target)
   target = _tree(0)
   del target["head"]["bias"]
@@ -183,10 +214,16 @@ def test_corrupt_extra_leaf_is_detected(tmp_path):
 
 # --- concurrent saves ----------------------------------------------------------------------
 
+
 def _spawn(role, *args):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen([sys.executable, __file__, role, *map(str, args)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, __file__, role, *map(str, args)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["create", "overwrite"])
@@ -209,12 +246,14 @@ def test_concurrent_saves_each_succeed_with_their_own_data_or_raise(tmp_path, ov
   else:
     assert ok == [final], results  # exactly one created it; the others were told so
     # Told either before writing (it existed already) or after (another save finished first).
-    assert all(("created by another save" in results[v][1] or "already exists" in results[v][1])
-               for v in refused), results
+    assert all(("created by another save" in results[v][1] or "already exists" in results[v][1]) for v in refused), (
+      results
+    )
   assert _leftovers(path) == []
 
 
 # --- soak: many cycles, random kill -9, a concurrent reader --------------------------------
+
 
 def test_soak_save_load_overwrite_with_kills_and_a_concurrent_reader(tmp_path):
   """Bounded: ~KILLS writer lives, each killed at a random moment while it saves in a loop.
@@ -249,8 +288,10 @@ def test_soak_save_load_overwrite_with_kills_and_a_concurrent_reader(tmp_path):
   stats = json.loads(out.strip().splitlines()[-1])
   assert stats["bad"] == [], stats
   assert stats["loads"] > 0 and kills >= 5 and cycles > 0, (stats, kills, cycles)
-  print(f"soak: {cycles} completed saves, {kills} kill -9 faults, {stats['loads']} concurrent loads, "
-        f"{stats['retried']} of them racing a swap")
+  print(
+    f"soak: {cycles} completed saves, {kills} kill -9 faults, {stats['loads']} concurrent loads, "
+    f"{stats['retried']} of them racing a swap"
+  )
   # Whatever a killed writer left beside the checkpoint is cleared by the next save.
   _save(path, version + 1)
   assert _leftovers(path) == []
@@ -259,6 +300,7 @@ def test_soak_save_load_overwrite_with_kills_and_a_concurrent_reader(tmp_path):
 def _main(role, *args):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import delora_jax  # noqa: PLC0415
+
   if role == "racer":
     path, version, overwrite, start = args[0], int(args[1]), bool(int(args[2])), float(args[3])
     tree = _tree(version)
@@ -278,6 +320,7 @@ def _main(role, *args):
   elif role == "reader":
     path, stop = args[0], pathlib.Path(args[1])
     from delora_jax import _checkpoint  # noqa: PLC0415
+
     reads, loads, bad = 0, 0, []
     real = _checkpoint._read
 

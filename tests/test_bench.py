@@ -39,17 +39,20 @@ def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(DELORA_BENCH_SMOKE="1", OUT=str(out), PYTHON=sys.executable)
-  proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_compare.sh")], env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    ["bash", str(REPO / "benchmarks" / "gpu_compare.sh")], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads((out / "delora_jax_tiny.json").read_text()), proc
 
 
 def test_wrapper_smoke_mode_skips_peft_anchor(tiny_run):
   _, proc = tiny_run
-  assert ("torch sees no CUDA device; skipped the PEFT anchor" in proc.stderr
-          or "smoke mode; skipped the PEFT anchor" in proc.stderr
-          or "PEFT anchor not found" in proc.stderr), proc.stderr[-2000:]
+  assert (
+    "torch sees no CUDA device; skipped the PEFT anchor" in proc.stderr
+    or "smoke mode; skipped the PEFT anchor" in proc.stderr
+    or "PEFT anchor not found" in proc.stderr
+  ), proc.stderr[-2000:]
   assert "| delora |" in proc.stdout and "| delora/lora |" in proc.stdout
 
 
@@ -74,8 +77,9 @@ def test_relations_between_modes(tiny_run):
   assert n["delora"] == n["delora_merged"] == n["lora"] + 14  # one λ per adapted kernel (2 x 7)
   assert n["lora_plain"] == n["lora"]
   assert n["lora"] < n["full"] and r["frozen"]["differentiated"] == 2 * 32 * 64
-  assert n["lora"] == 2 * sum(16 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
-                                                         (64, 176), (64, 176), (176, 64)])
+  assert n["lora"] == 2 * sum(
+    16 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 176), (64, 176), (176, 64)]
+  )
   assert r["frozen"]["flops"] < r["lora"]["flops"] < r["full"]["flops"]
   assert rat["delora/lora"]["flops"] == pytest.approx(r["delora"]["flops"] / r["lora"]["flops"])
   assert 1.0 <= rat["delora/lora"]["flops"] <= 1.2
@@ -113,10 +117,14 @@ def test_lora_baseline_is_w_plus_ab():
     np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("argv, match", [
+@pytest.mark.parametrize(
+  "argv, match",
+  [
     (["--modes", "lora,qlora"], "unknown \\['qlora'\\]"),
     (["--config", "tiny", "--peft"], "the PEFT CPU anchor runs"),
-], ids=["mode", "peft-shape"])
+  ],
+  ids=["mode", "peft-shape"],
+)
 def test_cli_errors(argv, match, capsys):
   with pytest.raises(SystemExit):
     bench.parse(argv)

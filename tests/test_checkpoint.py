@@ -28,9 +28,10 @@ OPT = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.01)
 def base(seed=0, dtype=jnp.float32, stacked=False):
   k = jax.random.split(jax.random.key(seed), 3)
   lead = (3,) if stacked else ()
-  return {"enc": {"kernel": jax.random.normal(k[0], (*lead, 16, 12), dtype),
-                  "bias": jnp.zeros((*lead, 12), dtype)},
-          "dec": {"kernel": jax.random.normal(k[1], (*lead, 12, 8), dtype)}}
+  return {
+    "enc": {"kernel": jax.random.normal(k[0], (*lead, 16, 12), dtype), "bias": jnp.zeros((*lead, 12), dtype)},
+    "dec": {"kernel": jax.random.normal(k[1], (*lead, 12, 8), dtype)},
+  }
 
 
 def adapted(params, rank=4, init="random", stacked=False, key=0):
@@ -41,7 +42,7 @@ def adapted(params, rank=4, init="random", stacked=False, key=0):
 @jax.jit
 def _train_step(tree, state):
   trainable, frozen = delora_jax.split(tree)
-  loss = lambda t: sum(jnp.sum(d ** 2) for d in delora_jax.delta(delora_jax.combine(t, frozen)).values())
+  loss = lambda t: sum(jnp.sum(d**2) for d in delora_jax.delta(delora_jax.combine(t, frozen)).values())
   upd, state = OPT.update(jax.grad(loss)(trainable), state, trainable)
   return delora_jax.combine(optax.apply_updates(trainable, upd), frozen), state
 
@@ -102,15 +103,19 @@ def llama_params(h=512, layers=4, heads=8, kv_heads=2, inter=1408, vocab=8192):
   hd = h // heads
   shapes = {"embed_tokens/embedding": (vocab, h), "norm/scale": (h,), "lm_head/kernel": (h, vocab)}
   for i in range(layers):
-    shapes.update({f"layers_{i}/input_layernorm/scale": (h,),
-                   f"layers_{i}/post_attention_layernorm/scale": (h,),
-                   f"layers_{i}/self_attn/q_proj/kernel": (h, heads * hd),
-                   f"layers_{i}/self_attn/k_proj/kernel": (h, kv_heads * hd),
-                   f"layers_{i}/self_attn/v_proj/kernel": (h, kv_heads * hd),
-                   f"layers_{i}/self_attn/o_proj/kernel": (heads * hd, h),
-                   f"layers_{i}/mlp/gate_proj/kernel": (h, inter),
-                   f"layers_{i}/mlp/up_proj/kernel": (h, inter),
-                   f"layers_{i}/mlp/down_proj/kernel": (inter, h)})
+    shapes.update(
+      {
+        f"layers_{i}/input_layernorm/scale": (h,),
+        f"layers_{i}/post_attention_layernorm/scale": (h,),
+        f"layers_{i}/self_attn/q_proj/kernel": (h, heads * hd),
+        f"layers_{i}/self_attn/k_proj/kernel": (h, kv_heads * hd),
+        f"layers_{i}/self_attn/v_proj/kernel": (h, kv_heads * hd),
+        f"layers_{i}/self_attn/o_proj/kernel": (heads * hd, h),
+        f"layers_{i}/mlp/gate_proj/kernel": (h, inter),
+        f"layers_{i}/mlp/up_proj/kernel": (h, inter),
+        f"layers_{i}/mlp/down_proj/kernel": (inter, h),
+      }
+    )
   params = {}
   for path, shape in shapes.items():
     node = params
@@ -141,8 +146,13 @@ def test_sharded_save_and_restore_takes_target_shardings(tmp_path):
   def placed(t, a_sharding):
     k = t["enc"]["kernel"]
     put = jax.device_put
-    return {"enc": {"kernel": k.replace(w=put(k.w, rows), a=put(k.a, a_sharding), b=put(k.b, cols),
-                                        lam=put(k.lam, rep), w_norm=put(k.w_norm, rows))}}
+    return {
+      "enc": {
+        "kernel": k.replace(
+          w=put(k.w, rows), a=put(k.a, a_sharding), b=put(k.b, cols), lam=put(k.lam, rep), w_norm=put(k.w_norm, rows)
+        )
+      }
+    }
 
   src = placed(tree, rows)
   path = delora_jax.save_adapters(tmp_path / "s", src)
@@ -168,17 +178,20 @@ def saved(tmp_path_factory):
 
 
 MISMATCHES = {
-    "missing_path": (lambda: delora_jax.wrap(base(), {"enc/kernel": 4}), "not adapted in the target"),
-    "extra_path": (lambda: delora_jax.wrap({**base(), "head": {"kernel": jnp.ones((8, 8))}},
-                                           {".*kernel": 4}), "absent from the checkpoint"),
-    "rank": (lambda: adapted(base(), rank=2), "rank 4 in the checkpoint, 2 in the target"),
-    "shape": (lambda: adapted({"enc": {"kernel": jnp.ones((20, 12)), "bias": jnp.zeros(12)},
-                               "dec": base()["dec"]}), "base kernel shape"),
-    "other_base": (lambda: adapted(base(seed=5)), "base kernel differs"),
-    "paper_vs_random": (lambda: adapted(base(), init="paper"), "fields"),
-    "adapter_dtype": (lambda: delora_jax.wrap(base(), {".*kernel": delora_jax.Rule(4, dtype="bfloat16")}),
-                      "bfloat16"),
-    "dropout": (lambda: delora_jax.wrap(base(), {".*kernel": delora_jax.Rule(4, dropout=0.1)}), "dropout"),
+  "missing_path": (lambda: delora_jax.wrap(base(), {"enc/kernel": 4}), "not adapted in the target"),
+  "extra_path": (
+    lambda: delora_jax.wrap({**base(), "head": {"kernel": jnp.ones((8, 8))}}, {".*kernel": 4}),
+    "absent from the checkpoint",
+  ),
+  "rank": (lambda: adapted(base(), rank=2), "rank 4 in the checkpoint, 2 in the target"),
+  "shape": (
+    lambda: adapted({"enc": {"kernel": jnp.ones((20, 12)), "bias": jnp.zeros(12)}, "dec": base()["dec"]}),
+    "base kernel shape",
+  ),
+  "other_base": (lambda: adapted(base(seed=5)), "base kernel differs"),
+  "paper_vs_random": (lambda: adapted(base(), init="paper"), "fields"),
+  "adapter_dtype": (lambda: delora_jax.wrap(base(), {".*kernel": delora_jax.Rule(4, dtype="bfloat16")}), "bfloat16"),
+  "dropout": (lambda: delora_jax.wrap(base(), {".*kernel": delora_jax.Rule(4, dropout=0.1)}), "dropout"),
 }
 
 
@@ -227,13 +240,14 @@ def test_argument_errors(saved, tmp_path):
   with pytest.raises(ValueError, match="no entry for field 'b'"):
     delora_jax.load_adapters(path, tree, shardings={p: {"a": rep} for p in ("enc/kernel", "dec/kernel")})
   with pytest.raises(TypeError, match="must be a jax.sharding.Sharding"):
-    delora_jax.load_adapters(path, tree, shardings={p: 1 for p in ("enc/kernel", "dec/kernel")})
+    delora_jax.load_adapters(path, tree, shardings=dict.fromkeys(("enc/kernel", "dec/kernel"), 1))
   overwritten = delora_jax.save_adapters(tmp_path / "o", tree)
   assert delora_jax.save_adapters(overwritten, tree, overwrite=True) == overwritten
 
 
 def _copy(path, tmp_path):
   import shutil
+
   dst = tmp_path / "copy"
   shutil.copytree(path, dst)
   return dst
@@ -241,6 +255,7 @@ def _copy(path, tmp_path):
 
 def _corrupt_meta(dst, edit):
   import json
+
   meta_file = next((dst / "delora_meta").glob("metadata*"))
   meta = json.loads(meta_file.read_text())
   edit(meta)
@@ -248,17 +263,17 @@ def _corrupt_meta(dst, edit):
 
 
 CORRUPTIONS = {
-    "no_meta_item": (lambda d: __import__("shutil").rmtree(d / "delora_meta"), "not a delora_jax adapter checkpoint"),
-    "wrong_format": (lambda d: _corrupt_meta(d, lambda m: m.update(format="x")), "not a delora_jax adapter checkpoint"),
-    "newer_version": (lambda d: _corrupt_meta(d, lambda m: m.update(version=99)), "format version 99"),
-    "meta_garbage": (lambda d: next((d / "delora_meta").glob("metadata*")).write_text("{not json"), "unreadable"),
-    "opt_item_missing": (lambda d: __import__("shutil").rmtree(d / "delora_opt_state"),
-                         "do not match its metadata"),
-    "checksum": (lambda d: _corrupt_meta(d, lambda m: m["kernels"]["dec/kernel"]["fields"]["b"]
-                                         .update(checksum="0" * 32)), "checksum mismatch"),
-    "no_commit_marker": (lambda d: (d / "commit_success.txt").unlink(), "not a finished checkpoint"),
-    "data_files": (lambda d: [f.write_bytes(b"\0" * 7) for f in (d / "delora_adapters").rglob("d/*")],
-                   "corrupt"),
+  "no_meta_item": (lambda d: __import__("shutil").rmtree(d / "delora_meta"), "not a delora_jax adapter checkpoint"),
+  "wrong_format": (lambda d: _corrupt_meta(d, lambda m: m.update(format="x")), "not a delora_jax adapter checkpoint"),
+  "newer_version": (lambda d: _corrupt_meta(d, lambda m: m.update(version=99)), "format version 99"),
+  "meta_garbage": (lambda d: next((d / "delora_meta").glob("metadata*")).write_text("{not json"), "unreadable"),
+  "opt_item_missing": (lambda d: __import__("shutil").rmtree(d / "delora_opt_state"), "do not match its metadata"),
+  "checksum": (
+    lambda d: _corrupt_meta(d, lambda m: m["kernels"]["dec/kernel"]["fields"]["b"].update(checksum="0" * 32)),
+    "checksum mismatch",
+  ),
+  "no_commit_marker": (lambda d: (d / "commit_success.txt").unlink(), "not a finished checkpoint"),
+  "data_files": (lambda d: [f.write_bytes(b"\0" * 7) for f in (d / "delora_adapters").rglob("d/*")], "corrupt"),
 }
 
 
@@ -267,8 +282,11 @@ CORRUPTIONS = {
 _ORBAX_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[_ORBAX_NOISE] if c == "data_files" else [])
-                                  for c in CORRUPTIONS], ids=list(CORRUPTIONS))
+@pytest.mark.parametrize(
+  "case",
+  [pytest.param(c, marks=[_ORBAX_NOISE] if c == "data_files" else []) for c in CORRUPTIONS],
+  ids=list(CORRUPTIONS),
+)
 def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, case):
   path, tree, state = saved
   dst = _copy(path, tmp_path)
@@ -340,8 +358,9 @@ def test_crash_mid_save_leaves_previous_step_restorable(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  child = subprocess.Popen([sys.executable, str(script), str(root), str(marker)], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  child = subprocess.Popen(
+    [sys.executable, str(script), str(root), str(marker)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   try:
     deadline = time.monotonic() + 120
     while not marker.exists():

@@ -26,30 +26,42 @@ def dense(k):
     learned = learned + np.asarray(k.res_a, np.float64) @ np.asarray(k.res_b, np.float64)
   lam = np.asarray(k.lam, np.float64)
   upd = np.linalg.norm(dw, axis=(-2, -1))
-  return {"lam": lam, "update_norm": upd, "relative_update": upd / np.linalg.norm(w, axis=(-2, -1)),
-          "bound_use": np.linalg.norm(learned, axis=(-2, -1)) / np.abs(lam)}
+  return {
+    "lam": lam,
+    "update_norm": upd,
+    "relative_update": upd / np.linalg.norm(w, axis=(-2, -1)),
+    "bound_use": np.linalg.norm(learned, axis=(-2, -1)) / np.abs(lam),
+  }
 
 
 def trained(tree, seed=7):
   """Moves a, b, λ off their initial values (as training would)."""
   keys = iter(jax.random.split(jax.random.key(seed), 64))
   return delora_jax._tree.map_kernels(
-      lambda _, k: k.replace(a=k.a + 0.3 * jax.random.normal(next(keys), k.a.shape),
-                             b=k.b + 0.1 * jax.random.normal(next(keys), k.b.shape),
-                             lam=k.lam * 1.3), tree)
+    lambda _, k: k.replace(
+      a=k.a + 0.3 * jax.random.normal(next(keys), k.a.shape),
+      b=k.b + 0.1 * jax.random.normal(next(keys), k.b.shape),
+      lam=k.lam * 1.3,
+    ),
+    tree,
+  )
 
 
 def params():
   ks = jax.random.split(jax.random.key(0), 3)
-  return {"dense": {"kernel": jax.random.normal(ks[0], (16, 12))},
-          "attn": {"kernel": jax.random.normal(ks[1], (12, 3, 4))},  # (embed, heads, head_dim)
-          "layers": {"kernel": jax.random.normal(ks[2], (3, 8, 8))}}  # stacked (L, in, out)
+  return {
+    "dense": {"kernel": jax.random.normal(ks[0], (16, 12))},
+    "attn": {"kernel": jax.random.normal(ks[1], (12, 3, 4))},  # (embed, heads, head_dim)
+    "layers": {"kernel": jax.random.normal(ks[2], (3, 8, 8))},
+  }  # stacked (L, in, out)
 
 
 def rules(init):
-  return {"dense/kernel": delora_jax.Rule(4, 2.0, init=init),
-          "attn/kernel": delora_jax.Rule(2, 0.5, init=init, in_axes=0),
-          "layers/kernel": delora_jax.Rule(3, 4.0, init=init, stack_axes=1)}
+  return {
+    "dense/kernel": delora_jax.Rule(4, 2.0, init=init),
+    "attn/kernel": delora_jax.Rule(2, 0.5, init=init, in_axes=0),
+    "layers/kernel": delora_jax.Rule(3, 4.0, init=init, stack_axes=1),
+  }
 
 
 @pytest.mark.parametrize("init", ["peft", "random", "paper"])
@@ -61,8 +73,7 @@ def test_equal_to_the_dense_computation(init):
     want, got = dense(k), d["kernels"][path]
     assert got["lam"].shape == k.lam.shape  # the stacked shape, () when not stacked
     for m, v in want.items():
-      np.testing.assert_allclose(got[m], v, rtol=RTOL, atol=1e-12 if init == "peft" else 0,
-                                 err_msg=f"{path} {m}")
+      np.testing.assert_allclose(got[m], v, rtol=RTOL, atol=1e-12 if init == "peft" else 0, err_msg=f"{path} {m}")
   # summary: min / mean / max over all layers, stacked slices counted one by one
   for m in want:
     flat = np.concatenate([np.ravel(dense(k)[m]) for k in delora_jax._tree.kernels(tree).values()])
@@ -82,8 +93,7 @@ def test_bound_use_is_in_zero_one_and_saturates_for_aligned_directions():
   b = jnp.tile(k.b[:1, :], (4, 1))
   full = delora_jax.wrap({"kernel": params()["dense"]["kernel"]}, {"kernel": 4})
   full = delora_jax._tree.map_kernels(lambda _, k: k.replace(a=a, b=b), full)
-  np.testing.assert_allclose(delora_jax.diagnostics(full)["kernels"]["kernel"]["bound_use"], 1.0,
-                             rtol=1e-5)
+  np.testing.assert_allclose(delora_jax.diagnostics(full)["kernels"]["kernel"]["bound_use"], 1.0, rtol=1e-5)
 
 
 def test_peft_init_is_zero_and_nnx_models_work():
@@ -95,6 +105,7 @@ def test_peft_init_is_zero_and_nnx_models_work():
   np.testing.assert_allclose(d["kernels"]["kernel"]["lam"], 15.0)
   rnd = delora_jax.nnx.wrap(model, {"kernel": delora_jax.Rule(3, init="random")})
   from delora_jax import _nnx
+
   k = _nnx.kernels(rnd)["kernel"]
   for m, v in dense(k).items():
     np.testing.assert_allclose(delora_jax.diagnostics(rnd)["kernels"]["kernel"][m], v, rtol=RTOL)
@@ -109,6 +120,7 @@ def test_inside_a_jitted_step_and_under_grad():
     def loss(t):
       d = delora_jax.diagnostics(delora_jax.combine(t, frozen))
       return d["summary"]["bound_use"]["mean"], d
+
     (value, d), g = jax.value_and_grad(loss, has_aux=True)(t)
     return value, d["summary"]["relative_update"]["max"], g
 
@@ -119,8 +131,7 @@ def test_inside_a_jitted_step_and_under_grad():
 
 def test_sharded_tree_no_kernel_sized_gather():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-  w = jax.device_put(jax.random.normal(jax.random.key(1), (64, 32)),
-                     NamedSharding(mesh, P("data", "model")))
+  w = jax.device_put(jax.random.normal(jax.random.key(1), (64, 32)), NamedSharding(mesh, P("data", "model")))
   tree = trained(delora_jax.wrap({"kernel": w}, {"kernel": delora_jax.Rule(4, init="random")}))
   want = delora_jax.diagnostics(jax.device_get(tree))
   fn = jax.jit(delora_jax.diagnostics)
@@ -128,8 +139,9 @@ def test_sharded_tree_no_kernel_sized_gather():
   for m in ("lam", "update_norm", "relative_update", "bound_use"):
     np.testing.assert_allclose(got["kernels"]["kernel"][m], want["kernels"]["kernel"][m], rtol=RTOL)
   hlo = fn.lower(tree).compile().as_text()
-  gathered = [int(np.prod([int(d) for d in s.split(",") if d]))
-              for s in re.findall(r"f32\[([\d,]*)\][^\n]*all-gather\(", hlo)]
+  gathered = [
+    int(np.prod([int(d) for d in s.split(",") if d])) for s in re.findall(r"f32\[([\d,]*)\][^\n]*all-gather\(", hlo)
+  ]
   assert all(n < 64 * 32 // 4 for n in gathered), gathered  # never the kernel, only small factors
 
 

@@ -39,8 +39,10 @@ X = jax.random.normal(jax.random.key(1), (32, 16))
 Y = jax.random.normal(jax.random.key(2), (32, 24))
 PARAMS = MODEL.init(jax.random.key(0), X)["params"]
 # FSDP over "data" and Megatron-style tensor parallelism over "model".
-SPECS = {"Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
-         "Dense_1": {"kernel": P("model", "data"), "bias": P("data")}}
+SPECS = {
+  "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
+  "Dense_1": {"kernel": P("model", "data"), "bias": P("data")},
+}
 RULES = {".*kernel": dj.Rule(4, init="random")}  # b != 0: every adapter gets a gradient
 OPT = dj.optimizer(optax.adam, learning_rate=1e-2)
 KERNEL_NUMEL = min(math.prod(PARAMS[k]["kernel"].shape) for k in PARAMS)
@@ -66,9 +68,11 @@ def pmap_step(trainable, opt_state, frozen, x, y):
 
 def frozen_base_step(biases, kernels, x, y):
   """The base model's own step with frozen kernels: the collectives its layout needs."""
+
   def loss(b):
     p = {k: {"kernel": kernels[k], "bias": b[k]} for k in b}
     return jnp.mean((MODEL.apply({"params": p}, x) - y) ** 2)
+
   value, g = jax.value_and_grad(loss)(biases)
   return jax.tree.map(lambda b, d: b - 0.1 * d, biases, g), value
 
@@ -76,6 +80,7 @@ def frozen_base_step(biases, kernels, x, y):
 def full_finetune_step(params, x, y):
   def loss(p):
     return jnp.mean((MODEL.apply({"params": p}, x) - y) ** 2)
+
   value, g = jax.value_and_grad(loss)(params)
   return jax.tree.map(lambda p, d: p - 0.1 * d, params, g), value
 
@@ -116,8 +121,7 @@ def reference():
   return losses, dj.combine(trainable, frozen), initial
 
 
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 _SHAPE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
 
 
@@ -162,7 +166,7 @@ def _specs(shape, spec, rule, mesh_shape=None):
   if mesh_shape is None:
     k = dj.shardings(tree, {"kernel": spec})["kernel"]
     return {f: getattr(k, f) for f in ("a", "b", "lam", "w_norm")}
-  devices = np.array(jax.devices()[:math.prod(mesh_shape.values())])
+  devices = np.array(jax.devices()[: math.prod(mesh_shape.values())])
   mesh = Mesh(devices.reshape(tuple(mesh_shape.values())), tuple(mesh_shape))
   k = dj.shardings(tree, {"kernel": spec}, mesh=mesh)["kernel"]
   assert k.w == NamedSharding(mesh, spec)
@@ -170,63 +174,149 @@ def _specs(shape, spec, rule, mesh_shape=None):
 
 
 DERIVATION_CASES = [
-    ("dense", (16, 8), P("data", "model"), dj.Rule(2), None,
-     dict(a=P("data", None), b=P(None, "model"), lam=P(), w_norm=P("data"))),
-    ("short-spec", (16, 8), P("model"), dj.Rule(2), None,
-     dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model"))),
-    ("replicated", (16, 8), P(), dj.Rule(2), None,
-     dict(a=P(None, None), b=P(None, None), lam=P(), w_norm=P(None))),
-    ("tuple-entry", (16, 8), P(("data", "model"), None), dj.Rule(2), None,
-     dict(a=P(("data", "model"), None), b=P(None, None), lam=P(), w_norm=P(("data", "model")))),
-    ("scan-stacked", (4, 16, 8), P("stage", "data", "model"), dj.Rule(2, stack_axes=1), None,
-     dict(a=P("stage", "data", None), b=P("stage", None, "model"), lam=P("stage"),
-          w_norm=P("stage", "data"))),
-    ("dense-general-out", (16, 4, 8), P("data", "model", None), dj.Rule(2, in_axes=0), None,
-     dict(a=P("data", None), b=P(None, "model"), lam=P(), w_norm=P("data"))),
-    # (heads, head_dim, embed): heads split to one per device, head_dim split:
-    # each device's rows of the flattened input stay contiguous -> combined.
-    ("dense-general-in-combined", (4, 8, 16), P("model", "data", None), dj.Rule(2, out_axes=-1),
-     {"data": 2, "model": 4},
-     dict(a=P(("model", "data"), None), b=P(None, ("model", "data")), lam=P(),
-          w_norm=P(("model", "data")))),
-    # two heads per device: not contiguous after flattening -> the first split axis only.
-    ("dense-general-in-first", (4, 8, 16), P("model", "data", None), dj.Rule(2, out_axes=-1),
-     {"data": 4, "model": 2},
-     dict(a=P("model", None), b=P(None, "model"), lam=P(), w_norm=P("model"))),
-    # heads over a mesh axis of size 1 split nothing: head_dim's axis is the one to follow.
-    ("dense-general-in-size-one-axis", (4, 8, 16), P("model", "data", None),
-     dj.Rule(2, out_axes=-1), {"data": 8, "model": 1},
-     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
-    ("dense-general-in-no-mesh", (4, 8, 16), P("model", "data", None), dj.Rule(2, out_axes=-1),
-     None, dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model"))),
-    ("conv", (3, 3, 8, 16), P(None, None, "model", "data"), dj.Rule(2, out_axes=-1),
-     {"data": 2, "model": 4},
-     dict(a=P("model", None), b=P(None, "data"), lam=P(), w_norm=P("model"))),
-    ("conv-window-split", (2, 3, 8, 16), P("data", None, "model", None), dj.Rule(2, out_axes=-1),
-     {"data": 2, "model": 4},
-     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
-    # in_axes=(1, 0): the flattened input runs over axis 1 first, so "data" leads.
-    ("in-axes-reordered-combined", (4, 8, 16), P("model", "data", None),
-     dj.Rule(2, in_axes=(1, 0)), {"data": 8, "model": 1},
-     dict(a=P(("data", "model"), None), b=P(None, ("data", "model")), lam=P(),
-          w_norm=P(("data", "model")))),
-    ("in-axes-reordered-first", (4, 8, 16), P("model", "data", None),
-     dj.Rule(2, in_axes=(1, 0)), {"data": 2, "model": 4},
-     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
-    # FSDP: w split along its input axis only. b takes the same mesh axis, so it and its
-    # optimizer moments are not replicated on the devices that share out w (issue 16) ...
-    ("fsdp-in-only", (16, 8), P("data", None), dj.Rule(2), {"data": 8},
-     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
-    ("fsdp-out-only", (16, 8), P(None, "data"), dj.Rule(2), {"data": 8},
-     dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data"))),
-    # ... unless that mesh axis does not divide it (out = 12 over 8): b stays replicated.
-    ("fsdp-in-only-indivisible", (16, 12), P("data", None), dj.Rule(2), {"data": 8},
-     dict(a=P("data", None), b=P(None, None), lam=P(), w_norm=P("data"))),
+  (
+    "dense",
+    (16, 8),
+    P("data", "model"),
+    dj.Rule(2),
+    None,
+    dict(a=P("data", None), b=P(None, "model"), lam=P(), w_norm=P("data")),
+  ),
+  (
+    "short-spec",
+    (16, 8),
+    P("model"),
+    dj.Rule(2),
+    None,
+    dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model")),
+  ),
+  ("replicated", (16, 8), P(), dj.Rule(2), None, dict(a=P(None, None), b=P(None, None), lam=P(), w_norm=P(None))),
+  (
+    "tuple-entry",
+    (16, 8),
+    P(("data", "model"), None),
+    dj.Rule(2),
+    None,
+    dict(a=P(("data", "model"), None), b=P(None, None), lam=P(), w_norm=P(("data", "model"))),
+  ),
+  (
+    "scan-stacked",
+    (4, 16, 8),
+    P("stage", "data", "model"),
+    dj.Rule(2, stack_axes=1),
+    None,
+    dict(a=P("stage", "data", None), b=P("stage", None, "model"), lam=P("stage"), w_norm=P("stage", "data")),
+  ),
+  (
+    "dense-general-out",
+    (16, 4, 8),
+    P("data", "model", None),
+    dj.Rule(2, in_axes=0),
+    None,
+    dict(a=P("data", None), b=P(None, "model"), lam=P(), w_norm=P("data")),
+  ),
+  # (heads, head_dim, embed): heads split to one per device, head_dim split:
+  # each device's rows of the flattened input stay contiguous -> combined.
+  (
+    "dense-general-in-combined",
+    (4, 8, 16),
+    P("model", "data", None),
+    dj.Rule(2, out_axes=-1),
+    {"data": 2, "model": 4},
+    dict(a=P(("model", "data"), None), b=P(None, ("model", "data")), lam=P(), w_norm=P(("model", "data"))),
+  ),
+  # two heads per device: not contiguous after flattening -> the first split axis only.
+  (
+    "dense-general-in-first",
+    (4, 8, 16),
+    P("model", "data", None),
+    dj.Rule(2, out_axes=-1),
+    {"data": 4, "model": 2},
+    dict(a=P("model", None), b=P(None, "model"), lam=P(), w_norm=P("model")),
+  ),
+  # heads over a mesh axis of size 1 split nothing: head_dim's axis is the one to follow.
+  (
+    "dense-general-in-size-one-axis",
+    (4, 8, 16),
+    P("model", "data", None),
+    dj.Rule(2, out_axes=-1),
+    {"data": 8, "model": 1},
+    dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data")),
+  ),
+  (
+    "dense-general-in-no-mesh",
+    (4, 8, 16),
+    P("model", "data", None),
+    dj.Rule(2, out_axes=-1),
+    None,
+    dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model")),
+  ),
+  (
+    "conv",
+    (3, 3, 8, 16),
+    P(None, None, "model", "data"),
+    dj.Rule(2, out_axes=-1),
+    {"data": 2, "model": 4},
+    dict(a=P("model", None), b=P(None, "data"), lam=P(), w_norm=P("model")),
+  ),
+  (
+    "conv-window-split",
+    (2, 3, 8, 16),
+    P("data", None, "model", None),
+    dj.Rule(2, out_axes=-1),
+    {"data": 2, "model": 4},
+    dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data")),
+  ),
+  # in_axes=(1, 0): the flattened input runs over axis 1 first, so "data" leads.
+  (
+    "in-axes-reordered-combined",
+    (4, 8, 16),
+    P("model", "data", None),
+    dj.Rule(2, in_axes=(1, 0)),
+    {"data": 8, "model": 1},
+    dict(a=P(("data", "model"), None), b=P(None, ("data", "model")), lam=P(), w_norm=P(("data", "model"))),
+  ),
+  (
+    "in-axes-reordered-first",
+    (4, 8, 16),
+    P("model", "data", None),
+    dj.Rule(2, in_axes=(1, 0)),
+    {"data": 2, "model": 4},
+    dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data")),
+  ),
+  # FSDP: w split along its input axis only. b takes the same mesh axis, so it and its
+  # optimizer moments are not replicated on the devices that share out w (issue 16) ...
+  (
+    "fsdp-in-only",
+    (16, 8),
+    P("data", None),
+    dj.Rule(2),
+    {"data": 8},
+    dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data")),
+  ),
+  (
+    "fsdp-out-only",
+    (16, 8),
+    P(None, "data"),
+    dj.Rule(2),
+    {"data": 8},
+    dict(a=P("data", None), b=P(None, "data"), lam=P(), w_norm=P("data")),
+  ),
+  # ... unless that mesh axis does not divide it (out = 12 over 8): b stays replicated.
+  (
+    "fsdp-in-only-indivisible",
+    (16, 12),
+    P("data", None),
+    dj.Rule(2),
+    {"data": 8},
+    dict(a=P("data", None), b=P(None, None), lam=P(), w_norm=P("data")),
+  ),
 ]
 
 
-@pytest.mark.parametrize("shape,spec,rule,mesh_shape,want",
-                         [c[1:] for c in DERIVATION_CASES], ids=[c[0] for c in DERIVATION_CASES])
+@pytest.mark.parametrize(
+  "shape,spec,rule,mesh_shape,want", [c[1:] for c in DERIVATION_CASES], ids=[c[0] for c in DERIVATION_CASES]
+)
 def test_derived_specs(shape, spec, rule, mesh_shape, want):
   got = _specs(shape, spec, rule, mesh_shape)
   assert {f: tuple(s) for f, s in got.items()} == {f: tuple(s) for f, s in want.items()}
@@ -261,11 +351,9 @@ def assert_same_init(got, want):
   for path, fields in got.items():
     for f, x in fields.items():
       if f in ("a", "b", "lam"):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(want[path][f]),
-                                      err_msg=f"{path}.{f}")
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want[path][f]), err_msg=f"{path}.{f}")
       else:
-        np.testing.assert_allclose(np.asarray(x), np.asarray(want[path][f]), rtol=1e-6,
-                                   err_msg=f"{path}.{f}")
+        np.testing.assert_allclose(np.asarray(x), np.asarray(want[path][f]), rtol=1e-6, err_msg=f"{path}.{f}")
 
 
 def test_wrap_on_sharded_params_builds_adapters_in_place():
@@ -293,18 +381,16 @@ def test_sharded_wrap_of_a_multi_axis_kernel():
 
 
 INIT_CASES = [
-    ("dense", (16, 64), P("data", "model"), dj.Rule(4, init="paper")),
-    ("reordered-3d", (4, 8, 16), P("model", "data", None), dj.Rule(2, in_axes=(1, 0))),
-    ("stacked-3d", (4, 16, 8), P("model", None, "data"), dj.Rule(2, stack_axes=1, init="random")),
+  ("dense", (16, 64), P("data", "model"), dj.Rule(4, init="paper")),
+  ("reordered-3d", (4, 8, 16), P("model", "data", None), dj.Rule(2, in_axes=(1, 0))),
+  ("stacked-3d", (4, 16, 8), P("model", None, "data"), dj.Rule(2, stack_axes=1, init="random")),
 ]
 
 
-@pytest.mark.parametrize("shape,spec,rule", [c[1:] for c in INIT_CASES],
-                         ids=[c[0] for c in INIT_CASES])
+@pytest.mark.parametrize("shape,spec,rule", [c[1:] for c in INIT_CASES], ids=[c[0] for c in INIT_CASES])
 def test_adapter_init_never_gathers_the_kernel(shape, spec, rule):
   """The compiled initialisation of a sharded kernel moves only in-sized vectors."""
-  w = jax.device_put(jax.random.normal(jax.random.key(0), shape),
-                     NamedSharding(make_mesh((2, 4)), spec))
+  w = jax.device_put(jax.random.normal(jax.random.key(0), shape), NamedSharding(make_mesh((2, 4)), spec))
   in_axes, out_axes = rule.layout("k", shape)
   out_sh = _wrap._derived_shardings("k", w, rule, in_axes, out_axes)
   hlo = _wrap._sharded_init(rule, in_axes, out_axes, out_sh).lower(w, jax.random.key(0))
@@ -328,11 +414,14 @@ def test_mesh_training_matches_one_device(shape, reference):
   t_sh, f_sh = dj.split(sh)
   trainable, frozen = dj.split(tree)
   opt_state = OPT.init(trainable)  # mu/nu follow the adapters; put the scalar counts on the mesh
-  s_sh = jax.tree.map(lambda a: a.sharding if len(a.sharding.device_set) > 1
-                      else NamedSharding(mesh, P()), opt_state)
+  s_sh = jax.tree.map(lambda a: a.sharding if len(a.sharding.device_set) > 1 else NamedSharding(mesh, P()), opt_state)
   opt_state = jax.device_put(opt_state, s_sh)
-  fn = jax.jit(step, in_shardings=(t_sh, s_sh, f_sh, batch, batch),
-               out_shardings=(t_sh, s_sh, NamedSharding(mesh, P())), donate_argnums=(0, 1))
+  fn = jax.jit(
+    step,
+    in_shardings=(t_sh, s_sh, f_sh, batch, batch),
+    out_shardings=(t_sh, s_sh, NamedSharding(mesh, P())),
+    donate_argnums=(0, 1),
+  )
   hlo = fn.lower(trainable, opt_state, frozen, x, y).compile().as_text()
   losses = []
   for _ in range(STEPS):
@@ -369,8 +458,7 @@ def test_pmap_training_matches_one_device(reference):
   # the batch is split.
   everywhere = NamedSharding(Mesh(jax.local_devices(), ("batch",)), P())
   trainable, opt_state, frozen = jax.device_put((trainable, opt_state, frozen), everywhere)
-  fn = jax.pmap(pmap_step, axis_name="batch", in_axes=(None, None, None, 0, 0), out_axes=None,
-                donate_argnums=(0, 1))
+  fn = jax.pmap(pmap_step, axis_name="batch", in_axes=(None, None, None, 0, 0), out_axes=None, donate_argnums=(0, 1))
   xs, ys = X.reshape(n, -1, X.shape[-1]), Y.reshape(n, -1, Y.shape[-1])
   losses = []
   for _ in range(STEPS):
@@ -424,8 +512,11 @@ def test_error_base_shardings_of_the_adapted_tree():
 def test_error_mesh_axis_does_not_divide():
   mesh = make_mesh((1, 8))
   tree = abstract_wrap({"layer": {"kernel": jnp.ones((16, 12))}}, {".*kernel": 2})
-  with pytest.raises(ValueError, match=r"layer/kernel: mesh axes \('model',\) \(size 8\) do not "
-                                       r"divide axis 1 \(size 12\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer/kernel: mesh axes \('model',\) \(size 8\) do not "
+    r"divide axis 1 \(size 12\)",
+  ):
     dj.shardings(tree, {"layer": {"kernel": P(None, "model")}}, mesh=mesh)
 
 
@@ -438,15 +529,21 @@ def test_error_mesh_axis_does_not_divide_a_plain_leaf():
 
 def test_error_unknown_mesh_axis():
   tree = abstract_wrap({"kernel": jnp.ones((16, 8))}, {"kernel": 2})
-  with pytest.raises(ValueError, match=r"kernel: .* names mesh axis 'tensor', but the mesh has "
-                                       r"axes \('data', 'model'\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"kernel: .* names mesh axis 'tensor', but the mesh has "
+    r"axes \('data', 'model'\)",
+  ):
     dj.shardings(tree, {"kernel": P("tensor")}, mesh=make_mesh((2, 4)))
 
 
 def test_error_spec_longer_than_array():
   tree = abstract_wrap({"kernel": jnp.ones((16, 8))}, {"kernel": 2})
-  with pytest.raises(ValueError, match=r"kernel: PartitionSpec .* has 3 entries but the parameter "
-                                       r"has shape \(16, 8\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"kernel: PartitionSpec .* has 3 entries but the parameter "
+    r"has shape \(16, 8\)",
+  ):
     dj.shardings(tree, {"kernel": P("data", None, None)})
 
 
@@ -459,8 +556,11 @@ def test_error_mesh_axis_used_twice():
 @pytest.mark.parametrize("leaf", [None, "data", 3], ids=["None", "str", "int"])
 def test_error_leaf_is_not_a_sharding(leaf):
   tree = abstract_wrap({"kernel": jnp.ones((16, 8)), "bias": jnp.ones(8)}, {"kernel": 2})
-  with pytest.raises(TypeError, match=r"bias: `base_shardings` leaf is a .*; expected a "
-                                      r"jax.sharding.NamedSharding, PartitionSpec"):
+  with pytest.raises(
+    TypeError,
+    match=r"bias: `base_shardings` leaf is a .*; expected a "
+    r"jax.sharding.NamedSharding, PartitionSpec",
+  ):
     dj.shardings(tree, {"kernel": P(), "bias": leaf})
 
 

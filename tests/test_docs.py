@@ -16,10 +16,10 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 # page -> the test files that execute its blocks (with what the page needs around them).
 EXECUTED_ELSEWHERE = {
-    "checkpoints.md": ("test_checkpoint.py", "test_peft_io.py"),  # orbax part; all (torch, PEFT)
-    "distributed.md": ("test_distributed.py", "test_multiprocess.py"),  # one process; two
-    "real_models.md": ("test_real_models.py",),  # gemma and tunix: main stack only
-    "examples.md": ("test_examples.py",),  # reads the example's output: main stack only
+  "checkpoints.md": ("test_checkpoint.py", "test_peft_io.py"),  # orbax part; all (torch, PEFT)
+  "distributed.md": ("test_distributed.py", "test_multiprocess.py"),  # one process; two
+  "real_models.md": ("test_real_models.py",),  # gemma and tunix: main stack only
+  "examples.md": ("test_examples.py",),  # reads the example's output: main stack only
 }
 
 
@@ -48,10 +48,8 @@ def test_pages_run_elsewhere_are_run_there(page):
 
 
 def test_api_pages_cover_every_public_module():
-  documented = set(re.findall(r"automodule:: (\S+)", "".join(
-      p.read_text() for p in (DOCS / "api").glob("*.md"))))
-  for modname in ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models",
-                  "delora_jax.models.bert"):
+  documented = set(re.findall(r"automodule:: (\S+)", "".join(p.read_text() for p in (DOCS / "api").glob("*.md"))))
+  for modname in ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models", "delora_jax.models.bert"):
     assert modname in documented
     mod = importlib.import_module(modname)
     subs = [getattr(mod, n).__name__ for n in getattr(mod, "__all__", ()) if isinstance(getattr(mod, n), type(mod))]

@@ -30,15 +30,21 @@ EXAMPLES = os.path.join(ROOT, "examples")
 def _run(script, *args, cwd):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(EXAMPLES, script), *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   return proc.stdout + "\n" + proc.stderr  # tqdm writes its bar to stderr
 
 
 def _result(stdout):
   line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +123,15 @@ def test_finetune_peft_export_matches_torch(finetune_run):
 
 def test_lr_robustness_quick(tmp_path):
   js, png, diag = tmp_path / "lr.json", tmp_path / "lr.png", tmp_path / "diag.png"
-  _run("lr_robustness.py", "--quick", "--json", str(js), "--png", str(png),
-       "--png-diagnostics", str(diag), cwd=tmp_path)
+  _run(
+    "lr_robustness.py", "--quick", "--json", str(js), "--png", str(png), "--png-diagnostics", str(diag), cwd=tmp_path
+  )
   res = json.loads(js.read_text())
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert diag.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for x in res["runs"]:  # per-layer histories; only DeLoRA has a bound to use
     kernels = x["history"]["kernels"]
-    assert len(kernels) == 12 and all(len(k["relative_update"]) == len(x["history"]["step"])
-                                      for k in kernels.values())
+    assert len(kernels) == 12 and all(len(k["relative_update"]) == len(x["history"]["step"]) for k in kernels.values())
     assert all(("bound_use" in k) == (x["method"] == "DeLoRA") for k in kernels.values())
   runs = {(x["method"], x["lr"]): x for x in res["runs"]}
   lrs = sorted({lr for _, lr in runs})
@@ -137,8 +143,17 @@ def test_lr_robustness_quick(tmp_path):
   assert runs["DeLoRA", hi]["rel_update"] < runs["LoRA", hi]["rel_update"]
   # --plot-only redraws the figure from the JSON alone.
   png2, diag2 = tmp_path / "again.png", tmp_path / "again_diag.png"
-  _run("lr_robustness.py", "--plot-only", "--json", str(js), "--png", str(png2),
-       "--png-diagnostics", str(diag2), cwd=tmp_path)
+  _run(
+    "lr_robustness.py",
+    "--plot-only",
+    "--json",
+    str(js),
+    "--png",
+    str(png2),
+    "--png-diagnostics",
+    str(diag2),
+    cwd=tmp_path,
+  )
   assert png2.stat().st_size > 10_000 and diag2.stat().st_size > 10_000
 
 

@@ -8,7 +8,7 @@ call equals the merged model (outputs and gradients), identity at init, and the 
 import collections
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -111,8 +111,7 @@ class Scanned(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    layers = nn.scan(self.layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=2)(name="layers")
+    layers = nn.scan(self.layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="layers")
     return layers(x, None)[0]
 
 
@@ -136,39 +135,43 @@ def custom(shape, fn, param="kernel"):
 
 # id: (model factory, input shape, rules)
 CASES = {
-    "einsum": (custom((4, 5), lambda x, w: jnp.einsum("bti,io->bto", x, w)), (2, 3, 4),
-               {"kernel": R()}),
-    "einsum_ellipsis": (custom((4, 5), lambda x, w: jnp.einsum("...i,io->...o", x, w)), (2, 3, 4),
-                        {"kernel": R()}),
-    "jnp_dot": (custom((4, 5), jnp.dot), (2, 3, 4), {"kernel": R()}),
-    "jnp_matmul": (custom((4, 5), jnp.matmul), (2, 3, 4), {"kernel": R()}),
-    "matmul_operator": (custom((4, 5), lambda x, w: x @ w), (2, 3, 4), {"kernel": R()}),
-    "lax_dot_general": (custom((4, 5), lambda x, w: lax.dot_general(x, w, (((2,), (0,)), ((), ())))),
-                        (2, 3, 4), {"kernel": R()}),
-    "astype": (custom((4, 5), lambda x, w: x @ w.astype(x.dtype)), (2, 3, 4), {"kernel": R()}),
-    "out_in_kernel_transposed": (custom((5, 4), lambda x, w: x @ w.T), (2, 3, 4),
-                                 {"kernel": R(in_axes=1)}),
-    "reshape_merges_head_axes_in": (custom((4, 2, 3), lambda x, w: x @ w.reshape(4, 6)), (2, 3, 4),
-                                    {"kernel": R(in_axes=0)}),
-    "reshape_merges_head_axes_out": (custom((2, 3, 4), _merge_heads_out), (2, 3, 2, 3),
-                                     {"kernel": R(out_axes=-1)}),
-    "param_named_w": (custom((4, 5), lambda x, w: jnp.einsum("bti,io->bto", x, w), "w"), (2, 3, 4),
-                      {"w": R()}),
-    "heads_embed_head_dim": (custom((2, 4, 3), lambda x, w: jnp.einsum("btd,hdk->bthk", x, w)),
-                             (2, 3, 4), {"kernel": R(in_axes=1)}),
-    "kv_stacked_output_axis": (
-        custom((2, 2, 4, 3), lambda x, w: jnp.einsum("BTD,SNDH->SBTNH", x, w)), (2, 3, 4),
-        {"kernel": R(stack_axes=1, in_axes=2)}),
-    "lax_conv": (custom((3, 3, 3, 4), _conv), (2, 5, 5, 3), {"kernel": R(out_axes=-1)}),
-    "nested_jit": (custom((4, 5), _jitted_einsum), (2, 3, 4), {"kernel": R()}),
-    "jax_checkpoint": (custom((4, 5), _checkpointed), (2, 3, 4), {"kernel": R()}),
-    "share_scope": (FeedForward, (2, 3, 4),
-                    {"gating_einsum": R(stack_axes=1), "linear": R()}),
-    "nn_scan": (Scanned, (2, 3, 4), {"layers/kernel": R(stack_axes=1)}),
-    "nn_scan_reads_kernel_ndim": (lambda: Scanned(NdimLayer), (2, 3, 4),
-                                  {"layers/kernel": R(stack_axes=1)}),
-    "nn_jit": (lambda: Lifted(nn.jit), (2, 3, 4), {"inner/kernel": R()}),
-    "nn_remat": (lambda: Lifted(nn.remat), (2, 3, 4), {"inner/kernel": R()}),
+  "einsum": (custom((4, 5), lambda x, w: jnp.einsum("bti,io->bto", x, w)), (2, 3, 4), {"kernel": R()}),
+  "einsum_ellipsis": (custom((4, 5), lambda x, w: jnp.einsum("...i,io->...o", x, w)), (2, 3, 4), {"kernel": R()}),
+  "jnp_dot": (custom((4, 5), jnp.dot), (2, 3, 4), {"kernel": R()}),
+  "jnp_matmul": (custom((4, 5), jnp.matmul), (2, 3, 4), {"kernel": R()}),
+  "matmul_operator": (custom((4, 5), lambda x, w: x @ w), (2, 3, 4), {"kernel": R()}),
+  "lax_dot_general": (
+    custom((4, 5), lambda x, w: lax.dot_general(x, w, (((2,), (0,)), ((), ())))),
+    (2, 3, 4),
+    {"kernel": R()},
+  ),
+  "astype": (custom((4, 5), lambda x, w: x @ w.astype(x.dtype)), (2, 3, 4), {"kernel": R()}),
+  "out_in_kernel_transposed": (custom((5, 4), lambda x, w: x @ w.T), (2, 3, 4), {"kernel": R(in_axes=1)}),
+  "reshape_merges_head_axes_in": (
+    custom((4, 2, 3), lambda x, w: x @ w.reshape(4, 6)),
+    (2, 3, 4),
+    {"kernel": R(in_axes=0)},
+  ),
+  "reshape_merges_head_axes_out": (custom((2, 3, 4), _merge_heads_out), (2, 3, 2, 3), {"kernel": R(out_axes=-1)}),
+  "param_named_w": (custom((4, 5), lambda x, w: jnp.einsum("bti,io->bto", x, w), "w"), (2, 3, 4), {"w": R()}),
+  "heads_embed_head_dim": (
+    custom((2, 4, 3), lambda x, w: jnp.einsum("btd,hdk->bthk", x, w)),
+    (2, 3, 4),
+    {"kernel": R(in_axes=1)},
+  ),
+  "kv_stacked_output_axis": (
+    custom((2, 2, 4, 3), lambda x, w: jnp.einsum("BTD,SNDH->SBTNH", x, w)),
+    (2, 3, 4),
+    {"kernel": R(stack_axes=1, in_axes=2)},
+  ),
+  "lax_conv": (custom((3, 3, 3, 4), _conv), (2, 5, 5, 3), {"kernel": R(out_axes=-1)}),
+  "nested_jit": (custom((4, 5), _jitted_einsum), (2, 3, 4), {"kernel": R()}),
+  "jax_checkpoint": (custom((4, 5), _checkpointed), (2, 3, 4), {"kernel": R()}),
+  "share_scope": (FeedForward, (2, 3, 4), {"gating_einsum": R(stack_axes=1), "linear": R()}),
+  "nn_scan": (Scanned, (2, 3, 4), {"layers/kernel": R(stack_axes=1)}),
+  "nn_scan_reads_kernel_ndim": (lambda: Scanned(NdimLayer), (2, 3, 4), {"layers/kernel": R(stack_axes=1)}),
+  "nn_jit": (lambda: Lifted(nn.jit), (2, 3, 4), {"inner/kernel": R()}),
+  "nn_remat": (lambda: Lifted(nn.remat), (2, 3, 4), {"inner/kernel": R()}),
 }
 
 
@@ -185,13 +188,18 @@ def setup(name, **rule_changes):
 def test_factorised_equals_merged_outputs_and_gradients(name):
   model, x, params, tree = setup(name)
   assert delora_jax.explain(model, {"params": tree}, x) == {
-      "factorised": list(delora_jax.adapters(tree)), "merged": [], "unused": []}
+    "factorised": list(delora_jax.adapters(tree)),
+    "merged": [],
+    "unused": [],
+  }
 
   @jax.jit  # one compilation for the three calls (the tests are compile-bound on CPU)
   def outputs(tree, x):
-    return (delora_jax.apply(model, {"params": tree}, x, strict=True),
-            model.apply({"params": delora_jax.merge(tree)}, x),
-            model.apply({"params": delora_jax.unwrap(tree)}, x))
+    return (
+      delora_jax.apply(model, {"params": tree}, x, strict=True),
+      model.apply({"params": delora_jax.merge(tree)}, x),
+      model.apply({"params": delora_jax.unwrap(tree)}, x),
+    )
 
   got, want, base = outputs(tree, x)
   assert got.shape == want.shape and got.dtype == want.dtype
@@ -202,8 +210,7 @@ def test_factorised_equals_merged_outputs_and_gradients(name):
   trainable, frozen = delora_jax.split(tree)
 
   def fact(t):
-    return jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x,
-                                    strict=True) * ct)
+    return jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True) * ct)
 
   def merged(t):
     return jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x) * ct)
@@ -230,14 +237,31 @@ def test_identity_at_init_on_repeated_eager_calls(name):
 # id: (model factory, input shape, rules, path, declared axes, contracted axes); axes of the
 # stored kernel (the scanned one has a leading layer axis).
 WRONG_LAYOUTS = {
-    "out_in_declared_in_out": (custom((5, 4), lambda x, w: x @ w.T), (2, 3, 4),
-                               {"kernel": R(in_axes=0)}, "kernel", (0,), (1,)),
-    "heads_embed_head_dim": (custom((2, 4, 3), lambda x, w: jnp.einsum("btd,hdk->bthk", x, w)),
-                             (2, 3, 4), {"kernel": R(in_axes=0)}, "kernel", (0,), (1,)),
-    "named_w": (custom((4, 5), lambda x, w: jnp.einsum("bto,io->bti", x, w), "w"), (2, 3, 5),
-                {"w": R()}, "w", (0,), (1,)),
-    "scanned": (Scanned, (2, 3, 4), {"layers/kernel": R(stack_axes=1, in_axes=2)},
-                "layers/kernel", (2,), (1,)),
+  "out_in_declared_in_out": (
+    custom((5, 4), lambda x, w: x @ w.T),
+    (2, 3, 4),
+    {"kernel": R(in_axes=0)},
+    "kernel",
+    (0,),
+    (1,),
+  ),
+  "heads_embed_head_dim": (
+    custom((2, 4, 3), lambda x, w: jnp.einsum("btd,hdk->bthk", x, w)),
+    (2, 3, 4),
+    {"kernel": R(in_axes=0)},
+    "kernel",
+    (0,),
+    (1,),
+  ),
+  "named_w": (
+    custom((4, 5), lambda x, w: jnp.einsum("bto,io->bti", x, w), "w"),
+    (2, 3, 5),
+    {"w": R()},
+    "w",
+    (0,),
+    (1,),
+  ),
+  "scanned": (Scanned, (2, 3, 4), {"layers/kernel": R(stack_axes=1, in_axes=2)}, "layers/kernel", (2,), (1,)),
 }
 
 
@@ -306,8 +330,7 @@ def test_jitted_train_step_on_a_custom_einsum_lowers_the_loss():
   model = Custom((4, 5), lambda x, w: jnp.einsum("bti,io->bto", x, w))
   x = jax.random.normal(jax.random.key(2), (8, 3, 4))
   target = jnp.tanh(x @ jax.random.normal(jax.random.key(5), (4, 5)))
-  tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"],
-                         {"kernel": delora_jax.Rule(2, 1.0)})
+  tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], {"kernel": delora_jax.Rule(2, 1.0)})
   trainable, frozen = delora_jax.split(tree)
   opt = delora_jax.optimizer(optax.adam, learning_rate=3e-2)
 
@@ -333,19 +356,24 @@ def test_bfloat16_base_kernel_with_float32_adapters(x_dtype):
   tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(4, 3.0, init="random")})
   ad = delora_jax.adapters(tree)["kernel"]
   assert {ad[f].dtype for f in ("a", "b", "lam", "w_norm")} == {jnp.dtype(jnp.float32)}
-  got, merged = jax.jit(lambda t, x: (delora_jax.apply(model, {"params": t}, x, strict=True),
-                                      model.apply({"params": delora_jax.merge(t)}, x)))(tree, x)
+  got, merged = jax.jit(
+    lambda t, x: (
+      delora_jax.apply(model, {"params": t}, x, strict=True),
+      model.apply({"params": delora_jax.merge(t)}, x),
+    )
+  )(tree, x)
   assert got.dtype == merged.dtype == jnp.result_type(x_dtype, jnp.bfloat16)
   assert np.all(np.isfinite(np.asarray(got, np.float32)))
   # The exact answer: x @ (w + ΔW) in float32 from the same bf16 w and x.
-  exact = jnp.einsum("bti,io->bto", x.astype(jnp.float32),
-                     params["kernel"].astype(jnp.float32) + delora_jax.delta(tree)["kernel"])
+  exact = jnp.einsum(
+    "bti,io->bto", x.astype(jnp.float32), params["kernel"].astype(jnp.float32) + delora_jax.delta(tree)["kernel"]
+  )
   # bf16 keeps 8 significand bits: unit roundoff u = 2**-8 ~ 3.9e-3. The merged path
   # rounds w + ΔW (each entry, <= u) and its output (<= u); the factorised one rounds
   # its base output, its branch output and their sum (<= u each). Norm-wise these
   # largely independent roundings stay below ~2u; 4u = 1.6e-2 leaves headroom, and the
   # two paths, each within 4u of the exact answer, are within 8u of each other.
-  u = 2.0 ** -8
+  u = 2.0**-8
   assert rel(merged, exact) <= 4 * u
   assert rel(got, exact) <= 4 * u
   assert rel(got, merged) <= 8 * u

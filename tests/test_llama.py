@@ -15,8 +15,14 @@ from transformers import LlamaForCausalLM
 import delora_jax
 from delora_jax.models import Llama, LlamaConfig, llama, params_from_hf, params_to_hf
 
-HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
+HF_TINY = dict(
+  vocab_size=128,
+  hidden_size=64,
+  intermediate_size=176,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +57,15 @@ def test_param_paths_follow_hf_names():
   cfg = LlamaConfig.preset("tiny")
   params = jax.eval_shape(Llama(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   paths = {"/".join(p) for p in flax.traverse_util.flatten_dict(params)}
-  assert {"embed_tokens/embedding", "norm/scale", "lm_head/kernel",
-          "layers_1/input_layernorm/scale", "layers_1/post_attention_layernorm/scale",
-          "layers_0/self_attn/o_proj/kernel", "layers_0/mlp/down_proj/kernel"} <= paths
+  assert {
+    "embed_tokens/embedding",
+    "norm/scale",
+    "lm_head/kernel",
+    "layers_1/input_layernorm/scale",
+    "layers_1/post_attention_layernorm/scale",
+    "layers_0/self_attn/o_proj/kernel",
+    "layers_0/mlp/down_proj/kernel",
+  } <= paths
   assert len(paths) == 3 + 2 * 9
 
 
@@ -62,8 +74,9 @@ def test_scanned_remat_delora_trains_one_jitted_step(hf):
   cfg = LlamaConfig.from_hf(hf_config, scan_layers=True, remat=True)
   model, x = Llama(cfg), jnp.asarray(ids)
   base = params_from_hf(sd, cfg)
-  rules = {r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel":
-           delora_jax.Rule(4, stack_axes=1, init="random")}
+  rules = {
+    r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel": delora_jax.Rule(4, stack_axes=1, init="random")
+  }
   tree = delora_jax.wrap(base, rules)
   assert delora_jax.adapters(tree)["layers/mlp/up_proj/kernel"]["a"].shape == (2, 64, 4)
   trainable, frozen = delora_jax.split(tree)
@@ -81,7 +94,8 @@ def test_scanned_remat_delora_trains_one_jitted_step(hf):
 
   new, state, loss, grads = step(trainable, tx.init(trainable))
   ref = optax.softmax_cross_entropy_with_integer_labels(
-      jax.jit(model.apply)({"params": delora_jax.merge(tree)}, x)[:, :-1], x[:, 1:]).mean()
+    jax.jit(model.apply)({"params": delora_jax.merge(tree)}, x)[:, :-1], x[:, 1:]
+  ).mean()
   np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
   g_b = np.asarray(grads["layers"]["self_attn"]["q_proj"]["kernel"].b)
   assert g_b.shape == (2, 4, 64) and np.all(np.abs(g_b).max(axis=(1, 2)) > 0)
@@ -113,8 +127,7 @@ def test_blocked_attention_equals_softmax_forward_and_backward(t):
   for g, r in zip(vjp(d_out), vjp_ref(d_out)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=2e-5)
   # Causal: the first position sees only itself.
-  np.testing.assert_allclose(np.asarray(y[:, 0]), np.asarray(jnp.repeat(v[:, 0], 3, axis=1)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y[:, 0]), np.asarray(jnp.repeat(v[:, 0], 3, axis=1)), rtol=1e-6, atol=1e-6)
 
 
 def test_inputs_embeds_equals_input_ids():
@@ -122,16 +135,21 @@ def test_inputs_embeds_equals_input_ids():
   model, x = Llama(cfg), jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
   params = model.init(jax.random.key(0), x)["params"]
   emb = model.apply({"params": params}, x, method=Llama.embed)
-  np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, inputs_embeds=emb)),
-                                np.asarray(model.apply({"params": params}, x)))
+  np.testing.assert_array_equal(
+    np.asarray(model.apply({"params": params}, inputs_embeds=emb)), np.asarray(model.apply({"params": params}, x))
+  )
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of `num_key_value_heads`"),
     (dict(hidden_size=66), "set `head_dim`"),
     (dict(attention="flash"), "`attention` must be one of"),
     (dict(remat_policy="all"), "`remat_policy` must be one of"),
-], ids=["kv-heads", "head-dim", "attention", "remat-policy"])
+  ],
+  ids=["kv-heads", "head-dim", "attention", "remat-policy"],
+)
 def test_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     LlamaConfig.preset("tiny", **kwargs)
@@ -157,11 +175,15 @@ def _edit(sd, drop=None, add=None, reshape=None):
   return out
 
 
-@pytest.mark.parametrize("edit, match", [
+@pytest.mark.parametrize(
+  "edit, match",
+  [
     (dict(drop="model.layers.1.mlp.up_proj.weight"), "has no 'model.layers.1.mlp.up_proj.weight'"),
     (dict(reshape="model.layers.0.self_attn.k_proj.weight"), r"has shape \(64, 32\), expected \(32, 64\)"),
     (dict(add="model.layers.2.mlp.up_proj.weight"), "no place for: \\['model.layers.2"),
-], ids=["missing", "shape", "unexpected"])
+  ],
+  ids=["missing", "shape", "unexpected"],
+)
 def test_params_from_hf_errors(hf, edit, match):
   _, sd, _, _ = hf
   with pytest.raises(ValueError, match=match):

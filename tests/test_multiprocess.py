@@ -31,8 +31,7 @@ DOC_ADDRESS, DOC_CKPT = '"127.0.0.1:12355"', '"/tmp/delora_mp_ckpt"'
 
 def doc_recipe() -> str:
   text = (ROOT / "docs" / "distributed.md").read_text()
-  blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
-            if "jax.distributed.initialize" in b]
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "jax.distributed.initialize" in b]
   assert len(blocks) == 1, "docs/distributed.md should have one multi-process recipe"
   assert DOC_ADDRESS in blocks[0] and DOC_CKPT in blocks[0]
   return blocks[0]
@@ -55,20 +54,23 @@ def setup():
 
   model = MLP()
   rng = np.random.default_rng(0)
-  params = {"Dense_0": {"kernel": rng.standard_normal((16, 64), np.float32) / 4,
-                        "bias": np.zeros(64, np.float32)},
-            "Dense_1": {"kernel": rng.standard_normal((64, 24), np.float32) / 8,
-                        "bias": np.zeros(24, np.float32)}}
+  params = {
+    "Dense_0": {"kernel": rng.standard_normal((16, 64), np.float32) / 4, "bias": np.zeros(64, np.float32)},
+    "Dense_1": {"kernel": rng.standard_normal((64, 24), np.float32) / 8, "bias": np.zeros(24, np.float32)},
+  }
   x = rng.standard_normal((32, 16), np.float32)
   y = rng.standard_normal((32, 24), np.float32)
-  specs = {"Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
-           "Dense_1": {"kernel": P("model", "data"), "bias": P("data")}}
+  specs = {
+    "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
+    "Dense_1": {"kernel": P("model", "data"), "bias": P("data")},
+  }
   opt = dj.optimizer(optax.adam, learning_rate=1e-2)
 
   def step(trainable, opt_state, frozen, x, y):
     def loss_fn(t):
       pred = dj.apply(model, {"params": dj.combine(t, frozen)}, x)
       return ((pred - y) ** 2).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = opt.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
@@ -86,6 +88,7 @@ def reference(steps: int):
   import jax
 
   import delora_jax as dj
+
   s = setup()
   trainable, frozen = dj.split(dj.wrap(s["params"], s["rules"]))
   opt_state = s["opt"].init(trainable)
@@ -108,16 +111,15 @@ def train_worker(process_id: int, port: int, workdir: str) -> None:
   os.environ["PROCESS_ID"] = str(process_id)
   ns = {"__name__": "__recipe__"}
   exec(compile(src, "docs/distributed.md", "exec"), ns)  # noqa: S102
-  np.savez(os.path.join(workdir, f"train_{process_id}.npz"), losses=np.array(ns["losses"]),
-           **flat(ns["trained"]))
+  np.savez(os.path.join(workdir, f"train_{process_id}.npz"), losses=np.array(ns["losses"]), **flat(ns["trained"]))
 
 
 def restore_worker(process_id: int, port: int, workdir: str) -> None:
   """A fresh run: restore what both processes wrote, check shardings, take one more step."""
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                             initialization_timeout=60)
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60)
   from jax.experimental import multihost_utils
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -134,23 +136,24 @@ def restore_worker(process_id: int, port: int, workdir: str) -> None:
   assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, tree)) == jax.tree.leaves(sh)
   t_sh, f_sh = dj.split(sh)
   opt_state = s["opt"].init(dj.split(tree)[0])
-  s_sh = jax.tree.map(lambda a: a.sharding if len(a.sharding.device_set) > 1 else replicated,
-                      opt_state)
+  s_sh = jax.tree.map(lambda a: a.sharding if len(a.sharding.device_set) > 1 else replicated, opt_state)
   opt_state = jax.device_put(opt_state, s_sh)
   # The base-norm check (on by default) runs in place on arrays spread over both processes.
-  restored, opt_state = dj.load_adapters(os.path.join(workdir, "adapters"), tree,
-                                         opt_state=opt_state)
-  assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, restored)) == jax.tree.leaves(sh), \
-      "restored adapters are not in the derived shardings"
-  fn = jax.jit(s["step"], in_shardings=(t_sh, s_sh, f_sh, batch, batch),
-               out_shardings=(t_sh, s_sh, replicated), donate_argnums=(0, 1))
+  restored, opt_state = dj.load_adapters(os.path.join(workdir, "adapters"), tree, opt_state=opt_state)
+  assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, restored)) == jax.tree.leaves(sh), (
+    "restored adapters are not in the derived shardings"
+  )
+  fn = jax.jit(
+    s["step"],
+    in_shardings=(t_sh, s_sh, f_sh, batch, batch),
+    out_shardings=(t_sh, s_sh, replicated),
+    donate_argnums=(0, 1),
+  )
   trainable, frozen = dj.split(restored)
   x, y = jax.device_put(s["x"], batch), jax.device_put(s["y"], batch)
   trainable, opt_state, loss = fn(trainable, opt_state, frozen, x, y)
-  gathered = multihost_utils.process_allgather(dj.adapters(dj.combine(trainable, frozen)),
-                                               tiled=True)
-  np.savez(os.path.join(workdir, f"restore_{process_id}.npz"), losses=np.array([float(loss)]),
-           **flat(gathered))
+  gathered = multihost_utils.process_allgather(dj.adapters(dj.combine(trainable, frozen)), tiled=True)
+  np.savez(os.path.join(workdir, f"restore_{process_id}.npz"), losses=np.array([float(loss)]), **flat(gathered))
 
 
 # ------------------------------------------------------------------- launching
@@ -174,17 +177,27 @@ def _launch(mode: str, workdir: pathlib.Path) -> None:
 
 def _launch_once(mode: str, workdir: pathlib.Path) -> None:
   """Runs both processes; on any failure kills the other one and reports both logs."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+  )
   port = _free_port()
   logs = [workdir / f"{mode}_{i}.log" for i in range(2)]
   procs = []
   try:
     for i in range(2):
       with open(logs[i], "w") as log:
-        procs.append(subprocess.Popen(
+        procs.append(
+          subprocess.Popen(
             [sys.executable, __file__, mode, str(i), str(port), str(workdir)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT)))
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+          )
+        )
     deadline = time.monotonic() + TIMEOUT_S
     while any(p.poll() is None for p in procs):
       if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
@@ -196,8 +209,9 @@ def _launch_once(mode: str, workdir: pathlib.Path) -> None:
         p.kill()
       p.wait()
   if any(p.returncode != 0 for p in procs):
-    tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{logs[i].read_text()[-3000:]}"
-                      for i, p in enumerate(procs))
+    tails = "\n".join(
+      f"--- process {i} (exit {p.returncode}):\n{logs[i].read_text()[-3000:]}" for i, p in enumerate(procs)
+    )
     raise AssertionError(f"two-process {mode} run failed or timed out ({TIMEOUT_S} s):\n{tails}")
 
 

@@ -31,8 +31,7 @@ def test_wrap_and_merge_nnx_state():
   d = delora_jax.delta(tree)
   w1 = state["hidden"]["kernel"].get_value() + d["hidden/kernel"]
   w2 = state["out"]["kernel"].get_value() + d["out/kernel"]
-  want = (jax.nn.relu(x @ w1 + state["hidden"]["bias"].get_value()[None]) @ w2
-          + state["out"]["bias"].get_value()[None])
+  want = jax.nn.relu(x @ w1 + state["hidden"]["bias"].get_value()[None]) @ w2 + state["out"]["bias"].get_value()[None]
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   unwrapped = delora_jax.unwrap(tree)
   np.testing.assert_array_equal(unwrapped["out"]["kernel"].get_value(), state["out"]["kernel"].get_value())

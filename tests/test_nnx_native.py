@@ -68,21 +68,43 @@ def _rngs():
 
 # id: (model factory, input shape, rules, adapted path, its declared input axes)
 CASES = {
-    "linear": (lambda: Holder(nnx.Linear(4, 5, rngs=_rngs())), (2, 3, 4),
-               {"layer/kernel": R()}, "layer/kernel", (0,)),
-    "linear_root": (lambda: nnx.Linear(4, 5, rngs=_rngs()), (2, 3, 4), {"kernel": R()},
-                    "kernel", (0,)),
-    "linear_general": (lambda: Holder(nnx.LinearGeneral((2, 3), (4, 2), axis=(-2, -1),
-                                                        rngs=_rngs())),
-                       (5, 2, 3), {"layer/kernel": R(in_axes=(0, 1))}, "layer/kernel", (0, 1)),
-    "einsum": (lambda: Holder(nnx.Einsum("btd,dhk->bthk", (4, 2, 3), (2, 3), rngs=_rngs())),
-               (2, 3, 4), {"layer/kernel": R(in_axes=0)}, "layer/kernel", (0,)),
-    "conv": (lambda: Holder(nnx.Conv(3, 4, (3, 3), rngs=_rngs())), (2, 5, 5, 3),
-             {"layer/kernel": R(out_axes=-1)}, "layer/kernel", (0, 1, 2)),
-    "tunix_einsum": (lambda: Holder(TunixEinsum("BTNH,NHD->BTD", (2, 3, 4), rngs=_rngs())),
-                     (2, 3, 2, 3), {"layer/w": R(out_axes=-1)}, "layer/w", (0, 1)),
-    "custom_lax_dot_general": (lambda: Holder(LaxDot((4, 5), rngs=_rngs())), (2, 3, 4),
-                               {"layer/kernel": R()}, "layer/kernel", (0,)),
+  "linear": (lambda: Holder(nnx.Linear(4, 5, rngs=_rngs())), (2, 3, 4), {"layer/kernel": R()}, "layer/kernel", (0,)),
+  "linear_root": (lambda: nnx.Linear(4, 5, rngs=_rngs()), (2, 3, 4), {"kernel": R()}, "kernel", (0,)),
+  "linear_general": (
+    lambda: Holder(nnx.LinearGeneral((2, 3), (4, 2), axis=(-2, -1), rngs=_rngs())),
+    (5, 2, 3),
+    {"layer/kernel": R(in_axes=(0, 1))},
+    "layer/kernel",
+    (0, 1),
+  ),
+  "einsum": (
+    lambda: Holder(nnx.Einsum("btd,dhk->bthk", (4, 2, 3), (2, 3), rngs=_rngs())),
+    (2, 3, 4),
+    {"layer/kernel": R(in_axes=0)},
+    "layer/kernel",
+    (0,),
+  ),
+  "conv": (
+    lambda: Holder(nnx.Conv(3, 4, (3, 3), rngs=_rngs())),
+    (2, 5, 5, 3),
+    {"layer/kernel": R(out_axes=-1)},
+    "layer/kernel",
+    (0, 1, 2),
+  ),
+  "tunix_einsum": (
+    lambda: Holder(TunixEinsum("BTNH,NHD->BTD", (2, 3, 4), rngs=_rngs())),
+    (2, 3, 2, 3),
+    {"layer/w": R(out_axes=-1)},
+    "layer/w",
+    (0, 1),
+  ),
+  "custom_lax_dot_general": (
+    lambda: Holder(LaxDot((4, 5), rngs=_rngs())),
+    (2, 3, 4),
+    {"layer/kernel": R()},
+    "layer/kernel",
+    (0,),
+  ),
 }
 
 
@@ -123,15 +145,17 @@ def ref_call(model, path, in_axes, ad, x):
   """The original model with its kernel at ``path`` replaced by the reference w + ΔW."""
   graphdef, state = nnx.split(model)
   state = jax.tree_util.tree_map_with_path(
-      lambda p, v: ref_merged_kernel(v, ad["a"], ad["b"], ad["lam"], in_axes)
-      if _path(p) == path else v, state)
+    lambda p, v: ref_merged_kernel(v, ad["a"], ad["b"], ad["lam"], in_axes) if _path(p) == path else v, state
+  )
   return nnx.merge(graphdef, state)(x)  # a fresh model: `model` itself is never touched
 
 
 def flat(state):
   """``{"a/b/c": array}`` of an nnx.State (Variables unwrapped)."""
-  return {"/".join(map(str, p)): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
-          for p, v in nnx.to_flat_state(state)}
+  return {
+    "/".join(map(str, p)): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
+    for p, v in nnx.to_flat_state(state)
+  }
 
 
 # ---------------------------------------------------------------- per layer kind
@@ -144,8 +168,9 @@ def test_factorised_equals_merged_outputs_and_gradients(name):
   ad = delora_jax.adapters(adapted)[path]
   w = _get(model, path).get_value()
   # One compilation for the four calls (the tests are compile-bound on CPU).
-  calls = nnx.jit(lambda adapted, merged, model, ad, x: (
-      adapted(x), merged(x), ref_call(model, path, in_axes, ad, x), model(x)))
+  calls = nnx.jit(
+    lambda adapted, merged, model, ad, x: (adapted(x), merged(x), ref_call(model, path, in_axes, ad, x), model(x))
+  )
   got, merged, ref, base = calls(adapted, delora_jax.nnx.merge(adapted), model, ad, x)
   assert rel(got, base) > 1e-3  # the adapter does something
   assert rel(got, merged) <= REL
@@ -169,7 +194,8 @@ def test_factorised_equals_merged_outputs_and_gradients(name):
     model64 = nnx.merge(graphdef, jax.tree.map(f64, state))
     train = {f: f64(ad[f]) for f in ("a", "b", "lam")}
     want = jax.jit(jax.grad(lambda t, x, ct: jnp.sum(ref_call(model64, path, in_axes, t, x) * ct)))(
-        train, f64(x), f64(ct))
+      train, f64(x), f64(ct)
+    )
     want = {f: np.asarray(v) for f, v in want.items()}
   for f in ("a", "b", "lam"):
     assert np.linalg.norm(want[f]) > 0, f
@@ -257,6 +283,7 @@ def _data():
 def _step(model, opt, x, y):
   def loss_fn(m):
     return jnp.mean((m(x) - y) ** 2)
+
   loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, DeloraParam))(model)
   opt.update(model, grads)
   return loss
@@ -374,6 +401,7 @@ def _update_with_wrapped_state(model):
   def run():
     nnx.update(model, delora_jax.wrap(nnx.state(model), {"kernel|w": 2}))
     model(jnp.ones((1, 4)))
+
   return run
 
 
@@ -386,15 +414,16 @@ def _dropout_without_rngs():
 
 
 ERRORS = {
-    "apply_on_adapted_nnx": (_apply_adapted, TypeError, r"nnx"),
-    "merge_on_adapted_nnx": (_merge_adapted, TypeError, r"delora_jax\.nnx\.merge"),
-    "wrapped_state_in_linear": (_update_with_wrapped_state(_linear()), TypeError,
-                                r"delora_jax\.nnx\.wrap"),
-    "wrapped_state_in_custom": (
-        _update_with_wrapped_state(TunixEinsum("bi,io->bo", (4, 5), rngs=nnx.Rngs(0))),
-        TypeError, r"delora_jax\.nnx\.wrap"),
-    "wrap_twice": (_wrap_twice, ValueError, r"already adapted"),
-    "dropout_without_rngs": (_dropout_without_rngs, ValueError, r"^layer/kernel: .*dropout.*rngs"),
+  "apply_on_adapted_nnx": (_apply_adapted, TypeError, r"nnx"),
+  "merge_on_adapted_nnx": (_merge_adapted, TypeError, r"delora_jax\.nnx\.merge"),
+  "wrapped_state_in_linear": (_update_with_wrapped_state(_linear()), TypeError, r"delora_jax\.nnx\.wrap"),
+  "wrapped_state_in_custom": (
+    _update_with_wrapped_state(TunixEinsum("bi,io->bo", (4, 5), rngs=nnx.Rngs(0))),
+    TypeError,
+    r"delora_jax\.nnx\.wrap",
+  ),
+  "wrap_twice": (_wrap_twice, ValueError, r"already adapted"),
+  "dropout_without_rngs": (_dropout_without_rngs, ValueError, r"^layer/kernel: .*dropout.*rngs"),
 }
 
 
@@ -440,8 +469,9 @@ def test_save_and_load_adapters_of_an_adapted_nnx_model(tmp_path):
 
 def test_adapter_dropout_in_nnx_follows_rngs_and_eval():
   model = nnx.Linear(10, 6, rngs=nnx.Rngs(0))
-  adapted = delora_jax.nnx.wrap(model, {"kernel": delora_jax.Rule(3, init="random", dropout=0.5)},
-                                rngs=nnx.Rngs(dropout=1))
+  adapted = delora_jax.nnx.wrap(
+    model, {"kernel": delora_jax.Rule(3, init="random", dropout=0.5)}, rngs=nnx.Rngs(dropout=1)
+  )
   # One-hot rows: each row's dropped-out branch input is either 0 or 2x (p = 0.5).
   x = jnp.repeat(jnp.eye(10), 20, axis=0) * 1.5
   merged = delora_jax.nnx.merge(adapted)(x)

@@ -10,8 +10,10 @@ import delora_jax
 
 
 def tree():
-  params = {"l0": {"kernel": jnp.ones((6, 4)) * 0.3, "bias": jnp.zeros(4)},
-            "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+  params = {
+    "l0": {"kernel": jnp.ones((6, 4)) * 0.3, "bias": jnp.zeros(4)},
+    "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
+  }
   return delora_jax.wrap(params, {"l0/kernel": delora_jax.Rule(2, lam=5.0, init="random")})
 
 
@@ -40,11 +42,13 @@ def test_lambda_not_decayed_and_own_learning_rate():
   assert float(k.lam) == 0.0  # no decay on λ
   np.testing.assert_allclose(k.a, -0.1 * 0.5 * t["l0"]["kernel"].a, rtol=1e-6)  # a is decayed
   # optax.adamw's default weight decay (1e-4) is also kept off λ.
-  upd, _ = delora_jax.optimizer(optax.adamw, learning_rate=0.1).update(zero_grads, delora_jax.optimizer(
-      optax.adamw, learning_rate=0.1).init(t), t)
+  upd, _ = delora_jax.optimizer(optax.adamw, learning_rate=0.1).update(
+    zero_grads, delora_jax.optimizer(optax.adamw, learning_rate=0.1).init(t), t
+  )
   assert float(upd["l0"]["kernel"].lam) == 0.0
   upd, _ = delora_jax.optimizer(optax.adamw, learning_rate=0.1, weight_decay=0.5, decay_lam=True).update(
-      zero_grads, delora_jax.optimizer(optax.adamw, learning_rate=0.1).init(t), t)
+    zero_grads, delora_jax.optimizer(optax.adamw, learning_rate=0.1).init(t), t
+  )
   np.testing.assert_allclose(float(upd["l0"]["kernel"].lam), -0.1 * 0.5 * 5.0, rtol=1e-6)
   # λ's own learning rate: with sgd the λ step is -lr_lam * grad.
   ones = jax.tree.map(jnp.ones_like, t)

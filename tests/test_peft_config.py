@@ -15,11 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft
 import pytest
-
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
+import torch
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import delora_jax  # noqa: E402
@@ -58,8 +56,11 @@ def _jnp(t):
 
 def params_of(model):
   """Flax params of a (not yet adapted) torch MLP: kernel = weight.T, in the model's dtype."""
-  return {name: {"kernel": _jnp(mod.weight).T, "bias": _jnp(mod.bias)}
-          for name, mod in model.named_children() if isinstance(mod, torch.nn.Linear)}
+  return {
+    name: {"kernel": _jnp(mod.weight).T, "bias": _jnp(mod.bias)}
+    for name, mod in model.named_children()
+    if isinstance(mod, torch.nn.Linear)
+  }
 
 
 def rel_err(got, want):
@@ -69,30 +70,37 @@ def rel_err(got, want):
 
 def data(seed, n=3):
   rng = np.random.default_rng(seed)
-  return [(rng.standard_normal((8, 10), np.float32), rng.standard_normal((8, 3), np.float32))
-          for _ in range(n)]
+  return [(rng.standard_normal((8, 10), np.float32), rng.standard_normal((8, 3), np.float32)) for _ in range(n)]
 
 
 def torch_loss(model, x, y):
   out = model(torch.from_numpy(x)).float()
-  return torch.mean((out - torch.from_numpy(y[:, :out.shape[-1]])) ** 2)
+  return torch.mean((out - torch.from_numpy(y[:, : out.shape[-1]])) ** 2)
 
 
 # id: (DeloraConfig kwargs, torch model has a head, extra_trainable in JAX, adapted modules)
 ROWS = {
-    "regex": (dict(target_modules="lin0"), False, None, {"lin0"}),
-    "list": (dict(target_modules=["lin0"]), False, None, {"lin0"}),
-    "list_lin1_rank_above_min": (dict(target_modules=["lin1"]), False, None, {"lin1"}),
-    "both": (dict(target_modules=["lin0", "lin1"]), False, None, {"lin0", "lin1"}),
-    "dropout": (dict(target_modules=["lin0"], module_dropout=0.1), False, None, {"lin0"}),
-    "all_linear": (dict(target_modules="all-linear"), False, None, {"lin0", "lin1"}),
-    "exclude": (dict(target_modules="all-linear", exclude_modules=["lin1"]), False, None, {"lin0"}),
-    "patterns": (dict(target_modules=["lin0", "lin1"], r=4, rank_pattern={"lin1": 2}, delora_lambda=5,
-                      lambda_pattern={"lin0": 3.0}), False, None, {"lin0", "lin1"}),
-    "bias_all": (dict(target_modules=["lin0"], bias="all"), False, ".*bias", {"lin0"}),
-    "bias_delora_only": (dict(target_modules=["lin0"], bias="delora_only"), False, "lin0/bias", {"lin0"}),
-    "modules_to_save": (dict(target_modules=["lin0", "lin1"], modules_to_save=["head"]), True, "head/.*",
-                        {"lin0", "lin1"}),
+  "regex": (dict(target_modules="lin0"), False, None, {"lin0"}),
+  "list": (dict(target_modules=["lin0"]), False, None, {"lin0"}),
+  "list_lin1_rank_above_min": (dict(target_modules=["lin1"]), False, None, {"lin1"}),
+  "both": (dict(target_modules=["lin0", "lin1"]), False, None, {"lin0", "lin1"}),
+  "dropout": (dict(target_modules=["lin0"], module_dropout=0.1), False, None, {"lin0"}),
+  "all_linear": (dict(target_modules="all-linear"), False, None, {"lin0", "lin1"}),
+  "exclude": (dict(target_modules="all-linear", exclude_modules=["lin1"]), False, None, {"lin0"}),
+  "patterns": (
+    dict(target_modules=["lin0", "lin1"], r=4, rank_pattern={"lin1": 2}, delora_lambda=5, lambda_pattern={"lin0": 3.0}),
+    False,
+    None,
+    {"lin0", "lin1"},
+  ),
+  "bias_all": (dict(target_modules=["lin0"], bias="all"), False, ".*bias", {"lin0"}),
+  "bias_delora_only": (dict(target_modules=["lin0"], bias="delora_only"), False, "lin0/bias", {"lin0"}),
+  "modules_to_save": (
+    dict(target_modules=["lin0", "lin1"], modules_to_save=["head"]),
+    True,
+    "head/.*",
+    {"lin0", "lin1"},
+  ),
 }
 
 
@@ -148,8 +156,13 @@ def test_peft_config_rows(tmp_path, row):
   assert {p.split("/")[0] for p in rules} == adapted
   for form in (tmp_path / "p" / "adapter_config.json", pm.peft_config["default"].to_dict()):
     assert delora_jax.peft.rules(form, params, module_names=NAMES) == rules
-  want_extra = sorted({n.removeprefix("base_model.model.").split(".")[0] + "/" + n.rpartition(".")[2]
-                       for n, t in pm.named_parameters() if t.requires_grad and "delora" not in n})
+  want_extra = sorted(
+    {
+      n.removeprefix("base_model.model.").split(".")[0] + "/" + n.rpartition(".")[2]
+      for n, t in pm.named_parameters()
+      if t.requires_grad and "delora" not in n
+    }
+  )
   want_extra = [p.replace("/weight", "/kernel") for p in want_extra]
   assert delora_jax.peft.trainable(tmp_path / "p", params, module_names=NAMES) == sorted(want_extra)
   assert adapted == {n for n, m in pm.base_model.model.named_modules() if hasattr(m, "delora_A")}
@@ -170,7 +183,7 @@ def test_peft_config_rows(tmp_path, row):
 
   def loss(t, x, y):
     out = delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True)
-    return jnp.mean((out - y[:, :out.shape[-1]]) ** 2)
+    return jnp.mean((out - y[:, : out.shape[-1]]) ** 2)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss))
   got_g = jax_grads_as_torch(value_and_grad(trainable, x, y)[1], frozen)
@@ -181,8 +194,7 @@ def test_peft_config_rows(tmp_path, row):
   # Three AdamW steps on both sides (λ decayed as torch does, for parity).
   pm.zero_grad()
   topt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
-  opt = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.01, decay_lam=True,
-                             extra_trainable=extra)
+  opt = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.01, decay_lam=True, extra_trainable=extra)
   state = opt.init(trainable)
   for xs, ys in data(2):
     l, g = value_and_grad(trainable, xs, ys)
@@ -221,8 +233,11 @@ def test_default_init_and_multiple_adapters(tmp_path):
   pm.add_adapter("zero", peft.DeloraConfig(target_modules=["lin0", "lin1"]))
   pm.eval().save_pretrained(tmp_path / "multi")
   x = data(3)[0][0]
-  for name, folder in (("default", tmp_path / "multi"), ("other", tmp_path / "multi" / "other"),
-                       ("zero", tmp_path / "multi" / "zero")):
+  for name, folder in (
+    ("default", tmp_path / "multi"),
+    ("other", tmp_path / "multi" / "other"),
+    ("zero", tmp_path / "multi" / "zero"),
+  ):
     pm.set_adapter(name)
     with torch.no_grad():
       want = pm(torch.from_numpy(x)).numpy()
@@ -230,8 +245,9 @@ def test_default_init_and_multiple_adapters(tmp_path):
     assert rel_err(delora_jax.apply(FlaxMLP(), {"params": tree}, x), want) < RTOL
   plain = FlaxMLP().apply({"params": params}, x)
   np.testing.assert_array_equal(np.asarray(delora_jax.apply(FlaxMLP(), {"params": tree}, x)), plain)
-  fresh = delora_jax.wrap(params, delora_jax.peft.rules({"target_modules": ["lin0", "lin1"]}, params,
-                                                         module_names=NAMES))
+  fresh = delora_jax.wrap(
+    params, delora_jax.peft.rules({"target_modules": ["lin0", "lin1"]}, params, module_names=NAMES)
+  )
   assert {k.rank for k in delora_jax._tree.kernels(fresh).values()} == {8}  # r=8 > min(20, 2) for lin1
 
 
@@ -301,8 +317,7 @@ def test_low_precision_gradients_as_accurate_as_peft(tmp_path, dtype):
   ours, theirs = [], []
   for seed in range(4):
     folder = tmp_path / str(seed)
-    pm, base, params = peft_model(dict(target_modules=["lin0", "lin1"]), False, seed=seed,
-                                  dtype=getattr(torch, dtype))
+    pm, base, params = peft_model(dict(target_modules=["lin0", "lin1"]), False, seed=seed, dtype=getattr(torch, dtype))
     pm.save_pretrained(folder)
     ref = peft.PeftModel.from_pretrained(base.float(), folder, is_trainable=True).eval()
     x, y = data(4)[0]
@@ -312,7 +327,7 @@ def test_low_precision_gradients_as_accurate_as_peft(tmp_path, dtype):
     tree = delora_jax.peft.load(folder, params, module_names=NAMES)
     trainable, frozen = delora_jax.split(tree)
 
-    def loss(t):
+    def loss(t, frozen=frozen, x=x, y=y):
       out = delora_jax.apply(FlaxMLP(dtype=dtype), {"params": delora_jax.combine(t, frozen)}, x)
       return jnp.mean((out.astype(jnp.float32) - y[:, :2]) ** 2)
 
@@ -366,8 +381,12 @@ STACK_NAMES = {"layers/proj/kernel": "layers.{}.proj"}
 def test_scanned_kernel_with_some_layers_adapted(tmp_path):
   w = np.asarray(jax.random.normal(jax.random.key(0), (3, 12, 8)))
   torch.manual_seed(0)
-  pm = peft.get_peft_model(TorchStack(w), peft.DeloraConfig(
-      target_modules=["proj"], layers_to_transform=[0, 2], layers_pattern="layers", r=2, init_weights=False)).eval()
+  pm = peft.get_peft_model(
+    TorchStack(w),
+    peft.DeloraConfig(
+      target_modules=["proj"], layers_to_transform=[0, 2], layers_pattern="layers", r=2, init_weights=False
+    ),
+  ).eval()
   pm.save_pretrained(tmp_path / "p")
   params = {"layers": {"proj": {"kernel": jnp.asarray(w)}}}
   rules = delora_jax.peft.rules(tmp_path / "p", params, module_names=STACK_NAMES)
@@ -431,29 +450,49 @@ def _folder(tmp_path, config=None, tensors=None):
 
 
 BAD = {
-    "rank_pattern_list": (dict(config=lambda c: c.update(rank_pattern=["lin0", 2])),
-                          r"adapter_config.json: `rank_pattern` must be an object .* Write e.g."),
-    "bad_regex": (dict(config=lambda c: c.update(target_modules="lin(0")),
-                  r"adapter_config.json: `target_modules` holds 'lin\(0', which is not a valid regular"),
-    "bad_pattern_regex": (dict(config=lambda c: c.update(rank_pattern={"lin[": 2})),
-                          r"adapter_config.json: `rank_pattern\['lin\['\]` holds"),
-    "r_word": (dict(config=lambda c: c.update(r="two")), r"adapter_config.json: `r` must be a positive integer; got 'two'"),
-    "r_zero": (dict(config=lambda c: c.update(r=0)), r"`r` must be a positive integer; got 0"),
-    "lambda_nan": (dict(config=lambda c: c.update(delora_lambda=float("nan"))), r"`delora_lambda` must be a finite"),
-    "dropout": (dict(config=lambda c: c.update(module_dropout=1.5)), r"`module_dropout` must be a probability"),
-    "bias": (dict(config=lambda c: c.update(bias="lora_only")), r"`bias` must be one of"),
-    "init": (dict(config=lambda c: c.update(init_weights="pissa")), r"`init_weights` must be true or false"),
-    "layers": (dict(config=lambda c: c.update(layers_to_transform="0")), r"`layers_to_transform` must be"),
-    "layers_with_regex": (dict(config=lambda c: c.update(target_modules="lin0", layers_to_transform=[0])),
-                          "cannot be used with a regex"),
-    "pattern_without_layers": (dict(config=lambda c: c.update(layers_pattern="layers")), "`layers_pattern` is set"),
-    "unknown_key": (dict(config=lambda c: c.update(use_dora=True, fan_in_fan_out=False)),
-                    r"keys delora_jax does not support: \['fan_in_fan_out', 'use_dora'\].*whether ignoring"),
-    "tensor_shape": (dict(tensors=lambda t: t.update({"base_model.model.lin0.delora_A": np.ones((8, 3), np.float32)})),
-                     r"lin0.delora_A: shape \(8, 3\) in the file"),
-    "rank_vs_config": (dict(config=lambda c: c.update(r=4)), r"lin0.delora_A: shape \(8, 10\) in the file, expected \(4, 10\) \(rank 4"),
-    "head_not_in_tree": (dict(tensors=lambda t: t.update({"base_model.model.head.weight": np.ones((3, 2), np.float32)})),
-                         r"base_model.model.head.weight: no leaf of the target tree maps"),
+  "rank_pattern_list": (
+    dict(config=lambda c: c.update(rank_pattern=["lin0", 2])),
+    r"adapter_config.json: `rank_pattern` must be an object .* Write e.g.",
+  ),
+  "bad_regex": (
+    dict(config=lambda c: c.update(target_modules="lin(0")),
+    r"adapter_config.json: `target_modules` holds 'lin\(0', which is not a valid regular",
+  ),
+  "bad_pattern_regex": (
+    dict(config=lambda c: c.update(rank_pattern={"lin[": 2})),
+    r"adapter_config.json: `rank_pattern\['lin\['\]` holds",
+  ),
+  "r_word": (
+    dict(config=lambda c: c.update(r="two")),
+    r"adapter_config.json: `r` must be a positive integer; got 'two'",
+  ),
+  "r_zero": (dict(config=lambda c: c.update(r=0)), r"`r` must be a positive integer; got 0"),
+  "lambda_nan": (dict(config=lambda c: c.update(delora_lambda=float("nan"))), r"`delora_lambda` must be a finite"),
+  "dropout": (dict(config=lambda c: c.update(module_dropout=1.5)), r"`module_dropout` must be a probability"),
+  "bias": (dict(config=lambda c: c.update(bias="lora_only")), r"`bias` must be one of"),
+  "init": (dict(config=lambda c: c.update(init_weights="pissa")), r"`init_weights` must be true or false"),
+  "layers": (dict(config=lambda c: c.update(layers_to_transform="0")), r"`layers_to_transform` must be"),
+  "layers_with_regex": (
+    dict(config=lambda c: c.update(target_modules="lin0", layers_to_transform=[0])),
+    "cannot be used with a regex",
+  ),
+  "pattern_without_layers": (dict(config=lambda c: c.update(layers_pattern="layers")), "`layers_pattern` is set"),
+  "unknown_key": (
+    dict(config=lambda c: c.update(use_dora=True, fan_in_fan_out=False)),
+    r"keys delora_jax does not support: \['fan_in_fan_out', 'use_dora'\].*whether ignoring",
+  ),
+  "tensor_shape": (
+    dict(tensors=lambda t: t.update({"base_model.model.lin0.delora_A": np.ones((8, 3), np.float32)})),
+    r"lin0.delora_A: shape \(8, 3\) in the file",
+  ),
+  "rank_vs_config": (
+    dict(config=lambda c: c.update(r=4)),
+    r"lin0.delora_A: shape \(8, 10\) in the file, expected \(4, 10\) \(rank 4",
+  ),
+  "head_not_in_tree": (
+    dict(tensors=lambda t: t.update({"base_model.model.head.weight": np.ones((3, 2), np.float32)})),
+    r"base_model.model.head.weight: no leaf of the target tree maps",
+  ),
 }
 
 
@@ -485,8 +524,11 @@ def test_rules_bad_arguments():
     delora_jax.peft.rules({"peft_type": "LORA"}, params, module_names=NAMES)
   stacked = {"l": {"kernel": jnp.ones((2, 4, 4))}}
   with pytest.raises(ValueError, match="different ranks"):
-    delora_jax.peft.rules({"target_modules": ["l"], "rank_pattern": {"x.1.l": 2}, "r": 3}, stacked,
-                          module_names={"l/kernel": ["x.0.l", "x.1.l"]})
+    delora_jax.peft.rules(
+      {"target_modules": ["l"], "rank_pattern": {"x.1.l": 2}, "r": 3},
+      stacked,
+      module_names={"l/kernel": ["x.0.l", "x.1.l"]},
+    )
   tree = delora_jax.wrap({"h": {"kernel": jnp.ones((4, 4)), "w": jnp.ones(4)}}, {"h/kernel": 2})
   with pytest.raises(ValueError, match="h/w: this extra_trainable leaf cannot be written"):
     delora_jax.peft.export(tree, "/tmp/never", module_names=NAMES, extra_trainable="h/w")
@@ -504,12 +546,15 @@ def test_rule_slices_and_norm_errors():
   with pytest.raises(ValueError, match="`norm` must be one of"):
     delora_jax.Rule(2, norm="bf16")
   with pytest.raises(ValueError, match=r"l/kernel: Rule slices \(0, 5\) name slice 5.*has 3 stacked"):
-    delora_jax.wrap({"l": {"kernel": jnp.ones((3, 4, 4))}}, {"l/kernel": delora_jax.Rule(2, stack_axes=1, slices=(0, 5))})
+    delora_jax.wrap(
+      {"l": {"kernel": jnp.ones((3, 4, 4))}}, {"l/kernel": delora_jax.Rule(2, stack_axes=1, slices=(0, 5))}
+    )
 
 
 def test_from_peft_doc_runs():
   """Every ```python block of docs/from_peft.md runs, in order, in one namespace."""
   import re  # noqa: PLC0415
+
   text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "from_peft.md").read_text()
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
   assert len(blocks) == 4
@@ -534,18 +579,34 @@ def _json_folder(tmp_path, text):
 
 
 MORE_BAD = {
-    "unreadable_json": (lambda t: _json_folder(t, "{nope"), NAMES, ValueError, r"adapter_config.json' is unreadable"),
-    "json_list": (lambda t: _json_folder(t, "[1, 2]"), NAMES, ValueError, "holds a list, expected a JSON object"),
-    "targets_type": (lambda t: {"target_modules": 3}, NAMES, ValueError,
-                     "`target_modules` must be null, a regex string or a list"),
-    "modules_to_save_str": (lambda t: {"target_modules": ["lin0"], "modules_to_save": "head"}, NAMES, ValueError,
-                            "`modules_to_save` must be null or a list"),
-    "rank_value": (lambda t: {"target_modules": ["lin0"], "rank_pattern": {"lin0": "x"}}, NAMES, ValueError,
-                   r"`rank_pattern\['lin0'\]` must be a positive integer; got 'x'"),
-    "names_type": (lambda t: {"target_modules": ["lin0"]}, 3, TypeError, "`module_names` must be a callable"),
-    "names_value": (lambda t: {"target_modules": ["lin0"]}, lambda p: 3, TypeError, "must give a str or a sequence"),
-    "names_count": (lambda t: {"target_modules": ["lin0"]}, lambda p: ["a", "b", "c"], ValueError,
-                    "gave 3 names, but no leading axes"),
+  "unreadable_json": (lambda t: _json_folder(t, "{nope"), NAMES, ValueError, r"adapter_config.json' is unreadable"),
+  "json_list": (lambda t: _json_folder(t, "[1, 2]"), NAMES, ValueError, "holds a list, expected a JSON object"),
+  "targets_type": (
+    lambda t: {"target_modules": 3},
+    NAMES,
+    ValueError,
+    "`target_modules` must be null, a regex string or a list",
+  ),
+  "modules_to_save_str": (
+    lambda t: {"target_modules": ["lin0"], "modules_to_save": "head"},
+    NAMES,
+    ValueError,
+    "`modules_to_save` must be null or a list",
+  ),
+  "rank_value": (
+    lambda t: {"target_modules": ["lin0"], "rank_pattern": {"lin0": "x"}},
+    NAMES,
+    ValueError,
+    r"`rank_pattern\['lin0'\]` must be a positive integer; got 'x'",
+  ),
+  "names_type": (lambda t: {"target_modules": ["lin0"]}, 3, TypeError, "`module_names` must be a callable"),
+  "names_value": (lambda t: {"target_modules": ["lin0"]}, lambda p: 3, TypeError, "must give a str or a sequence"),
+  "names_count": (
+    lambda t: {"target_modules": ["lin0"]},
+    lambda p: ["a", "b", "c"],
+    ValueError,
+    "gave 3 names, but no leading axes",
+  ),
 }
 
 
@@ -558,17 +619,22 @@ def test_more_bad_configs(tmp_path, case):
 
 
 def test_more_bad_exports_and_loads(tmp_path):
-  tree = delora_jax.wrap({"lin0": {"kernel": jnp.ones((10, 20)), "scale": jnp.ones(20)},
-                          "stk": {"kernel": jnp.ones((2, 4, 4)), "bias": jnp.zeros((2, 4))}},
-                         {"lin0/kernel": 2, "stk/kernel": delora_jax.Rule(2, stack_axes=1)})
+  tree = delora_jax.wrap(
+    {
+      "lin0": {"kernel": jnp.ones((10, 20)), "scale": jnp.ones(20)},
+      "stk": {"kernel": jnp.ones((2, 4, 4)), "bias": jnp.zeros((2, 4))},
+    },
+    {"lin0/kernel": 2, "stk/kernel": delora_jax.Rule(2, stack_axes=1)},
+  )
   names = {"lin0/kernel": "lin0", "stk/kernel": "stk.{}"}
   with pytest.raises(ValueError, match="lin0/scale: PEFT cannot save a trained non-bias leaf of an adapted"):
     delora_jax.peft.export(tree, tmp_path / "a", module_names=names, extra_trainable="lin0/scale")
   with pytest.raises(ValueError, match="stk/bias: .* is stacked"):
     delora_jax.peft.export(tree, tmp_path / "b", module_names=names, extra_trainable="stk/bias")
   with pytest.raises(ValueError, match="`module_names` gives no torch module for 'x/kernel'"):
-    delora_jax.peft.export({**tree, "x": {"bias": jnp.zeros(3)}}, tmp_path / "c", module_names=names,
-                           extra_trainable="x/bias")
+    delora_jax.peft.export(
+      {**tree, "x": {"bias": jnp.zeros(3)}}, tmp_path / "c", module_names=names, extra_trainable="x/bias"
+    )
   # A head tensor of the wrong shape, and a null target_modules without model_type, on load.
   pm, _, params = peft_model(dict(target_modules=["lin0"], modules_to_save=["head"]), True)
   pm.save_pretrained(tmp_path / "p")

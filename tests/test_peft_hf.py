@@ -10,14 +10,12 @@ PEFT, classifier included.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
-
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import delora_jax  # noqa: E402
 from delora_jax.models import Llama, LlamaConfig, bert, params_from_hf  # noqa: E402
@@ -25,8 +23,14 @@ from delora_jax.models import Llama, LlamaConfig, bert, params_from_hf  # noqa: 
 # The Flax ports match HF to 1e-4 of the largest logit (tests/test_llama.py); an adapter adds
 # two small matmuls, so the same figure bounds the adapted comparison.
 MODEL_RTOL = 1e-4
-HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
+HF_TINY = dict(
+  vocab_size=128,
+  hidden_size=64,
+  intermediate_size=176,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+)
 
 
 def max_rel(got, want):
@@ -52,8 +56,7 @@ def test_llama_decoder(tmp_path, scan):
   hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_TINY)).eval()
   cfg = LlamaConfig.from_hf(hf.config, scan_layers=scan)
   params = params_from_hf({k: v.detach().numpy() for k, v in hf.state_dict().items()}, cfg)
-  kw = (dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]) if scan
-        else dict(target_modules="all-linear"))
+  kw = dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]) if scan else dict(target_modules="all-linear")
   pm = peft.get_peft_model(hf, peft.DeloraConfig(r=4, init_weights=False, **kw)).eval()
   pm.save_pretrained(tmp_path / "p")
   adapted = {n for n, m in pm.base_model.model.named_modules() if hasattr(m, "delora_A")}
@@ -62,8 +65,8 @@ def test_llama_decoder(tmp_path, scan):
   tree = delora_jax.peft.load(tmp_path / "p", params, module_names=names)
   if scan:
     assert delora_jax.peft.rules(tmp_path / "p", params, module_names=names) == {
-        f"layers/self_attn/{p}_proj/kernel": delora_jax.Rule(4, init="random", stack_axes=1, slices=(0,))
-        for p in "qv"}
+      f"layers/self_attn/{p}_proj/kernel": delora_jax.Rule(4, init="random", stack_axes=1, slices=(0,)) for p in "qv"
+    }
   ids = np.random.RandomState(0).randint(0, 128, (2, 16))
   with torch.no_grad():
     want = pm(input_ids=torch.tensor(ids)).logits.numpy()
@@ -83,6 +86,7 @@ def test_llama_decoder(tmp_path, scan):
 
 class SeqCls(nn.Module):
   """BertForSequenceClassification in Flax: encoder, tanh pooler on [CLS], classifier."""
+
   config: bert.BertConfig
   labels: int
 
@@ -100,25 +104,29 @@ def seq_cls_names(path):
 
 
 def test_bert_sequence_classification(tmp_path):
-  hf_cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=24, vocab_size=40, num_labels=3)
+  hf_cfg = transformers.BertConfig(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, vocab_size=40, num_labels=3
+  )
   torch.manual_seed(0)
   hf = transformers.BertForSequenceClassification(hf_cfg).eval()
   sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  params = {"bert": bert.params_from_hf(sd, prefix="bert."),
-            "pooler": {"kernel": jnp.asarray(sd["bert.pooler.dense.weight"].T),
-                       "bias": jnp.asarray(sd["bert.pooler.dense.bias"])},
-            "classifier": {"kernel": jnp.asarray(sd["classifier.weight"].T),
-                           "bias": jnp.asarray(sd["classifier.bias"])}}
-  pm = peft.get_peft_model(hf, peft.DeloraConfig(task_type="SEQ_CLS", r=2, init_weights=False,
-                                                 target_modules=["query", "value"])).eval()
+  params = {
+    "bert": bert.params_from_hf(sd, prefix="bert."),
+    "pooler": {
+      "kernel": jnp.asarray(sd["bert.pooler.dense.weight"].T),
+      "bias": jnp.asarray(sd["bert.pooler.dense.bias"]),
+    },
+    "classifier": {"kernel": jnp.asarray(sd["classifier.weight"].T), "bias": jnp.asarray(sd["classifier.bias"])},
+  }
+  pm = peft.get_peft_model(
+    hf, peft.DeloraConfig(task_type="SEQ_CLS", r=2, init_weights=False, target_modules=["query", "value"])
+  ).eval()
   with torch.no_grad():  # PEFT trains the classifier copy; move it as training would
     pm.base_model.model.classifier.modules_to_save["default"].weight.mul_(1.5)
   pm.save_pretrained(tmp_path / "p")
   model = SeqCls(bert.BertConfig.from_hf(hf_cfg.to_dict()), 3)
   tree = delora_jax.peft.load(tmp_path / "p", params, module_names=seq_cls_names)
-  np.testing.assert_array_equal(np.asarray(tree["classifier"]["kernel"]),
-                                sd["classifier.weight"].T * np.float32(1.5))
+  np.testing.assert_array_equal(np.asarray(tree["classifier"]["kernel"]), sd["classifier.weight"].T * np.float32(1.5))
   rng = np.random.RandomState(1)
   ids, mask = rng.randint(0, 40, (3, 7)), np.ones((3, 7), np.int64)
   with torch.no_grad():
@@ -126,8 +134,7 @@ def test_bert_sequence_classification(tmp_path):
   assert max_rel(delora_jax.apply(model, {"params": tree}, jnp.asarray(ids), jnp.asarray(mask)), want) < MODEL_RTOL
   tree = moved(tree)
   tree["classifier"]["bias"] = tree["classifier"]["bias"] + 0.25
-  out = delora_jax.peft.export(tree, tmp_path / "j", module_names=seq_cls_names,
-                               extra_trainable="classifier/.*")
+  out = delora_jax.peft.export(tree, tmp_path / "j", module_names=seq_cls_names, extra_trainable="classifier/.*")
   torch.manual_seed(0)
   fresh = transformers.BertForSequenceClassification(hf_cfg).eval()
   back = peft.PeftModel.from_pretrained(fresh, out).eval()

@@ -10,11 +10,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
-import torch
 import peft
-
+import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 import delora_jax
@@ -22,8 +20,10 @@ from tests import torch_mlp as tm
 
 RTOL = 1e-5
 NAMES = {f"{n}/kernel": n for n in tm.NAMES}
-RULES = {"lin1/kernel": delora_jax.Rule(2, lam=7.0, init="random"),
-         "lin[02]/kernel": delora_jax.Rule(4, lam=3.0, init="random")}
+RULES = {
+  "lin1/kernel": delora_jax.Rule(2, lam=7.0, init="random"),
+  "lin[02]/kernel": delora_jax.Rule(4, lam=3.0, init="random"),
+}
 
 
 def rel_err(got, want):
@@ -94,8 +94,14 @@ def test_jax_to_peft_outputs_and_files_match_peft(tmp_path):
 
 def test_peft_to_jax_after_torch_training(tmp_path):
   torch.manual_seed(0)
-  cfg = peft.DeloraConfig(r=4, delora_lambda=3.0, target_modules=list(tm.NAMES), init_weights=False,
-                          rank_pattern={"lin1": 2}, lambda_pattern={"lin1": 7.0})
+  cfg = peft.DeloraConfig(
+    r=4,
+    delora_lambda=3.0,
+    target_modules=list(tm.NAMES),
+    init_weights=False,
+    rank_pattern={"lin1": 2},
+    lambda_pattern={"lin1": 7.0},
+  )
   model = peft.get_peft_model(tm.TorchMLP(), cfg)
   sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
   x = x_batch(1)
@@ -128,11 +134,11 @@ assert "torch" not in [m.split(".")[0] for m, v in sys.modules.items() if v is n
 def test_export_needs_neither_torch_nor_peft(tmp_path):
   root = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, "PYTHONPATH": str(root)}
-  done = subprocess.run([sys.executable, "-c", NO_TORCH, str(tmp_path)], env=env,
-                        capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+    [sys.executable, "-c", NO_TORCH, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr[-2000:]
-  assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["adapter_config.json",
-                                                               "adapter_model.safetensors"]
+  assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_jax_peft_jax_round_trip_is_bitwise(tmp_path):
@@ -142,9 +148,11 @@ def test_jax_peft_jax_round_trip_is_bitwise(tmp_path):
 
 
 def test_export_lora_reproduces_outputs_in_peft(tmp_path):
-  rules = {"lin1/kernel": delora_jax.Rule(2, lam=7.0, init="random"),
-           "lin0/kernel": delora_jax.Rule(4, lam=3.0, init="random"),
-           "lin2/kernel": delora_jax.Rule(3, lam=3.0, init="paper")}
+  rules = {
+    "lin1/kernel": delora_jax.Rule(2, lam=7.0, init="random"),
+    "lin0/kernel": delora_jax.Rule(4, lam=3.0, init="random"),
+    "lin2/kernel": delora_jax.Rule(3, lam=3.0, init="paper"),
+  }
   tree = jax_tree(rules=rules)
   ads = delora_jax.adapters(tree)  # move the paper adapter off its (zero-update) start
   ads["lin2/kernel"]["b"] = ads["lin2/kernel"]["b"] * 1.5
@@ -161,9 +169,11 @@ def test_export_lora_reproduces_outputs_in_peft(tmp_path):
 
 
 def test_to_lora_is_the_exact_update():
-  for kernel_shape, rule in [((12, 32), delora_jax.Rule(4, init="random")),
-                             ((3, 12, 8), delora_jax.Rule(2, init="random", stack_axes=1)),
-                             ((12, 8), delora_jax.Rule(2, init="paper"))]:
+  for kernel_shape, rule in [
+    ((12, 32), delora_jax.Rule(4, init="random")),
+    ((3, 12, 8), delora_jax.Rule(2, init="random", stack_axes=1)),
+    ((12, 8), delora_jax.Rule(2, init="paper")),
+  ]:
     w = jax.random.normal(jax.random.key(0), kernel_shape)
     tree = delora_jax.wrap({"k": w}, {"k": rule})
     f = delora_jax.to_lora(tree)["k"]
@@ -187,8 +197,9 @@ class Stacked(torch.nn.Module):
 
 def test_stacked_kernels_export_one_module_per_layer(tmp_path):
   w = jax.random.normal(jax.random.key(1), (3, 12, 16))
-  tree = delora_jax.wrap({"layers": {"proj": {"kernel": w}}},
-                         {"layers/proj/kernel": delora_jax.Rule(4, init="random", stack_axes=1)})
+  tree = delora_jax.wrap(
+    {"layers": {"proj": {"kernel": w}}}, {"layers/proj/kernel": delora_jax.Rule(4, init="random", stack_axes=1)}
+  )
   out = delora_jax.peft.export(tree, tmp_path / "s", module_names={"layers/proj/kernel": "layers.{}"})
   model = peft.PeftModel.from_pretrained(Stacked(w), out)
   x = x_batch(3)
@@ -220,39 +231,59 @@ def test_nd_kernel_needs_flatten_nd_and_conv_is_refused(tmp_path):
 
 def collections_od(**mods):
   import collections
+
   return collections.OrderedDict(mods)
 
 
 def test_llama_and_bert_mappings_name_real_hf_modules(tmp_path):
   from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
   torch.manual_seed(0)
-  llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+  llama = LlamaForCausalLM(
+    LlamaConfig(
+      hidden_size=16,
+      intermediate_size=24,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      vocab_size=32,
+    )
+  )
   params = {}
   for name, t in llama.state_dict().items():
     if name.endswith("proj.weight") or name == "lm_head.weight":
-      parts = name[:-len(".weight")].removeprefix("model.").split(".")
+      parts = name[: -len(".weight")].removeprefix("model.").split(".")
       path = "/".join([f"layers_{parts[1]}", *parts[2:]] if parts[0] == "layers" else parts)
       params[path + "/kernel"] = jnp.asarray(tm.t2n(t).T)
   assert {delora_jax.peft.llama_module_names(p) for p in params} == {
-      n for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear)}
+    n for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear)
+  }
   tree = delora_jax.wrap(params, {".*proj/kernel": delora_jax.Rule(2, init="random")})
   out = delora_jax.peft.export(tree, tmp_path / "llama", module_names=delora_jax.peft.llama_module_names)
   model = peft.PeftModel.from_pretrained(llama, out)
   q = model.base_model.model.model.layers[1].self_attn.q_proj
-  np.testing.assert_allclose(tm.t2n(q.get_delta_weight("default")).T,
-                             np.asarray(delora_jax.delta(tree)["layers_1/self_attn/q_proj/kernel"]),
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    tm.t2n(q.get_delta_weight("default")).T,
+    np.asarray(delora_jax.delta(tree)["layers_1/self_attn/q_proj/kernel"]),
+    rtol=1e-5,
+    atol=1e-7,
+  )
   assert delora_jax.peft.llama_module_names("layers/self_attn/o_proj/kernel") == "model.layers.{}.self_attn.o_proj"
   assert delora_jax.peft.llama_module_names("embed_tokens/embedding") is None
 
-  bert = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                                  intermediate_size=12, vocab_size=20))
+  bert = BertForSequenceClassification(
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12, vocab_size=20)
+  )
   linear = {n for n, m in bert.named_modules() if isinstance(m, torch.nn.Linear)} - {"classifier"}
-  paths = ["encoder/layer_0/attention/self/query/kernel", "encoder/layer_0/attention/self/key/kernel",
-           "encoder/layer_0/attention/self/value/kernel", "encoder/layer_0/attention/output/dense/kernel",
-           "encoder/layer_0/intermediate/dense/kernel", "encoder/layer_0/output/dense/kernel",
-           "pooler/dense/kernel"]
+  paths = [
+    "encoder/layer_0/attention/self/query/kernel",
+    "encoder/layer_0/attention/self/key/kernel",
+    "encoder/layer_0/attention/self/value/kernel",
+    "encoder/layer_0/attention/output/dense/kernel",
+    "encoder/layer_0/intermediate/dense/kernel",
+    "encoder/layer_0/output/dense/kernel",
+    "pooler/dense/kernel",
+  ]
   names = delora_jax.peft.bert_module_names(prefix="bert.")
   assert {names(p) for p in paths} == linear
   assert names("encoder/layer/output/dense/kernel") == "bert.encoder.layer.{}.output.dense"
@@ -269,19 +300,29 @@ def stacked_tree():
 
 
 EXPORT_ERRORS = {
-    "paper": (lambda: jax_tree(rules={".*kernel": delora_jax.Rule(2, init="paper")}), NAMES, {},
-              ValueError, "init='paper'"),
-    "dict_missing": (jax_tree, {"lin0/kernel": "lin0"}, {}, ValueError, "has no entry"),
-    "callable_none": (jax_tree, lambda p: None, {}, ValueError, "gives no torch module name"),
-    "template_unstacked": (jax_tree, lambda p: "x.{}", {}, ValueError, "is not stacked"),
-    "single_for_stacked": (stacked_tree, {"l/kernel": "l"}, {}, ValueError, "must give 3 names"),
-    "wrong_count": (stacked_tree, {"l/kernel": ["a", "b"]}, {}, ValueError, "gave 2 names, expected 3"),
-    "duplicate": (jax_tree, lambda p: "same", {}, ValueError, "distinct names"),
-    "bad_type": (jax_tree, 3, {}, TypeError, "must be a callable"),
-    "bad_value": (jax_tree, lambda p: 3, {}, TypeError, "must give a str"),
-    "dropouts": (lambda: jax_tree(rules={"lin0/kernel": delora_jax.Rule(2, dropout=0.1),
-                                         "lin[12]/kernel": 2}), NAMES, {}, ValueError, "different dropout"),
-    "rules_miss": (jax_tree, NAMES, {"rules": {"lin0/kernel": 2}}, ValueError, "no pattern of `rules`"),
+  "paper": (
+    lambda: jax_tree(rules={".*kernel": delora_jax.Rule(2, init="paper")}),
+    NAMES,
+    {},
+    ValueError,
+    "init='paper'",
+  ),
+  "dict_missing": (jax_tree, {"lin0/kernel": "lin0"}, {}, ValueError, "has no entry"),
+  "callable_none": (jax_tree, lambda p: None, {}, ValueError, "gives no torch module name"),
+  "template_unstacked": (jax_tree, lambda p: "x.{}", {}, ValueError, "is not stacked"),
+  "single_for_stacked": (stacked_tree, {"l/kernel": "l"}, {}, ValueError, "must give 3 names"),
+  "wrong_count": (stacked_tree, {"l/kernel": ["a", "b"]}, {}, ValueError, "gave 2 names, expected 3"),
+  "duplicate": (jax_tree, lambda p: "same", {}, ValueError, "distinct names"),
+  "bad_type": (jax_tree, 3, {}, TypeError, "must be a callable"),
+  "bad_value": (jax_tree, lambda p: 3, {}, TypeError, "must give a str"),
+  "dropouts": (
+    lambda: jax_tree(rules={"lin0/kernel": delora_jax.Rule(2, dropout=0.1), "lin[12]/kernel": 2}),
+    NAMES,
+    {},
+    ValueError,
+    "different dropout",
+  ),
+  "rules_miss": (jax_tree, NAMES, {"rules": {"lin0/kernel": 2}}, ValueError, "no pattern of `rules`"),
 }
 
 
@@ -315,20 +356,26 @@ def _tamper(src, dst, *, config=None, tensors=None):
 
 K = "base_model.model.lin2.delora_"
 LOAD_ERRORS = {
-    "peft_type": (dict(config=lambda c: c.update(peft_type="LORA")), "expected 'DELORA'"),
-    "r_type": (dict(config=lambda c: c.update(r="4")), "adapter_config.json: `r` must be a positive integer; got '4'"),
-    "extra_tensor": (dict(tensors=lambda t: t.update({"base_model.model.head.weight": np.ones(2, np.float32)})),
-                     "head.weight: no leaf of the target tree maps to this tensor"),
-    "missing_module": (dict(tensors=lambda t: [t.pop(K + f) for f in ("A", "B", "lambda", "w_norm")]),
-                       "absent from the file"),
-    "unexpected_module": (dict(tensors=lambda t: t.update({"base_model.model.lin9.delora_A": t[K + "A"]})),
-                          "lin9: in the file, not adapted"),
-    "rank": (dict(config=lambda c: c.update(rank_pattern={})), "rank 4 in adapter_config.json, 2 in the target"),
-    "shape": (dict(tensors=lambda t: t.update({K + "B": np.ones((5, 4), np.float32)})), "shape \\(5, 4\\)"),
-    "missing_tensor": (dict(tensors=lambda t: t.pop(K + "B")), "tensors \\['delora_B'\\] missing"),
-    "lam_nan": (dict(tensors=lambda t: t.update({K + "lambda": np.full(1, np.nan, np.float32)})), "not finite"),
-    "not_targeted": (dict(config=lambda c: c.update(target_modules=["lin0", "lin1"])), "not selected by"),
-    "other_base": (dict(tensors=lambda t: t.update({K + "w_norm": t[K + "w_norm"] * 1.1})), "base kernel differs"),
+  "peft_type": (dict(config=lambda c: c.update(peft_type="LORA")), "expected 'DELORA'"),
+  "r_type": (dict(config=lambda c: c.update(r="4")), "adapter_config.json: `r` must be a positive integer; got '4'"),
+  "extra_tensor": (
+    dict(tensors=lambda t: t.update({"base_model.model.head.weight": np.ones(2, np.float32)})),
+    "head.weight: no leaf of the target tree maps to this tensor",
+  ),
+  "missing_module": (
+    dict(tensors=lambda t: [t.pop(K + f) for f in ("A", "B", "lambda", "w_norm")]),
+    "absent from the file",
+  ),
+  "unexpected_module": (
+    dict(tensors=lambda t: t.update({"base_model.model.lin9.delora_A": t[K + "A"]})),
+    "lin9: in the file, not adapted",
+  ),
+  "rank": (dict(config=lambda c: c.update(rank_pattern={})), "rank 4 in adapter_config.json, 2 in the target"),
+  "shape": (dict(tensors=lambda t: t.update({K + "B": np.ones((5, 4), np.float32)})), "shape \\(5, 4\\)"),
+  "missing_tensor": (dict(tensors=lambda t: t.pop(K + "B")), "tensors \\['delora_B'\\] missing"),
+  "lam_nan": (dict(tensors=lambda t: t.update({K + "lambda": np.full(1, np.nan, np.float32)})), "not finite"),
+  "not_targeted": (dict(config=lambda c: c.update(target_modules=["lin0", "lin1"])), "not selected by"),
+  "other_base": (dict(tensors=lambda t: t.update({K + "w_norm": t[K + "w_norm"] * 1.1})), "base kernel differs"),
 }
 
 

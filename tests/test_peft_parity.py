@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
-
-import torch
 import peft
+import pytest
+import torch
 
 import delora_jax
 from tests import torch_mlp as tm
@@ -20,13 +19,17 @@ def rel_err(got, want):
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def make_pair(seed, *, init_weights, r=4, lam=15.0, rank_pattern=None, lambda_pattern=None,
-              targets=tm.NAMES):
+def make_pair(seed, *, init_weights, r=4, lam=15.0, rank_pattern=None, lambda_pattern=None, targets=tm.NAMES):
   torch.manual_seed(seed)
   base = tm.TorchMLP()
-  cfg = peft.DeloraConfig(r=r, delora_lambda=lam, target_modules=list(targets),
-                          init_weights=init_weights, rank_pattern=rank_pattern or {},
-                          lambda_pattern=lambda_pattern or {})
+  cfg = peft.DeloraConfig(
+    r=r,
+    delora_lambda=lam,
+    target_modules=list(targets),
+    init_weights=init_weights,
+    rank_pattern=rank_pattern or {},
+    lambda_pattern=lambda_pattern or {},
+  )
   pm = peft.get_peft_model(base, cfg)
   return pm
 
@@ -39,8 +42,10 @@ def jax_tree_from(pm, rules):
 
 def batches(seed, n, batch=16):
   rng = np.random.default_rng(seed)
-  return [(rng.standard_normal((batch, tm.SIZES[0]), np.float32),
-           rng.standard_normal((batch, tm.SIZES[-1]), np.float32)) for _ in range(n)]
+  return [
+    (rng.standard_normal((batch, tm.SIZES[0]), np.float32), rng.standard_normal((batch, tm.SIZES[-1]), np.float32))
+    for _ in range(n)
+  ]
 
 
 def jax_loss(trainable, frozen, x, y):
@@ -53,13 +58,16 @@ def torch_loss(pm, x, y):
 
 
 RULE_CASES = {
-    "uniform": (dict(r=4, lam=15.0), {".*kernel": delora_jax.Rule(4, lam=15.0)}),
-    "patterns": (
-        dict(r=4, lam=7.0, rank_pattern={"lin1": 2}, lambda_pattern={"lin0": 3.0, "lin2": 11.0}),
-        {"lin1/kernel": delora_jax.Rule(2, lam=7.0), "lin0/kernel": delora_jax.Rule(4, lam=3.0),
-         "lin2/kernel": delora_jax.Rule(4, lam=11.0)},
-    ),
-    "subset": (dict(r=3, lam=5.0, targets=("lin0", "lin2")), {"lin[02]/kernel": delora_jax.Rule(3, lam=5.0)}),
+  "uniform": (dict(r=4, lam=15.0), {".*kernel": delora_jax.Rule(4, lam=15.0)}),
+  "patterns": (
+    dict(r=4, lam=7.0, rank_pattern={"lin1": 2}, lambda_pattern={"lin0": 3.0, "lin2": 11.0}),
+    {
+      "lin1/kernel": delora_jax.Rule(2, lam=7.0),
+      "lin0/kernel": delora_jax.Rule(4, lam=3.0),
+      "lin2/kernel": delora_jax.Rule(4, lam=11.0),
+    },
+  ),
+  "subset": (dict(r=3, lam=5.0, targets=("lin0", "lin2")), {"lin[02]/kernel": delora_jax.Rule(3, lam=5.0)}),
 }
 
 
@@ -68,7 +76,7 @@ def test_forward_and_gradients_match_peft(case):
   peft_kw, rules = RULE_CASES[case]
   pm = make_pair(0, init_weights=False, **peft_kw)
   tree = jax_tree_from(pm, rules)
-  (x, y), = batches(1, 1)
+  ((x, y),) = batches(1, 1)
   with torch.no_grad():
     want = tm.t2n(pm(torch.from_numpy(x)))
   got = delora_jax.apply(tm.FlaxMLP(), {"params": tree}, x, strict=True)

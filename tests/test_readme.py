@@ -26,8 +26,9 @@ def test_ci_runs_the_readme_test_command():
 def test_quickstart_is_examples_quickstart_verbatim_and_runs():
   block = re.search(r"## Quickstart.*?```python\n(.*?)```", readme(), re.S).group(1)
   assert block.strip() == (ROOT / "examples" / "quickstart.py").read_text().strip()
-  out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
+  out = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=300, cwd=ROOT
+  )
   assert out.returncode == 0, out.stderr
   before, after = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
   assert after < 0.8 * before

@@ -28,10 +28,10 @@ RTOL = 1e-5
 # tunix builds its models with flax APIs flax now deprecates (its code, not ours: the
 # `sharding` metadata name, nnx.State in create_dummy_model, `Variable.value`, pxla.thread_resources in `shard`).
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:'.value' access is now deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:jax.interpreters.pxla.thread_resources:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:`flax.nnx.State` will be deprecated:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:'.value' access is now deprecated:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:jax.interpreters.pxla.thread_resources:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:`flax.nnx.State` will be deprecated:DeprecationWarning"),
 ]
 
 
@@ -54,19 +54,31 @@ def tokens(b=2, t=8, vocab=64):
 
 # ---------------------------------------------------------------- gemma (Linen)
 
-GEMMA_RULES = {r"layer_\d+/attn/.*/w": delora_jax.Rule(4, 2.0, init="random"),
-               r"layer_\d+/mlp/(gating_einsum|linear)": delora_jax.Rule(4, 2.0, init="random")}
-GEMMA_KERNELS = [f"layer_{i}/{k}" for i in range(2) for k in (
-    "attn/attn_vec_einsum/w", "attn/kv_einsum/w", "attn/q_einsum/w", "mlp/gating_einsum",
-    "mlp/linear")]
+GEMMA_RULES = {
+  r"layer_\d+/attn/.*/w": delora_jax.Rule(4, 2.0, init="random"),
+  r"layer_\d+/mlp/(gating_einsum|linear)": delora_jax.Rule(4, 2.0, init="random"),
+}
+GEMMA_KERNELS = [
+  f"layer_{i}/{k}"
+  for i in range(2)
+  for k in ("attn/attn_vec_einsum/w", "attn/kv_einsum/w", "attn/q_einsum/w", "mlp/gating_einsum", "mlp/linear")
+]
 
 
 @pytest.fixture(scope="module")
 def gemma():
   cfg = gm_config.TransformerConfig(
-      num_embed=64, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8, num_kv_heads=2,
-      final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
-      attention_types=(gm_modules.AttentionType.GLOBAL,) * 2)
+    num_embed=64,
+    embed_dim=32,
+    hidden_dim=48,
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    final_logit_softcap=None,
+    use_post_attn_norm=True,
+    use_post_ffw_norm=True,
+    attention_types=(gm_modules.AttentionType.GLOBAL,) * 2,
+  )
   model = gm.nn.Transformer(config=cfg)
   tok = tokens()
   params = model.init(jax.random.key(0), tok)["params"]
@@ -99,9 +111,12 @@ def test_gemma_layouts_inferred_every_kernel_factorised_equal_to_merged(gemma):
 
   def loss(t, factorised):
     full = delora_jax.combine(t, frozen)
-    out = (delora_jax.apply(model, {"params": full}, tok, strict=True) if factorised
-           else model.apply({"params": delora_jax.merge(full)}, tok))
-    return jnp.mean(out.logits ** 2)
+    out = (
+      delora_jax.apply(model, {"params": full}, tok, strict=True)
+      if factorised
+      else model.apply({"params": delora_jax.merge(full)}, tok)
+    )
+    return jnp.mean(out.logits**2)
 
   g = jax.grad(loss)(trainable, True)
   g_ref = jax.grad(loss)(trainable, False)
@@ -150,24 +165,44 @@ def test_gemma_train_step_lowers_loss_and_eager_calls_do_not_retrace(gemma, monk
 
 # ---------------------------------------------------------------- tunix (NNX)
 
-TUNIX_RULES = {r"layers/\d+/attn/.*/w": delora_jax.Rule(4, 2.0, init="random"),
-               r"layers/\d+/mlp/.*/kernel": delora_jax.Rule(4, 2.0, init="random")}
+TUNIX_RULES = {
+  r"layers/\d+/attn/.*/w": delora_jax.Rule(4, 2.0, init="random"),
+  r"layers/\d+/mlp/.*/kernel": delora_jax.Rule(4, 2.0, init="random"),
+}
 
 
 def _llama3():
-  cfg = tunix_llama3.ModelConfig(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=48,
-                                 num_heads=4, head_dim=8, num_kv_heads=2, rope_theta=10000,
-                                 norm_eps=1e-5)
-  return dummy_model_creator.create_dummy_model(tunix_llama3.Llama3, cfg, dtype=jnp.float32,
-                                                random_seed=0, scale=0.05), 14
+  cfg = tunix_llama3.ModelConfig(
+    num_layers=2,
+    vocab_size=64,
+    embed_dim=32,
+    hidden_dim=48,
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    rope_theta=10000,
+    norm_eps=1e-5,
+  )
+  return dummy_model_creator.create_dummy_model(
+    tunix_llama3.Llama3, cfg, dtype=jnp.float32, random_seed=0, scale=0.05
+  ), 14
 
 
 def _gemma3():
-  cfg = tunix_gemma3.ModelConfig(num_layers=2, num_embed=64, embed_dim=32, hidden_dim=48,
-                                 num_heads=4, head_dim=8, num_kv_heads=2, sliding_window_size=4,
-                                 param_dtype=jnp.float32)
-  return dummy_model_creator.create_dummy_model(tunix_gemma3.Gemma3, cfg, dtype=jnp.float32,
-                                                random_seed=0, scale=0.05), 12
+  cfg = tunix_gemma3.ModelConfig(
+    num_layers=2,
+    num_embed=64,
+    embed_dim=32,
+    hidden_dim=48,
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    sliding_window_size=4,
+    param_dtype=jnp.float32,
+  )
+  return dummy_model_creator.create_dummy_model(
+    tunix_gemma3.Gemma3, cfg, dtype=jnp.float32, random_seed=0, scale=0.05
+  ), 12
 
 
 def tunix_args(b=2, t=8):
@@ -204,9 +239,11 @@ def test_tunix_every_kernel_factorised_equal_to_merged_and_trains(make):
     assert rel(flat[p], b) < RTOL, jax.tree_util.keystr(p)
 
   # a jitted train step through nnx.Optimizer on DeloraParam lowers the loss
-  opt = nnx.Optimizer(adapted, delora_jax.optimizer(optax.adamw, learning_rate=3e-2,
-                                                    lam_learning_rate=0.3),
-                      wrt=delora_jax.nnx.DeloraParam)
+  opt = nnx.Optimizer(
+    adapted,
+    delora_jax.optimizer(optax.adamw, learning_rate=3e-2, lam_learning_rate=0.3),
+    wrt=delora_jax.nnx.DeloraParam,
+  )
   tok = args[0]
   target = jax.nn.one_hot(jnp.roll(tok, -1, axis=1), 64)
 
@@ -214,6 +251,7 @@ def test_tunix_every_kernel_factorised_equal_to_merged_and_trains(make):
   def step(m, opt):
     def loss(m):
       return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(m(*args)[0]), axis=-1))
+
     value, g = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, delora_jax.nnx.DeloraParam))(m)
     opt.update(m, g)
     return value

@@ -12,8 +12,9 @@ import pytest
 import delora_jax
 
 
-@pytest.mark.parametrize("lam, dtype", [(1e39, "float32"), (7e4, "float16"), (1e5, "float16")],
-                         ids=["f32", "f16", "f16_big"])
+@pytest.mark.parametrize(
+  "lam, dtype", [(1e39, "float32"), (7e4, "float16"), (1e5, "float16")], ids=["f32", "f16", "f16_big"]
+)
 def test_lam_that_overflows_the_adapter_dtype_is_refused(lam, dtype):
   with pytest.raises(ValueError, match=rf"`lam`=.* overflows the adapter dtype {dtype}"):
     delora_jax.Rule(4, lam, dtype=dtype)
@@ -24,22 +25,28 @@ def test_lam_zero_with_peft_init_is_refused_and_allowed_otherwise():
   with pytest.raises(ValueError, match="zero gradients .* could never train"):
     delora_jax.Rule(4, 0.0)
   # With a random b, λ itself gets a gradient and moves off 0.
-  tree = delora_jax.wrap({"kernel": jax.random.normal(jax.random.key(0), (6, 5))},
-                         {"kernel": delora_jax.Rule(2, 0.0, init="random")})
+  tree = delora_jax.wrap(
+    {"kernel": jax.random.normal(jax.random.key(0), (6, 5))}, {"kernel": delora_jax.Rule(2, 0.0, init="random")}
+  )
   trainable, frozen = delora_jax.split(tree)
   x = jax.random.normal(jax.random.key(1), (3, 6))
   g = jax.grad(lambda t: jnp.sum((x @ delora_jax.merge(delora_jax.combine(t, frozen))["kernel"]) ** 2))(trainable)
   assert float(jnp.abs(g["kernel"].lam)) > 0.0
 
 
-@pytest.mark.parametrize("call, match", [
+@pytest.mark.parametrize(
+  "call, match",
+  [
     (lambda: delora_jax.Rule(4, dropout="x"), r"`dropout` must be a probability"),
     (lambda: delora_jax.Rule(4, dropout=True), r"`dropout` must be a probability"),
-    (lambda: delora_jax.split(delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2}),
-                              extra_trainable=3), r"`extra_trainable` must be a regex string"),
-    (lambda: delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2}, key=0),
-     r"`key` must be a PRNG key"),
-], ids=["dropout_str", "dropout_bool", "extra_trainable_int", "key_int"])
+    (
+      lambda: delora_jax.split(delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2}), extra_trainable=3),
+      r"`extra_trainable` must be a regex string",
+    ),
+    (lambda: delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2}, key=0), r"`key` must be a PRNG key"),
+  ],
+  ids=["dropout_str", "dropout_bool", "extra_trainable_int", "key_int"],
+)
 def test_type_errors_name_the_argument(call, match):
   with pytest.raises(TypeError, match=match):
     call()
@@ -47,14 +54,12 @@ def test_type_errors_name_the_argument(call, match):
 
 def test_raw_uint32_keys_still_work():
   a = delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2}, key=jax.random.PRNGKey(3))
-  b = delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2},
-                      key=np.asarray(jax.random.PRNGKey(3)))
+  b = delora_jax.wrap({"kernel": jnp.ones((4, 4))}, {"kernel": 2}, key=np.asarray(jax.random.PRNGKey(3)))
   np.testing.assert_array_equal(a["kernel"].a, b["kernel"].a)
 
 
 def test_none_leaves_survive_split_and_combine():
-  tree = delora_jax.wrap({"dense": {"kernel": jnp.ones((4, 4)), "bias": None}, "opt": None},
-                         {"dense/kernel": 2})
+  tree = delora_jax.wrap({"dense": {"kernel": jnp.ones((4, 4)), "bias": None}, "opt": None}, {"dense/kernel": 2})
   back = delora_jax.combine(*delora_jax.split(tree))
   assert back["opt"] is None and back["dense"]["bias"] is None
   np.testing.assert_array_equal(back["dense"]["kernel"].w, tree["dense"]["kernel"].w)
@@ -73,12 +78,20 @@ def test_safe_merge_blames_a_broken_base_kernel_not_the_adapter():
 
 def test_conftest_keeps_the_users_xla_flags():
   """The test setup adds the 8-device flag to XLA_FLAGS the user already has."""
-  code = ("import os, sys; sys.path.insert(0, os.getcwd()); import tests.conftest, jax; "
-          "print(os.environ['XLA_FLAGS']); print(jax.local_device_count())")
+  code = (
+    "import os, sys; sys.path.insert(0, os.getcwd()); import tests.conftest, jax; "
+    "print(os.environ['XLA_FLAGS']); print(jax.local_device_count())"
+  )
   for flags in ("", "--xla_cpu_enable_fast_math=false"):
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+      [sys.executable, "-c", code],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr
     got_flags, devices = out.stdout.strip().splitlines()[-2:]
     assert flags in got_flags and "--xla_force_host_platform_device_count=8" in got_flags
@@ -87,14 +100,17 @@ def test_conftest_keeps_the_users_xla_flags():
 
 def test_paper_init_bound_holds_for_the_trained_part_exactly():
   from delora_jax import _kernel
+
   w = jax.random.normal(jax.random.key(0), (12, 10))
   tree = delora_jax.wrap({"kernel": w}, {"kernel": delora_jax.Rule(4, 2.0, init="paper")})
   for seed in range(4):  # as if trained: a, b and λ moved
     ks = jax.random.split(jax.random.key(seed), 3)
     t = delora_jax._tree.map_kernels(
-        lambda _, k, ks=ks, seed=seed: k.replace(a=k.a + jax.random.normal(ks[0], k.a.shape),
-                                                 b=k.b + jax.random.normal(ks[1], k.b.shape),
-                                                 lam=k.lam * (1 + seed)), tree)
+      lambda _, k, ks=ks, seed=seed: k.replace(
+        a=k.a + jax.random.normal(ks[0], k.a.shape), b=k.b + jax.random.normal(ks[1], k.b.shape), lam=k.lam * (1 + seed)
+      ),
+      tree,
+    )
     k = t["kernel"]
     lam = float(jnp.abs(k.lam))
     trained = k.a * _kernel.scales(k.a, k.b, k.lam)[..., None, :] @ k.b
@@ -107,16 +123,21 @@ def test_paper_init_bound_holds_for_the_trained_part_exactly():
 
 def test_wrong_input_width_names_the_kernel():
   import flax.linen as nn
+
   model = nn.Dense(4)
   params = model.init(jax.random.key(0), jnp.ones((1, 6)))["params"]
   tree = delora_jax.wrap(params, {"kernel": 2})
-  with pytest.raises(ValueError, match=r"kernel: the layer's input has trailing shape \(5,\), "
-                                       r"but its kernel \(6, 4\) expects inputs of shape \(6,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"kernel: the layer's input has trailing shape \(5,\), "
+    r"but its kernel \(6, 4\) expects inputs of shape \(6,\)",
+  ):
     delora_jax.apply(model, {"params": tree}, jnp.ones((2, 5)))
 
 
 def test_optimizer_without_the_split_extra_trainable_is_an_error_at_init():
   import optax
+
   tree = delora_jax.wrap({"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}, {"kernel": 2})
   trainable, _ = delora_jax.split(tree, extra_trainable=".*bias")
   with pytest.raises(ValueError, match=r"bias is in the trainable half .* never train"):
@@ -128,23 +149,30 @@ def test_optimizer_without_the_split_extra_trainable_is_an_error_at_init():
 
 # --- #4: float16 adapters ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("init", ["peft", "random", "paper"])
 def test_float16_adapters_are_finite_and_match_float32(init):
   from tests.models import MLP  # noqa: PLC0415
+
   model, x = MLP(), jax.random.normal(jax.random.key(0), (16, 8))
   params = model.init(jax.random.key(1), x)["params"]
   tree16 = delora_jax.wrap(params, {"hidden/kernel": delora_jax.Rule(4, 2.0, init=init, dtype="float16")})
   k16 = tree16["hidden"]["kernel"]
   # The same adapter values in float32 (random draws differ between dtypes).
-  k32 = k16.replace(**{f: getattr(k16, f).astype(jnp.float32) for f in ("a", "b", "lam", "w_norm")
-                       if getattr(k16, f) is not None},
-                    **({"res_a": k16.res_a.astype(jnp.float32), "res_b": k16.res_b.astype(jnp.float32)}
-                       if k16.res_a is not None else {}))
+  k32 = k16.replace(
+    **{f: getattr(k16, f).astype(jnp.float32) for f in ("a", "b", "lam", "w_norm") if getattr(k16, f) is not None},
+    **(
+      {"res_a": k16.res_a.astype(jnp.float32), "res_b": k16.res_b.astype(jnp.float32)} if k16.res_a is not None else {}
+    ),
+  )
   out = {}
   for dtype, k in (("float16", k16), ("float32", k32)):
     tree = {**tree16, "hidden": {**tree16["hidden"], "kernel": k}}
     trainable, frozen = delora_jax.split(tree)
-    loss = lambda t: jnp.mean(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x) ** 2)  # noqa: E731
+
+    def loss(t, frozen=frozen):
+      return jnp.mean(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x) ** 2)
+
     value, grads = jax.value_and_grad(loss)(trainable)
     merged = delora_jax.merge(tree)["hidden"]["kernel"]
     for leaf in [value, merged, *jax.tree.leaves(grads)]:
@@ -159,6 +187,7 @@ def test_float16_adapters_are_finite_and_match_float32(init):
 
 def test_float16_zero_b_norm_is_clamped_not_zero():
   from delora_jax import _kernel  # noqa: PLC0415
+
   b = jnp.zeros((3, 5), jnp.float16)
   norm = _kernel.clamped_norm(b, -1)
   np.testing.assert_allclose(norm, _kernel.NORM_EPS, rtol=1e-6)  # 1e-8 is 0 in float16
@@ -170,10 +199,13 @@ def test_float16_zero_b_norm_is_clamped_not_zero():
 
 # --- #7: huge learning rates -------------------------------------------------------------
 
+
 def _quickstart_run(tx, steps, **hyper):
   """The README quickstart's model and loop; returns the per-step losses and the final tree."""
-  from tests.models import MLP  # noqa: PLC0415
   import optax  # noqa: PLC0415
+
+  from tests.models import MLP  # noqa: PLC0415
+
   model, x = MLP(), jax.random.normal(jax.random.key(0), (256, 8))
   y = jnp.sin(x.sum(axis=1, keepdims=True))
   params = model.init(jax.random.key(1), x)["params"]
@@ -198,12 +230,21 @@ def _quickstart_run(tx, steps, **hyper):
   return np.asarray(losses), delora_jax.combine(trainable, frozen)
 
 
-@pytest.mark.parametrize("name, hyper", [
-    ("adamw", {"weight_decay": 0.01}), ("adamw", {"weight_decay": 0.1}), ("adam", {}),
-    ("nadamw", {"weight_decay": 0.01}), ("adamax", {}), ("amsgrad", {}),
-], ids=["adamw_wd0.01", "adamw_wd0.1", "adam", "nadamw", "adamax", "amsgrad"])
+@pytest.mark.parametrize(
+  "name, hyper",
+  [
+    ("adamw", {"weight_decay": 0.01}),
+    ("adamw", {"weight_decay": 0.1}),
+    ("adam", {}),
+    ("nadamw", {"weight_decay": 0.01}),
+    ("adamax", {}),
+    ("amsgrad", {}),
+  ],
+  ids=["adamw_wd0.01", "adamw_wd0.1", "adam", "nadamw", "adamax", "amsgrad"],
+)
 def test_adam_family_at_lr_1e3_stays_finite_with_the_bound_held(name, hyper):
   import optax  # noqa: PLC0415
+
   losses, tree = _quickstart_run(getattr(optax, name), 400, learning_rate=1e3, **hyper)
   assert np.all(np.isfinite(losses)), np.flatnonzero(~np.isfinite(losses))[:5]
   k = tree["hidden"]["kernel"]
@@ -216,9 +257,12 @@ def test_adam_family_at_lr_1e3_stays_finite_with_the_bound_held(name, hyper):
 
 def test_factor_bound_does_not_touch_updates_in_the_normal_range():
   import optax  # noqa: PLC0415
+
   from delora_jax import _optim  # noqa: PLC0415
-  tree = delora_jax.wrap({"kernel": jax.random.normal(jax.random.key(0), (8, 6))},
-                         {"kernel": delora_jax.Rule(3, 2.0, init="random")})
+
+  tree = delora_jax.wrap(
+    {"kernel": jax.random.normal(jax.random.key(0), (8, 6))}, {"kernel": delora_jax.Rule(3, 2.0, init="random")}
+  )
   trainable, _ = delora_jax.split(tree)
   updates = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), trainable)
   got, _ = _optim.bounded_factors().update(updates, optax.EmptyState(), trainable)
@@ -228,13 +272,16 @@ def test_factor_bound_does_not_touch_updates_in_the_normal_range():
 
 def test_factor_bound_rescales_unseen_by_the_model():
   import optax  # noqa: PLC0415
+
   from delora_jax import _optim  # noqa: PLC0415
-  tree = delora_jax.wrap({"kernel": jax.random.normal(jax.random.key(0), (8, 6))},
-                         {"kernel": delora_jax.Rule(3, 2.0, init="random")})
+
+  tree = delora_jax.wrap(
+    {"kernel": jax.random.normal(jax.random.key(0), (8, 6))}, {"kernel": delora_jax.Rule(3, 2.0, init="random")}
+  )
   trainable, frozen = delora_jax.split(tree)
   k = trainable["kernel"]
   # An update that multiplies the factors by -9 (AdamW at lr=1e3, weight_decay=0.01), 12 times over.
-  grow = k.replace(a=k.a * (-(9.0 ** 12) - 1), b=k.b * (-(9.0 ** 12) - 1), lam=jnp.zeros_like(k.lam))
+  grow = k.replace(a=k.a * (-(9.0**12) - 1), b=k.b * (-(9.0**12) - 1), lam=jnp.zeros_like(k.lam))
   got, _ = _optim.bounded_factors().update({"kernel": grow}, optax.EmptyState(), trainable)
   new = optax.apply_updates(trainable, got)["kernel"]
   limit = _optim.factor_limit(jnp.float32)
@@ -246,6 +293,7 @@ def test_factor_bound_rescales_unseen_by_the_model():
 
 
 # --- #1: keys holding '/' ----------------------------------------------------------------
+
 
 def test_keys_holding_a_slash_that_collide_are_refused_everywhere():
   w1, w2 = jnp.ones((4, 4)), 2 * jnp.ones((4, 4))
@@ -271,7 +319,9 @@ def test_keys_holding_a_slash_without_a_collision_still_work(tmp_path):
 
 
 def test_an_empty_kernel_is_refused_by_name():
-  with pytest.raises(ValueError, match=r"enc/kernel: rules pattern '.\*kernel' matched a kernel of shape \(0, 4\), which has no entries"):
+  with pytest.raises(
+    ValueError, match=r"enc/kernel: rules pattern '.\*kernel' matched a kernel of shape \(0, 4\), which has no entries"
+  ):
     delora_jax.wrap({"enc": {"kernel": jnp.ones((0, 4))}}, {".*kernel": 2})
 
 
@@ -289,8 +339,9 @@ def test_nnx_adamw_at_lr_1e3_stays_finite():
   x = jax.random.normal(jax.random.key(0), (256, 8))
   y = jnp.sin(x.sum(axis=1, keepdims=True))
   model = delora_jax.nnx.wrap(MLP(nnx.Rngs(1)), {"hidden/kernel": delora_jax.Rule(4, 4.0)})
-  opt = nnx.Optimizer(model, delora_jax.optimizer(optax.adamw, learning_rate=1e3, weight_decay=0.01),
-                      wrt=delora_jax.nnx.DeloraParam)
+  opt = nnx.Optimizer(
+    model, delora_jax.optimizer(optax.adamw, learning_rate=1e3, weight_decay=0.01), wrt=delora_jax.nnx.DeloraParam
+  )
 
   @nnx.jit
   def step(model, opt):

@@ -87,10 +87,14 @@ def test_collectives_in_a_scan_count_its_trip_count():
   assert got["by_kind"]["all-gather"]["count"] == sum(op["times"] for op in gathers)
 
 
-@pytest.mark.parametrize("argv, match", [
+@pytest.mark.parametrize(
+  "argv, match",
+  [
     (["--mesh", "4y2"], "is not a mesh shape"),
     (["--modes", "delora,qlora"], "unknown \\['qlora'\\]"),
-], ids=["mesh", "mode"])
+  ],
+  ids=["mesh", "mode"],
+)
 def test_cli_errors(argv, match, capsys):
   with pytest.raises(SystemExit):
     scale.parse(argv)

@@ -1,7 +1,5 @@
 """wrap / unwrap / merge / adapters / with_adapters / split / combine, and every error path."""
 
-import copy
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,6 @@ from hypothesis import strategies as st
 
 import delora_jax
 from delora_jax import Rule, _kernel
-from tests import models
 
 
 def mlp_params():
@@ -20,6 +17,7 @@ def mlp_params():
     @nn.compact
     def __call__(self, x):
       return nn.Dense(3, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+
   return MLP().init(jax.random.key(0), jnp.ones((1, 5)))["params"]
 
 
@@ -58,8 +56,9 @@ def test_keys_depend_on_path_and_key_only():
   c = delora_jax.adapters(delora_jax.wrap(params, {".*kernel": Rule(2, init="random")}, key=jax.random.key(5)))
   assert not np.allclose(a["hidden/kernel"]["a"], c["hidden/kernel"]["a"])
   # Two kernels of the same shape get independent draws.
-  twins = delora_jax.adapters(delora_jax.wrap({"p": {"kernel": jnp.ones((4, 4))}, "q": {"kernel": jnp.ones((4, 4))}},
-                                              {".*kernel": 2}))
+  twins = delora_jax.adapters(
+    delora_jax.wrap({"p": {"kernel": jnp.ones((4, 4))}, "q": {"kernel": jnp.ones((4, 4))}}, {".*kernel": 2})
+  )
   assert not np.allclose(twins["p/kernel"]["a"], twins["q/kernel"]["a"])
   # Raw uint32 keys are accepted too.
   d = delora_jax.adapters(delora_jax.wrap(params, {".*kernel": Rule(2, init="random")}, key=jax.random.PRNGKey(0)))
@@ -83,8 +82,9 @@ def test_unwrap_is_bit_exact_and_merge_keeps_structure():
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   for m, p in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
     assert m.shape == p.shape and m.dtype == p.dtype
-  np.testing.assert_allclose(merged["out"]["kernel"],
-                             params["out"]["kernel"] + delora_jax.delta(tree)["out/kernel"], rtol=1e-6)
+  np.testing.assert_allclose(
+    merged["out"]["kernel"], params["out"]["kernel"] + delora_jax.delta(tree)["out/kernel"], rtol=1e-6
+  )
 
 
 def test_bf16_base_with_float32_adapters():
@@ -97,16 +97,22 @@ def test_bf16_base_with_float32_adapters():
   half = delora_jax.wrap(params, {".*kernel": Rule(2, dtype="bfloat16")})["out"]["kernel"]
   assert half.a.dtype == jnp.bfloat16 and half.w_norm.dtype == jnp.bfloat16
   x = jnp.ones((2, 5), jnp.bfloat16)
+
   class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
       return nn.Dense(3, name="out", param_dtype=jnp.bfloat16)(
-          nn.relu(nn.Dense(8, name="hidden", param_dtype=jnp.bfloat16)(x)))
+        nn.relu(nn.Dense(8, name="hidden", param_dtype=jnp.bfloat16)(x))
+      )
+
   y = delora_jax.apply(MLP(), {"params": tree}, x, strict=True)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y, np.float32),
-                             np.asarray(MLP().apply({"params": delora_jax.merge(tree)}, x), np.float32),
-                             rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32),
+    np.asarray(MLP().apply({"params": delora_jax.merge(tree)}, x), np.float32),
+    rtol=3e-2,
+    atol=3e-2,
+  )
 
 
 def test_paper_init_starts_at_zero_then_moves():
@@ -133,9 +139,15 @@ def test_paper_init_starts_at_zero_then_moves():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n_in=st.integers(1, 12), n_out=st.integers(1, 12), r=st.integers(1, 12),
-       lam=st.floats(-50, 50), seed=st.integers(0, 2**16), zero_b=st.booleans(),
-       scale=st.floats(1e-6, 1e3))
+@given(
+  n_in=st.integers(1, 12),
+  n_out=st.integers(1, 12),
+  r=st.integers(1, 12),
+  lam=st.floats(-50, 50),
+  seed=st.integers(0, 2**16),
+  zero_b=st.booleans(),
+  scale=st.floats(1e-6, 1e3),
+)
 def test_update_is_bounded_by_lambda(n_in, n_out, r, lam, seed, zero_b, scale):
   r = min(r, n_in, n_out)
   w = jax.random.normal(jax.random.key(seed), (n_in, n_out)) * scale
@@ -143,12 +155,15 @@ def test_update_is_bounded_by_lambda(n_in, n_out, r, lam, seed, zero_b, scale):
     with pytest.raises(ValueError, match="zero gradients"):
       Rule(r, lam=lam, init="peft")
     return
-  tree = delora_jax.wrap({"kernel": w}, {"kernel": Rule(r, lam=lam, init="peft" if zero_b else "random")},
-                         key=jax.random.key(seed + 1))
+  tree = delora_jax.wrap(
+    {"kernel": w}, {"kernel": Rule(r, lam=lam, init="peft" if zero_b else "random")}, key=jax.random.key(seed + 1)
+  )
   k = tree["kernel"]
   # Any a, b: perturb them away from the initialisation.
-  k = k.replace(a=k.a * jax.random.uniform(jax.random.key(seed + 2), k.a.shape, minval=-3, maxval=3),
-                b=k.b + jax.random.normal(jax.random.key(seed + 3), k.b.shape) * (0 if zero_b else scale))
+  k = k.replace(
+    a=k.a * jax.random.uniform(jax.random.key(seed + 2), k.a.shape, minval=-3, maxval=3),
+    b=k.b + jax.random.normal(jax.random.key(seed + 3), k.b.shape) * (0 if zero_b else scale),
+  )
   dw = np.asarray(delora_jax.delta({"kernel": k})["kernel"], np.float64)
   rel = dw / np.maximum(np.asarray(k.w_norm, np.float64)[:, None], 1e-30)
   assert np.linalg.norm(rel) <= abs(lam) * (1 + 1e-5) + 1e-30
@@ -168,14 +183,20 @@ def test_adapters_roundtrip_and_validation():
   jax.tree.map(np.testing.assert_array_equal, delora_jax.adapters(put), new)
   assert_unchanged(tree, snap)
   bad_cases = {
-      "unknown path": ({**ad, "nope/kernel": ad["out/kernel"]}, ValueError, "unknown paths.*nope/kernel"),
-      "missing path": ({"out/kernel": ad["out/kernel"]}, ValueError, "missing paths.*hidden/kernel"),
-      "wrong shape": ({**ad, "out/kernel": {**ad["out/kernel"], "a": jnp.zeros((8, 3))}}, ValueError,
-                      r"out/kernel.*'a'.*shape \(8, 3\), expected \(8, 2\)"),
-      "wrong dtype": ({**ad, "out/kernel": {**ad["out/kernel"], "lam": jnp.zeros((), jnp.bfloat16)}},
-                      ValueError, "dtype bfloat16, expected float32"),
-      "missing field": ({**ad, "out/kernel": {"a": ad["out/kernel"]["a"]}}, ValueError, "exactly the fields"),
-      "not array": ({**ad, "out/kernel": {**ad["out/kernel"], "b": [[1.0]]}}, TypeError, "must be an array"),
+    "unknown path": ({**ad, "nope/kernel": ad["out/kernel"]}, ValueError, "unknown paths.*nope/kernel"),
+    "missing path": ({"out/kernel": ad["out/kernel"]}, ValueError, "missing paths.*hidden/kernel"),
+    "wrong shape": (
+      {**ad, "out/kernel": {**ad["out/kernel"], "a": jnp.zeros((8, 3))}},
+      ValueError,
+      r"out/kernel.*'a'.*shape \(8, 3\), expected \(8, 2\)",
+    ),
+    "wrong dtype": (
+      {**ad, "out/kernel": {**ad["out/kernel"], "lam": jnp.zeros((), jnp.bfloat16)}},
+      ValueError,
+      "dtype bfloat16, expected float32",
+    ),
+    "missing field": ({**ad, "out/kernel": {"a": ad["out/kernel"]["a"]}}, ValueError, "exactly the fields"),
+    "not array": ({**ad, "out/kernel": {**ad["out/kernel"], "b": [[1.0]]}}, TypeError, "must be an array"),
   }
   for bad, exc, match in bad_cases.values():
     with pytest.raises(exc, match=match):
@@ -226,48 +247,92 @@ def test_merge_safe_detects_non_finite():
 # ---------------------------------------------------------------- errors
 
 ERROR_CASES = {
-    "bad regex": (lambda p: delora_jax.wrap(p, {"hidden/(kernel": 2}), ValueError,
-                  r"'hidden/\(kernel' is not a valid regular expression"),
-    "matches nothing": (lambda p: delora_jax.wrap(p, {"encoder/.*": 2}), ValueError,
-                        r"'encoder/\.\*' matches no leaf.*'hidden/bias'"),
-    "shadowed": (lambda p: delora_jax.wrap(p, {".*kernel": 2, "out/kernel": 1}), ValueError,
-                 "only matches leaves that earlier patterns already adapt"),
-    "bias leaf": (lambda p: delora_jax.wrap(p, {"hidden/.*": 2}), ValueError,
-                  r"hidden/bias: rules pattern 'hidden/\.\*' matched a 1-D array"),
-    "integer leaf": (lambda p: delora_jax.wrap({**p, "step": {"count": jnp.zeros((3, 3), jnp.int32)}},
-                                                {"step/count": 2}), TypeError, "step/count.*dtype int32"),
-    "non-array leaf": (lambda p: delora_jax.wrap({**p, "meta": {"kernel": "x"}}, {"meta/kernel": 2}),
-                       TypeError, "meta/kernel.*matched a str"),
-    "already adapted": (lambda p: delora_jax.wrap(delora_jax.wrap(p, {"out/kernel": 2}), {"hidden/kernel": 2}),
-                        ValueError, r"already adapted.*'out/kernel'"),
-    "rules not a dict": (lambda p: delora_jax.wrap(p, [("out/kernel", 2)]), TypeError, "must map regex"),
-    "empty rules": (lambda p: delora_jax.wrap(p, {}), ValueError, "empty"),
-    "rule value": (lambda p: delora_jax.wrap(p, {"out/kernel": 2.5}), TypeError,
-                   r"rules\['out/kernel'\] must be a delora_jax.Rule or an int"),
-    "ambiguous N-D": (lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}}, {".*kernel": 2}),
-                      ValueError, r"q/kernel: kernel of shape \(8, 2, 4\) is 3-D.*ambiguous"),
-    "axes out of range": (lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}},
-                                                    {".*kernel": Rule(2, in_axes=5)}), ValueError,
-                          "q/kernel: `in_axes` axis 5 is out of range"),
-    "axes overlap": (lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}},
-                                               {".*kernel": Rule(2, in_axes=0, out_axes=(0, 1))}), ValueError,
-                     "overlap"),
-    "axes incomplete": (lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}},
-                                                  {".*kernel": Rule(2, in_axes=0, out_axes=1)}), ValueError,
-                        "must together cover"),
-    "stacked axis as input": (lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((3, 8, 4))}},
-                                                        {".*kernel": Rule(2, stack_axes=1, in_axes=0)}),
-                              ValueError, "leading stacked axes"),
-    "too many stack axes": (lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((3, 8))}},
-                                                      {".*kernel": Rule(2, stack_axes=1)}), ValueError,
-                            "expected at least 2"),
-    "unwrap plain": (lambda p: delora_jax.unwrap(p), ValueError, "holds no DeLoRA-adapted kernel"),
-    "merge plain": (lambda p: delora_jax.merge(p), ValueError, "holds no DeLoRA-adapted kernel"),
-    "apply without params": (lambda p: delora_jax.apply(nn.Dense(2), {"kernel": 1}, jnp.ones(2)), TypeError,
-                             "'params' collection"),
-    "extra_trainable regex": (lambda p: delora_jax.split(delora_jax.wrap(p, {"out/kernel": 2}),
-                                                         extra_trainable="(bias"), ValueError,
-                              "not a valid regular expression"),
+  "bad regex": (
+    lambda p: delora_jax.wrap(p, {"hidden/(kernel": 2}),
+    ValueError,
+    r"'hidden/\(kernel' is not a valid regular expression",
+  ),
+  "matches nothing": (
+    lambda p: delora_jax.wrap(p, {"encoder/.*": 2}),
+    ValueError,
+    r"'encoder/\.\*' matches no leaf.*'hidden/bias'",
+  ),
+  "shadowed": (
+    lambda p: delora_jax.wrap(p, {".*kernel": 2, "out/kernel": 1}),
+    ValueError,
+    "only matches leaves that earlier patterns already adapt",
+  ),
+  "bias leaf": (
+    lambda p: delora_jax.wrap(p, {"hidden/.*": 2}),
+    ValueError,
+    r"hidden/bias: rules pattern 'hidden/\.\*' matched a 1-D array",
+  ),
+  "integer leaf": (
+    lambda p: delora_jax.wrap({**p, "step": {"count": jnp.zeros((3, 3), jnp.int32)}}, {"step/count": 2}),
+    TypeError,
+    "step/count.*dtype int32",
+  ),
+  "non-array leaf": (
+    lambda p: delora_jax.wrap({**p, "meta": {"kernel": "x"}}, {"meta/kernel": 2}),
+    TypeError,
+    "meta/kernel.*matched a str",
+  ),
+  "already adapted": (
+    lambda p: delora_jax.wrap(delora_jax.wrap(p, {"out/kernel": 2}), {"hidden/kernel": 2}),
+    ValueError,
+    r"already adapted.*'out/kernel'",
+  ),
+  "rules not a dict": (lambda p: delora_jax.wrap(p, [("out/kernel", 2)]), TypeError, "must map regex"),
+  "empty rules": (lambda p: delora_jax.wrap(p, {}), ValueError, "empty"),
+  "rule value": (
+    lambda p: delora_jax.wrap(p, {"out/kernel": 2.5}),
+    TypeError,
+    r"rules\['out/kernel'\] must be a delora_jax.Rule or an int",
+  ),
+  "ambiguous N-D": (
+    lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}}, {".*kernel": 2}),
+    ValueError,
+    r"q/kernel: kernel of shape \(8, 2, 4\) is 3-D.*ambiguous",
+  ),
+  "axes out of range": (
+    lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}}, {".*kernel": Rule(2, in_axes=5)}),
+    ValueError,
+    "q/kernel: `in_axes` axis 5 is out of range",
+  ),
+  "axes overlap": (
+    lambda p: delora_jax.wrap(
+      {"q": {"kernel": jnp.ones((8, 2, 4))}}, {".*kernel": Rule(2, in_axes=0, out_axes=(0, 1))}
+    ),
+    ValueError,
+    "overlap",
+  ),
+  "axes incomplete": (
+    lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((8, 2, 4))}}, {".*kernel": Rule(2, in_axes=0, out_axes=1)}),
+    ValueError,
+    "must together cover",
+  ),
+  "stacked axis as input": (
+    lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((3, 8, 4))}}, {".*kernel": Rule(2, stack_axes=1, in_axes=0)}),
+    ValueError,
+    "leading stacked axes",
+  ),
+  "too many stack axes": (
+    lambda p: delora_jax.wrap({"q": {"kernel": jnp.ones((3, 8))}}, {".*kernel": Rule(2, stack_axes=1)}),
+    ValueError,
+    "expected at least 2",
+  ),
+  "unwrap plain": (lambda p: delora_jax.unwrap(p), ValueError, "holds no DeLoRA-adapted kernel"),
+  "merge plain": (lambda p: delora_jax.merge(p), ValueError, "holds no DeLoRA-adapted kernel"),
+  "apply without params": (
+    lambda p: delora_jax.apply(nn.Dense(2), {"kernel": 1}, jnp.ones(2)),
+    TypeError,
+    "'params' collection",
+  ),
+  "extra_trainable regex": (
+    lambda p: delora_jax.split(delora_jax.wrap(p, {"out/kernel": 2}), extra_trainable="(bias"),
+    ValueError,
+    "not a valid regular expression",
+  ),
 }
 
 
@@ -282,19 +347,19 @@ def test_errors_are_clear_and_leave_inputs_untouched(name):
 
 
 RULE_ERRORS = {
-    "rank zero": (dict(rank=0), ValueError, "`rank` must be a positive int; got 0"),
-    "rank negative": (dict(rank=-3), ValueError, "positive int"),
-    "rank float": (dict(rank=2.0), TypeError, "positive int"),
-    "lam nan": (dict(rank=2, lam=float("nan")), ValueError, "`lam` must be finite"),
-    "lam inf": (dict(rank=2, lam=float("inf")), ValueError, "`lam` must be finite"),
-    "lam str": (dict(rank=2, lam="big"), TypeError, "`lam` must be a real number"),
-    "init": (dict(rank=2, init="zeros"), ValueError, "`init` must be one of"),
-    "dropout": (dict(rank=2, dropout=1.0), ValueError, r"`dropout` must be in \[0, 1\)"),
-    "stack axes": (dict(rank=2, stack_axes=-1), ValueError, "`stack_axes`"),
-    "axes type": (dict(rank=2, in_axes="0"), TypeError, "`in_axes` must be an int"),
-    "empty axes": (dict(rank=2, out_axes=()), ValueError, "at least one axis"),
-    "dtype int": (dict(rank=2, dtype="int32"), TypeError, "floating dtype"),
-    "dtype junk": (dict(rank=2, dtype="nonsense"), TypeError, "floating dtype"),
+  "rank zero": (dict(rank=0), ValueError, "`rank` must be a positive int; got 0"),
+  "rank negative": (dict(rank=-3), ValueError, "positive int"),
+  "rank float": (dict(rank=2.0), TypeError, "positive int"),
+  "lam nan": (dict(rank=2, lam=float("nan")), ValueError, "`lam` must be finite"),
+  "lam inf": (dict(rank=2, lam=float("inf")), ValueError, "`lam` must be finite"),
+  "lam str": (dict(rank=2, lam="big"), TypeError, "`lam` must be a real number"),
+  "init": (dict(rank=2, init="zeros"), ValueError, "`init` must be one of"),
+  "dropout": (dict(rank=2, dropout=1.0), ValueError, r"`dropout` must be in \[0, 1\)"),
+  "stack axes": (dict(rank=2, stack_axes=-1), ValueError, "`stack_axes`"),
+  "axes type": (dict(rank=2, in_axes="0"), TypeError, "`in_axes` must be an int"),
+  "empty axes": (dict(rank=2, out_axes=()), ValueError, "at least one axis"),
+  "dtype int": (dict(rank=2, dtype="int32"), TypeError, "floating dtype"),
+  "dtype junk": (dict(rank=2, dtype="nonsense"), TypeError, "floating dtype"),
 }
 
 

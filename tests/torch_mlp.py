@@ -61,18 +61,24 @@ def _per_layer(peft_model, read) -> dict:
 
 def peft_adapters(peft_model, adapter="default") -> dict:
   """delora_jax.adapters()-shaped dict read from a PEFT DeLoRA model."""
-  return _per_layer(peft_model, lambda l: {
+  return _per_layer(
+    peft_model,
+    lambda l: {
       "a": jnp.asarray(t2n(l.delora_A[adapter]).T),
       "b": jnp.asarray(t2n(l.delora_B[adapter]).T),
       "lam": jnp.asarray(t2n(l.delora_lambda[adapter]).reshape(())),
       "w_norm": jnp.asarray(t2n(l.delora_w_norm[adapter])),
-  })
+    },
+  )
 
 
 def peft_grads(peft_model, adapter="default") -> dict:
   """Gradients of a, b, λ in delora_jax orientation."""
-  return _per_layer(peft_model, lambda l: {
+  return _per_layer(
+    peft_model,
+    lambda l: {
       "a": t2n(l.delora_A[adapter].grad).T,
       "b": t2n(l.delora_B[adapter].grad).T,
       "lam": t2n(l.delora_lambda[adapter].grad).reshape(()),
-  })
+    },
+  )

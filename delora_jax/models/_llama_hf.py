@@ -12,15 +12,15 @@ from delora_jax.models.llama import LlamaConfig
 
 # (flax path inside one layer, HF suffix inside `model.layers.{i}.`, torch Linear weight?)
 _LAYER_PARAMS = (
-    (("input_layernorm", "scale"), "input_layernorm.weight", False),
-    (("self_attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
-    (("self_attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
-    (("self_attn", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
-    (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
-    (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", False),
-    (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", True),
-    (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", True),
-    (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True),
+  (("input_layernorm", "scale"), "input_layernorm.weight", False),
+  (("self_attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
+  (("self_attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
+  (("self_attn", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
+  (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
+  (("post_attention_layernorm", "scale"), "post_attention_layernorm.weight", False),
+  (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", True),
+  (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", True),
+  (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True),
 )
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,11 +29,17 @@ def _layer_shapes(c: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flax shapes of one layer's leaves."""
   h, i, d = c.hidden_size, c.intermediate_size, c.head_size
   q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-  return {("input_layernorm", "scale"): (h,), ("post_attention_layernorm", "scale"): (h,),
-          ("self_attn", "q_proj", "kernel"): (h, q), ("self_attn", "k_proj", "kernel"): (h, kv),
-          ("self_attn", "v_proj", "kernel"): (h, kv), ("self_attn", "o_proj", "kernel"): (q, h),
-          ("mlp", "gate_proj", "kernel"): (h, i), ("mlp", "up_proj", "kernel"): (h, i),
-          ("mlp", "down_proj", "kernel"): (i, h)}
+  return {
+    ("input_layernorm", "scale"): (h,),
+    ("post_attention_layernorm", "scale"): (h,),
+    ("self_attn", "q_proj", "kernel"): (h, q),
+    ("self_attn", "k_proj", "kernel"): (h, kv),
+    ("self_attn", "v_proj", "kernel"): (h, kv),
+    ("self_attn", "o_proj", "kernel"): (q, h),
+    ("mlp", "gate_proj", "kernel"): (h, i),
+    ("mlp", "up_proj", "kernel"): (h, i),
+    ("mlp", "down_proj", "kernel"): (i, h),
+  }
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -78,13 +84,15 @@ def params_from_hf(state_dict: Any, config: LlamaConfig) -> dict[str, Any]:
     hf_shape = shape[::-1] if linear else shape
     if key not in state_dict:
       raise ValueError(
-          f"params_from_hf: `state_dict` has no {key!r} (expected shape {hf_shape}). Pass the "
-          "state dict of a HF LlamaForCausalLM whose shapes match `config`.")
+        f"params_from_hf: `state_dict` has no {key!r} (expected shape {hf_shape}). Pass the "
+        "state dict of a HF LlamaForCausalLM whose shapes match `config`."
+      )
     arr = np.asarray(state_dict[key])
     if arr.shape != hf_shape:
       raise ValueError(
-          f"params_from_hf: {key!r} has shape {arr.shape}, expected {hf_shape} from `config`. "
-          "Build the config from the checkpoint, e.g. LlamaConfig.from_hf(hf_model.config).")
+        f"params_from_hf: {key!r} has shape {arr.shape}, expected {hf_shape} from `config`. "
+        "Build the config from the checkpoint, e.g. LlamaConfig.from_hf(hf_model.config)."
+      )
     used.add(key)
     return arr.T if linear else arr
 
@@ -104,9 +112,10 @@ def params_from_hf(state_dict: Any, config: LlamaConfig) -> dict[str, Any]:
   unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if unexpected:
     raise ValueError(
-        f"params_from_hf: `state_dict` has keys this model has no place for: {unexpected[:6]}"
-        f"{' ...' if len(unexpected) > 6 else ''}. Biases, tied embeddings and extra layers are "
-        "not supported; check that `config.num_hidden_layers` matches the checkpoint.")
+      f"params_from_hf: `state_dict` has keys this model has no place for: {unexpected[:6]}"
+      f"{' ...' if len(unexpected) > 6 else ''}. Biases, tied embeddings and extra layers are "
+      "not supported; check that `config.num_hidden_layers` matches the checkpoint."
+    )
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
@@ -124,6 +133,7 @@ def params_to_hf(params: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
     >>> params_to_hf(params, c)["model.layers.1.self_attn.k_proj.weight"].shape
     (32, 64)
   """
+
   def get(path: tuple[str, ...]) -> np.ndarray:
     node = params
     for name in path:

@@ -17,16 +17,26 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size", "max_position_embeddings", "type_vocab_size",
-              "layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob")
+_HF_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "intermediate_size",
+  "max_position_embeddings",
+  "type_vocab_size",
+  "layer_norm_eps",
+  "hidden_dropout_prob",
+  "attention_probs_dropout_prob",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +60,14 @@ class BertConfig:
   attention_probs_dropout_prob: float = 0.1
 
   @classmethod
-  def from_hf(cls, config: Mapping[str, Any]) -> "BertConfig":
+  def from_hf(cls, config: Mapping[str, Any]) -> BertConfig:
     """From a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
-      raise ValueError(f"config['hidden_act'] is {act!r}; this port implements 'gelu' (exact "
-                       "erf GELU) only. Use a checkpoint trained with hidden_act='gelu'.")
+      raise ValueError(
+        f"config['hidden_act'] is {act!r}; this port implements 'gelu' (exact "
+        "erf GELU) only. Use a checkpoint trained with hidden_act='gelu'."
+      )
     return cls(**{k: config[k] for k in _HF_FIELDS if k in config})
 
 
@@ -72,10 +84,8 @@ class _Embeddings(nn.Module):
     init = nn.initializers.normal(0.02)
     positions = jnp.arange(input_ids.shape[-1])
     x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="word_embeddings")(input_ids)
-    pos = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
-                   name="position_embeddings")(positions)
-    typ = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
-                   name="token_type_embeddings")(token_type_ids)
+    pos = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init, name="position_embeddings")(positions)
+    typ = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init, name="token_type_embeddings")(token_type_ids)
     x = x + jnp.broadcast_to(pos, x.shape) + typ
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -172,8 +182,14 @@ class BertModel(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               token_type_ids: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> jax.Array:
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if token_type_ids is None:
@@ -236,7 +252,7 @@ def params_from_hf(state_dict: Mapping[str, Any], *, prefix: str = "") -> dict[s
   for key, value in state_dict.items():
     if not key.startswith(prefix):
       continue
-    name = key[len(prefix):]
+    name = key[len(prefix) :]
     if _IGNORED.fullmatch(name):
       continue
     path, leaf = _flax_path(name, key, prefix)
@@ -258,14 +274,14 @@ def _flax_path(name: str, key: str, prefix: str) -> tuple[list[str], str]:
     parts = ["encoder", f"layer_{parts[2]}", *parts[3:]]
   if not ok:
     raise ValueError(
-        f"state_dict key {key!r} is not a parameter of a Hugging Face BertModel (expected "
-        "'embeddings.*' or 'encoder.layer.<i>.*' ending in 'weight'/'bias'"
-        + (f" after the prefix {prefix!r}" if prefix else "")
-        + "). For a task model's state dict pass prefix='bert.'.")
+      f"state_dict key {key!r} is not a parameter of a Hugging Face BertModel (expected "
+      "'embeddings.*' or 'encoder.layer.<i>.*' ending in 'weight'/'bias'"
+      + (f" after the prefix {prefix!r}" if prefix else "")
+      + "). For a task model's state dict pass prefix='bert.'."
+    )
   *path, leaf = parts
   if leaf == "weight":
-    leaf = ("scale" if path[-1] == "LayerNorm"
-            else "embedding" if path[-1].endswith("_embeddings") else "kernel")
+    leaf = "scale" if path[-1] == "LayerNorm" else "embedding" if path[-1].endswith("_embeddings") else "kernel"
   return path, leaf
 
 
@@ -294,6 +310,8 @@ def from_pretrained(path: str | os.PathLike) -> tuple[BertModel, dict[str, Any]]
   got_shapes = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
   if want_shapes != got_shapes:
     diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[:4]
-    raise ValueError(f"{path}: model.safetensors does not fit config.json (first differences "
-                     f"{diff}). Check that both files come from the same checkpoint.")
+    raise ValueError(
+      f"{path}: model.safetensors does not fit config.json (first differences "
+      f"{diff}). Check that both files come from the same checkpoint."
+    )
   return model, params

@@ -20,8 +20,7 @@ import numpy as np
 from jax import lax
 
 ATTENTION = ("softmax", "blocked", "xla", "cudnn", "auto")
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +72,18 @@ class LlamaConfig:
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
-          f"LlamaConfig: `num_attention_heads` ({self.num_attention_heads}) must be a multiple "
-          f"of `num_key_value_heads` ({self.num_key_value_heads}); pick KV heads that divide it.")
+        f"LlamaConfig: `num_attention_heads` ({self.num_attention_heads}) must be a multiple "
+        f"of `num_key_value_heads` ({self.num_key_value_heads}); pick KV heads that divide it."
+      )
     if self.head_dim is None and self.hidden_size % self.num_attention_heads:
       raise ValueError(
-          f"LlamaConfig: `hidden_size` ({self.hidden_size}) is not divisible by "
-          f"`num_attention_heads` ({self.num_attention_heads}); set `head_dim` explicitly.")
+        f"LlamaConfig: `hidden_size` ({self.hidden_size}) is not divisible by "
+        f"`num_attention_heads` ({self.num_attention_heads}); set `head_dim` explicitly."
+      )
     if self.attention not in ATTENTION:
       raise ValueError(f"LlamaConfig: `attention` must be one of {ATTENTION}; got {self.attention!r}.")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(
-          f"LlamaConfig: `remat_policy` must be one of {REMAT_POLICIES}; got {self.remat_policy!r}.")
+      raise ValueError(f"LlamaConfig: `remat_policy` must be one of {REMAT_POLICIES}; got {self.remat_policy!r}.")
     for name in ("dtype", "param_dtype"):
       object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
 
@@ -93,37 +93,58 @@ class LlamaConfig:
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
   @classmethod
-  def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+  def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
     """``"tiny"`` (tests), ``"small"`` (CPU benchmark) or ``"1b"`` (TinyLlama-1.1B shapes)."""
     if name not in PRESETS:
       raise ValueError(f"LlamaConfig.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
     return dataclasses.replace(cls(**PRESETS[name]), **overrides)
 
   @classmethod
-  def from_hf(cls, hf_config: Any, **overrides: Any) -> "LlamaConfig":
+  def from_hf(cls, hf_config: Any, **overrides: Any) -> LlamaConfig:
     """The shapes of a Hugging Face ``transformers.LlamaConfig``."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim == hf_config.hidden_size // hf_config.num_attention_heads:
       head_dim = None  # the default, so configs compare equal to the presets
     fields = dict(
-        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=hf_config.num_key_value_heads,
-        head_dim=head_dim, rms_norm_eps=hf_config.rms_norm_eps,
-        rope_theta=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+      vocab_size=hf_config.vocab_size,
+      hidden_size=hf_config.hidden_size,
+      intermediate_size=hf_config.intermediate_size,
+      num_hidden_layers=hf_config.num_hidden_layers,
+      num_attention_heads=hf_config.num_attention_heads,
+      num_key_value_heads=hf_config.num_key_value_heads,
+      head_dim=head_dim,
+      rms_norm_eps=hf_config.rms_norm_eps,
+      rope_theta=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)),
+    )
     return cls(**{**fields, **overrides})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2),
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4),
+  "tiny": dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  ),
+  "small": dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+  ),
+  "1b": dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+  ),
 }
 
 _INIT = nn.initializers.normal(0.02)  # HF initializer_range
@@ -230,8 +251,11 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   b, t, n, d = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, n // kv, d).astype(jnp.float32) / math.sqrt(d)
-  out = _blocked(qg.transpose(0, 2, 3, 1, 4), k.astype(jnp.float32).transpose(0, 2, 1, 3),
-                 v.astype(jnp.float32).transpose(0, 2, 1, 3))
+  out = _blocked(
+    qg.transpose(0, 2, 3, 1, 4),
+    k.astype(jnp.float32).transpose(0, 2, 1, 3),
+    v.astype(jnp.float32).transpose(0, 2, 1, 3),
+  )
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
 
 
@@ -263,8 +287,7 @@ class RMSNorm(nn.Module):
 
 
 def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  kernel_init=_INIT, name=name)
+  return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_INIT, name=name)
 
 
 def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
@@ -321,8 +344,13 @@ def _layer_class(c: LlamaConfig):
     policy = getattr(jax.checkpoint_policies, c.remat_policy)
     cls = nn.remat(cls, policy=policy, prevent_cse=not c.scan_layers)
   if c.scan_layers:
-    cls = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                  in_axes=(nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
+    cls = nn.scan(
+      cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=c.num_hidden_layers,
+    )
   return cls
 
 
@@ -348,8 +376,9 @@ class Llama(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype,
-                                 param_dtype=c.param_dtype, embedding_init=_INIT)
+    self.embed_tokens = nn.Embed(
+      c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=_INIT
+    )
     layer = _layer_class(c)
     if c.scan_layers:
       self.layers = layer(c, scanned=True)
@@ -362,11 +391,9 @@ class Llama(nn.Module):
     """Token embeddings ``(B, T, hidden)`` (what ``inputs_embeds`` expects)."""
     return self.embed_tokens(input_ids)
 
-  def __call__(self, input_ids: jax.Array | None = None, *,
-               inputs_embeds: jax.Array | None = None) -> jax.Array:
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None) -> jax.Array:
     if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("Llama: pass exactly one of `input_ids` (B, T) ints or "
-                       "`inputs_embeds` (B, T, hidden).")
+      raise ValueError("Llama: pass exactly one of `input_ids` (B, T) ints or `inputs_embeds` (B, T, hidden).")
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
     cos, sin = rope_tables(x.shape[1], self.config.head_size, self.config.rope_theta)
     if self.config.scan_layers:
