@@ -20,6 +20,7 @@ EXECUTED_ELSEWHERE = {
   "distributed.md": ("test_distributed.py", "test_multiprocess.py"),  # one process; two
   "real_models.md": ("test_real_models.py",),  # gemma and tunix: main stack only
   "examples.md": ("test_examples.py",),  # reads the example's output: main stack only
+  "from_peft.md": ("test_peft_config.py",),  # torch and PEFT: main stack only
 }
 
 
