@@ -112,12 +112,19 @@ def _kernel_problems(p: str, m: dict, k: DeloraKernel) -> list[str]:
     return out
   for f, x in want.items():
     got = fields[f]
-    if (got.get("shape"), got.get("dtype")) != (list(x.shape), _dtype(x)):
-      out.append(
-        f"{p}.{f}: {got.get('dtype')}{tuple(got.get('shape') or ())} in the checkpoint, "
-        f"{_dtype(x)}{tuple(x.shape)} in the target"
-      )
+    if (problem := _mismatch(f"{p}.{f}", got, x)) is not None:
+      out.append(problem)
   return out
+
+
+def _mismatch(label: str, entry: dict, x: Any) -> str | None:
+  """How a stored array's entry (shape, dtype) differs from the target array ``x``, if it does."""
+  if (entry.get("shape"), entry.get("dtype")) == (list(x.shape), _dtype(x)):
+    return None
+  return (
+    f"{label}: {entry.get('dtype')}{tuple(entry.get('shape') or ())} in the checkpoint, "
+    f"{_dtype(x)}{tuple(x.shape)} in the target"
+  )
 
 
 def _raise(problems: list[str], path: str, what: str, fix: str) -> None:
@@ -160,11 +167,8 @@ def check_target(meta: dict, ks: dict[str, DeloraKernel], leaves, path: str) -> 
     )
   else:
     for s, key, x in zip(saved, keys, arrays):
-      if (s.get("shape"), s.get("dtype")) != (list(x.shape), _dtype(x)):
-        problems.append(
-          f"opt_state{key}: {s.get('dtype')}{tuple(s.get('shape'))} in the "
-          f"checkpoint, {_dtype(x)}{tuple(x.shape)} in the target"
-        )
+      if (problem := _mismatch(f"opt_state{key}", s, x)) is not None:
+        problems.append(problem)
   if problems:
     _raise(
       problems,
@@ -185,11 +189,8 @@ def check_extras(meta: dict, plain: dict[str, Any], path: str) -> None:
     x = plain.get(p)
     if x is None:
       problems.append(f"{p}: an extra leaf in the checkpoint (saved with extra_trainable), absent from the target tree")
-    elif (e.get("shape"), e.get("dtype")) != (list(x.shape), _dtype(x)):
-      problems.append(
-        f"{p}: {e.get('dtype')}{tuple(e.get('shape') or ())} in the checkpoint, "
-        f"{_dtype(x)}{tuple(x.shape)} in the target"
-      )
+    elif (problem := _mismatch(p, e, x)) is not None:
+      problems.append(problem)
   if problems:
     _raise(
       problems,

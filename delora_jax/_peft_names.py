@@ -72,24 +72,28 @@ def bert_module_names(prefix: str = "") -> Callable[[str], str | None]:
   return names
 
 
+def lookup(module_names: Any, path: str) -> Any:
+  """What ``module_names`` (a dict or a callable) gives for ``path``; None if nothing."""
+  if isinstance(module_names, Mapping):
+    return module_names.get(path)
+  if callable(module_names):
+    return module_names(path)
+  raise TypeError(
+    "`module_names` must be a callable path -> torch module name(s) or a dict "
+    f"{{path: name}}; got {type(module_names).__name__}."
+  )
+
+
 def resolve(module_names: Any, path: str, k: DeloraKernel) -> list[str]:
   """Torch module names of the kernel at ``path``: one per stacked slice (row-major)."""
   stack = tuple(k.lam.shape)
   n = math.prod(stack)
-  if isinstance(module_names, Mapping):
-    if path not in module_names:
-      raise ValueError(
-        f"{path}: `module_names` has no entry for this adapted kernel. Add "
-        f"{{{path!r}: 'torch.module.name'}} (or drop the kernel from the rules)."
-      )
-    got = module_names[path]
-  elif callable(module_names):
-    got = module_names(path)
-  else:
-    raise TypeError(
-      "`module_names` must be a callable path -> torch module name(s) or a dict "
-      f"{{path: name}}; got {type(module_names).__name__}."
+  if isinstance(module_names, Mapping) and path not in module_names:
+    raise ValueError(
+      f"{path}: `module_names` has no entry for this adapted kernel. Add "
+      f"{{{path!r}: 'torch.module.name'}} (or drop the kernel from the rules)."
     )
+  got = lookup(module_names, path)
   if got is None:
     raise ValueError(
       f"{path}: `module_names` gives no torch module name for this adapted "

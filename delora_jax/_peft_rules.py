@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -12,20 +12,13 @@ import jax.numpy as jnp
 from delora_jax import _tree
 from delora_jax._kernel import is_kernel
 from delora_jax._peft_config import pattern_value, read, resolve_targets, targeted
+from delora_jax._peft_names import lookup
 from delora_jax._rule import Rule
 
 
 def names_of(module_names: Any, path: str, shape: tuple[int, ...]) -> tuple[list[str], int] | None:
   """``(torch module names, stack_axes)`` of the kernel at ``path``; None if it has none."""
-  if isinstance(module_names, Mapping):
-    got = module_names.get(path)
-  elif callable(module_names):
-    got = module_names(path)
-  else:
-    raise TypeError(
-      "`module_names` must be a callable path -> torch module name(s) or a dict "
-      f"{{path: name}}; got {type(module_names).__name__}."
-    )
+  got = lookup(module_names, path)
   if got is None:
     return None
   if isinstance(got, str):
