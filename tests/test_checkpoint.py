@@ -304,7 +304,7 @@ def test_docs_snippets_run(tmp_path, monkeypatch):
   whole page, with its torch/PEFT part, runs in test_peft_io.py: main stack only)."""
   text = (ROOT / "docs" / "checkpoints.md").read_text().split("## PEFT adapter folders")[0]
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  assert len(blocks) == 4
+  assert len(blocks) == 5  # save/load, heads saved along, optimizer state, CheckpointManager, sharded
   monkeypatch.chdir(tmp_path)
   ns = {}
   for i, block in enumerate(blocks):
