@@ -177,12 +177,17 @@ def test_docs_examples_torch_block_loads_the_export(finetune_run, tmp_path, monk
   """docs/examples.md's torch snippet, as written, on the folder the example wrote."""
   _, r = finetune_run
   (tmp_path / "finetune_out").mkdir()
-  for key in ("peft", "head"):
-    os.symlink(r["paths"][key], tmp_path / "finetune_out" / os.path.basename(r["paths"][key]))
+  os.symlink(r["paths"]["peft"], tmp_path / "finetune_out" / os.path.basename(r["paths"]["peft"]))
   with open(os.path.join(ROOT, "docs", "examples.md"), encoding="utf-8") as f:
     text = f.read()
   (block,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
   monkeypatch.chdir(tmp_path)
   ns = {}
   exec(compile(block, "docs/examples.md", "exec"), ns)  # noqa: S102 (our docs)
-  assert isinstance(ns["model"], peft.PeftModel) and ns["head"]["kernel"].shape == (384, 1)
+  model = ns["model"]
+  assert isinstance(model, peft.PeftModel) and model.peft_config["default"].modules_to_save == ["head"]
+  # The head's weights are the trained ones from the folder, not torch's fresh init.
+  trained = [p for n, p in model.named_parameters() if "head.modules_to_save" in n and n.endswith("weight")]
+  assert len(trained) == 1 and trained[0].shape == (1, 384)
+  fresh = [p for n, p in model.named_parameters() if "head.original_module" in n and n.endswith("weight")]
+  assert all(not torch.equal(trained[0], f) for f in fresh)

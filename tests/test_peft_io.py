@@ -411,7 +411,7 @@ def test_docs_checkpoints_page_runs_with_its_peft_part(tmp_path, monkeypatch):
   (also run on every stack by test_checkpoint.py) and the torch/PEFT part."""
   text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  assert len(blocks) == 7
+  assert len(blocks) == 8
   monkeypatch.chdir(tmp_path)
   ns = {}
   for i, block in enumerate(blocks):
