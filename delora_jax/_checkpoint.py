@@ -174,25 +174,25 @@ def save_adapters(
       "Check the free space and permissions of its parent folder, or pass another "
       "`directory`."
     ) from e
-  failure = None
+  failure: ValueError | None = None
   if primary:
     try:
       _atomic.commit(staging, path, overwrite=overwrite)
     except FileExistsError:
-      failure = (
+      failure = ValueError(
         f"save_adapters: {path!r} was created by another save while this one ran, and "
         "`overwrite` is False, so that one was kept and this save discarded. Pass "
         "overwrite=True to replace it, or save to another `directory`."
       )
     except OSError as e:
       _remove_staging(staging)
-      failure = (
+      failure = CheckpointError(
         f"save_adapters: could not move the finished checkpoint into place at {path!r} "
         f"({e}); whatever was there is unchanged. Check the permissions of its folder."
       )
   failure = _agree(failure)
   if failure is not None:
-    raise ValueError(failure) if "another save" in failure else CheckpointError(failure)
+    raise failure
   return path
 
 
@@ -239,21 +239,21 @@ def _shared_token() -> str:
   return bytes(data).rstrip(b"\0").decode()
 
 
-def _agree(failure: str | None) -> str | None:
+def _agree(failure: ValueError | None) -> ValueError | None:
   """Process 0's outcome of the commit, on every process (also a barrier after it)."""
   if jax.process_count() == 1:
     return failure
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  mine = np.int32(0 if failure is None else 1 + ("another save" in failure))
+  mine = np.int32(0 if failure is None else 1 if isinstance(failure, CheckpointError) else 2)
   code = int(multihost_utils.broadcast_one_to_all(mine))
   if code == 0 or failure is not None:
     return failure
-  return (
-    "save_adapters: process 0 could not move the finished checkpoint into place (see its error)."
-    if code == 1
-    else "save_adapters: another save created the folder first."
-  )
+  if code == 1:
+    return CheckpointError(
+      "save_adapters: process 0 could not move the finished checkpoint into place (see its error)."
+    )
+  return ValueError("save_adapters: another save created the folder first.")
 
 
 def load_adapters(
