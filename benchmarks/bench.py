@@ -37,7 +37,7 @@ import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
 import delora_jax  # noqa: E402
-from delora_jax import _apply  # noqa: E402
+from delora_jax import _ops  # noqa: E402
 from delora_jax.models import Llama, LlamaConfig  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,7 +57,7 @@ def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 # next to the kernel in the params tree (so nn.scan slices them per layer);
 # only they are differentiated. Two forms:
 #   "joined" (mode lora): the same low-rank matmul primitive delora_jax.apply runs
-#     (delora_jax._apply._lowrank: one custom-VJP op; on a single-device CPU one matmul
+#     (delora_jax._ops.lowrank: one custom-VJP op; on a single-device CPU one matmul
 #     over [x | x@A] and [W; B]), so delora/lora isolates what DeLoRA's normalisation costs;
 #   "plain" (mode lora_plain): the textbook y = x @ W + (x @ A) @ B, autodiff backward.
 # Same compute dtype and accumulation as delora_jax in both.
@@ -107,7 +107,7 @@ def lora_interceptor(scaling: float, flatten: bool = True, form: str = "plain"):
     x2 = x.reshape(-1, x.shape[-1]) if flatten or form == "joined" else x
     if form == "joined":
       w = lax.stop_gradient(mod.get_variable("params", "kernel")).astype(cdt)
-      y = _apply._lowrank(x2.astype(cdt), x2.astype(cdt), w, a, b, mod.precision)
+      y = _ops.lowrank(x2.astype(cdt), x2.astype(cdt), w, a, b, mod.precision)
       return y.reshape(*x.shape[:-1], y.shape[-1])
     y = next_fun(x2)
     acc = jnp.promote_types(cdt, jnp.float32)

@@ -7,9 +7,9 @@ Hugging Face PEFT's ``DeloraConfig``.
 
 from delora_jax import nnx as nnx
 from delora_jax import peft as peft
-from delora_jax._apply import FallbackWarning as FallbackWarning
-from delora_jax._apply import apply as apply
-from delora_jax._apply import explain as explain
+from delora_jax._report import FallbackWarning as FallbackWarning
+from delora_jax._linen import apply as apply
+from delora_jax._linen import explain as explain
 from delora_jax._checkpoint import CheckpointError as CheckpointError
 from delora_jax._checkpoint import adapter_save_args as adapter_save_args
 from delora_jax._checkpoint import load_adapters as load_adapters

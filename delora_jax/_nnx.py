@@ -5,7 +5,7 @@ for a subclass that (1) keeps the kernel Variable where it was (so the state's
 paths are unchanged), (2) holds the adapter next to it as ``<name>_delora``
 (``a``, ``b``, ``lam`` as :class:`DeloraParam`, ``w_norm`` as
 :class:`DeloraConst`), (3) evaluates ``__call__`` factorised through
-:mod:`delora_jax._lazy`, and (4) resolves any other read of the kernel
+:mod:`delora_jax._interpret`, and (4) resolves any other read of the kernel
 attribute to the merged weight ``w + ΔW``, reported as a fallback.
 """
 
@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 from jax import lax
 
-from delora_jax import _infer, _kernel, _lazy
+from delora_jax import _interpret, _kernel, _layout, _ops, _report
 from delora_jax._kernel import DeloraKernel
 
 SUFFIX = "_delora"
@@ -74,23 +74,18 @@ class Adapter(nnx.Module):
 
 # id(module) -> {kernel name: placeholder} for the module calls being traced now.
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("delora_nnx_active", default=types.MappingProxyType({}))
-_RECORDER: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
-  "delora_nnx_recorder", default=None
-)
 
 
 def _record(path: str, kind: str) -> None:
-  rec = _RECORDER.get()
-  if rec is not None:
-    rec(path, kind)
-  elif kind == "merged":
-    warnings.warn(
-      f"delora_jax.nnx: the adapted kernel {path!r} is used outside a call delora_jax can "
-      "factorise and was computed through the merged weight w + ΔW (adapter dropout does "
-      "not apply there). Pass strict=True to delora_jax.nnx.wrap to make this an error; "
-      "delora_jax.explain(adapted, *args) lists the paths.",
-      _lazy.FallbackWarning,
-      stacklevel=4,
+  """Notes ``path`` in the open report; a merged use outside any report warns at once."""
+  _report.note(path, kind)
+  if kind == "merged" and not _report.open_records():
+    _report.warn_merged(
+      "delora_jax.nnx",
+      {path},
+      "Pass strict=True to delora_jax.nnx.wrap to make this an error; delora_jax.explain(adapted, *args) "
+      "lists the paths.",
+      stacklevel=5,
     )
 
 
@@ -113,7 +108,7 @@ def _kernel_property(name: str) -> property:
       return _like(var, ph)
     ad = vars(self)[name + SUFFIX]
     if ad.strict:
-      raise _lazy.strict_error(ad.path)
+      raise _report.strict_error(ad.path)
     _record(ad.path, "merged")
     return _like(var, _kernel.merged(ad.kernel(var.get_value())))
 
@@ -138,24 +133,56 @@ def _with_placeholders(self, names, base_call, args, kwargs):
   return traced
 
 
+def _dropout_key(ad: Adapter) -> Any:
+  if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
+    return ad.rngs.dropout()
+  return None
+
+
+def _fused_linear(self, ad: Adapter, args, kwargs) -> Any:
+  """``nnx.Linear``'s own call as the fused op (:func:`delora_jax._ops.dense`), or None."""
+  if (
+    type(self)._delora_base.__call__ is not nnx.Linear.__call__  # type: ignore[attr-defined]
+    or self.dot_general is not nnx.Linear.__init__.__kwdefaults__.get("dot_general", lax.dot_general)
+    or self.preferred_element_type is not None
+    or kwargs.get("out_sharding") is not None
+    or len(args) != 1
+    or ad.in_axes != (-2,)
+    or ad.out_axes != (-1,)
+  ):
+    return None
+  w = vars(self)["kernel"].get_value()
+  if w.ndim != 2:
+    return None
+  bias = self.bias.get_value() if self.bias is not None else None
+  x, w, bias = self.promote_dtype((args[0], w, bias), dtype=self.dtype)
+  k = ad.kernel(w)
+  u, v = _kernel.factors(k)
+  xd = _ops.branch_input(x, ad.dropout, _dropout_key(ad))
+  return _ops.dense(x, xd, w, u, v, bias, self.precision, 1, (w.shape[1],), ad.path)
+
+
 def _call(self, base_call, args, kwargs):
   names = type(self)._delora_names
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
+  if names == ("kernel",) and not _layout.active():
+    ad = vars(self)["kernel" + SUFFIX]
+    out = _fused_linear(self, ad, args, kwargs)
+    if out is not None:
+      _report.note(ad.path, "factorised")
+      return out
   bases, lazies = [], []
   for n in names:
     w = vars(self)[n].get_value()
     ad = vars(self)[n + SUFFIX]
-    key = None
-    if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
-      key = ad.rngs.dropout()
-    src = _lazy.Source(
+    src = _interpret.Source(
       ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes), strict=ad.strict, dropout=ad.dropout
     )
     bases.append(w)
-    lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
-  return _lazy.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
+    lazies.append(_interpret.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, _dropout_key(ad)))
+  return _interpret.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
 
 
 def _subclass(cls: type, names: tuple[str, ...], prefix: str, call, prop) -> type:
@@ -241,17 +268,27 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   paths = list(kernels(model))
   if not paths:
     raise ValueError("explain: this nnx.Module holds no DeLoRA adapter; call delora_jax.nnx.wrap(model, rules) first.")
-  seen: dict[str, set] = {"factorised": set(), "merged": set()}
-  token = _RECORDER.set(lambda path, kind: seen[kind].add(path))
-  try:
-    nnx.eval_shape(lambda m: m(*args, **kwargs), model)
-  finally:
-    _RECORDER.reset(token)
-  return {
-    "factorised": [p for p in paths if p in seen["factorised"] and p not in seen["merged"]],
-    "merged": [p for p in paths if p in seen["merged"]],
-    "unused": [p for p in paths if p not in seen["factorised"] and p not in seen["merged"]],
-  }
+  graphdef, trained, rest = nnx.split(copy(model), DeloraParam, ...)
+  names, leaves, treedef = _tree_paths(trained)
+  per_kernel: dict[str, list] = {}
+  for name, leaf in zip(names, leaves):
+    per_kernel.setdefault(name.rpartition(SUFFIX + "/")[0], []).append(leaf)
+
+  def call(grouped):
+    flat = iter([x for p in per_kernel for x in grouped[p]])
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [next(flat) for _ in leaves]), rest)(
+      *args, **kwargs
+    )
+
+  with _report.recording() as rec:
+    live = _report.reached(call, per_kernel)
+  return _report.summary(paths, rec, live)
+
+
+def _tree_paths(state: Any) -> tuple[list[str], list, Any]:
+  from delora_jax import _tree  # noqa: PLC0415 (_tree reads NNX models through this module)
+
+  return _tree.flatten(state)
 
 
 # ---------------------------------------------------------------- layout inference
@@ -276,7 +313,7 @@ def _probe_call(self, base_call, args, kwargs):
     return base_call(self, *args, **kwargs)
   paths = vars(self)["_delora_paths"]
   bases = [vars(self)[n].get_value() for n in names]
-  return _infer.trace(
+  return _layout.trace(
     _with_placeholders(self, names, base_call, args, kwargs), bases, [paths[n] for n in names], [0] * len(names)
   )
 
@@ -286,7 +323,7 @@ def _probe_class(cls: type, names: tuple[str, ...]) -> type:
   return _subclass(cls, names, "Probe", _probe_call, _probe_property)
 
 
-def probe(model: nnx.Module, like: Any, paths: set[str]) -> _infer.Uses:
+def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
   """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
   new = copy(model)
   mods = modules(new)
@@ -308,4 +345,4 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _infer.Uses:
       "`like` must be a tuple of example arguments for model(*like), or a "
       f"function like(model) that calls it; got {type(like).__name__}."
     )
-  return _infer.probe(lambda: nnx.eval_shape(call, new))
+  return _layout.probe(lambda: nnx.eval_shape(call, new))

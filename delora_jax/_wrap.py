@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from delora_jax import _infer, _kernel, _tree
+from delora_jax import _kernel, _layout, _linen, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Rule, as_rule
 from delora_jax._sharding import kernel_specs
@@ -255,16 +255,14 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
   """
   probe = None
   if like is not None:
-    from delora_jax import _apply  # noqa: PLC0415 (import cycle)
-
-    probe = lambda paths: _apply.probe(like, params, paths)  # noqa: E731
+    probe = lambda paths: _linen.probe(like, params, paths)  # noqa: E731
   return wrap_with(params, rules, key=key, probe=probe)
 
 
 def wrap_with(
   params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None, probe: Callable[[set[str]], Any] | None
 ) -> Any:
-  """`wrap`, with layouts inferred by ``probe(selected paths) -> _infer.Uses`` if given."""
+  """`wrap`, with layouts inferred by ``probe(selected paths) -> _interpret.Uses`` if given."""
   compiled = _compile(rules)
   paths, leaves, treedef = _tree.flatten(params)
   adapted = [p for p, x in zip(paths, leaves) if is_kernel(x)]
@@ -310,7 +308,7 @@ def wrap_with(
   if probe is not None:
     uses = probe({paths[i] for i in owners})
     owners = {
-      i: (pat, _infer.resolve(paths[i], tuple(leaves[i].shape), rule, uses)) for i, (pat, rule) in owners.items()
+      i: (pat, _layout.resolve(paths[i], tuple(leaves[i].shape), rule, uses)) for i, (pat, rule) in owners.items()
     }
   new = list(leaves)
   for i, (_, rule) in owners.items():

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 import delora_jax
-from delora_jax import _apply
+from delora_jax import _ops
 from tests import models
 
 ATOL = 2e-5
@@ -25,7 +25,7 @@ def form(request, monkeypatch):
   """Both matmul forms of the factorised dense layer. This process sees 8 devices, so
   `apply` picks the split form (x @ w + h @ v); "joined" forces the one-matmul CPU form
   ([x | h] @ [w; v]) that single-device CPU programs get."""
-  monkeypatch.setattr(_apply, "_join_on_cpu", lambda: request.param == "joined")
+  monkeypatch.setattr(_ops, "join_on_cpu", lambda: request.param == "joined")
   return request.param
 
 
@@ -368,7 +368,7 @@ def test_lowrank_vjp_equals_autodiff_of_the_plain_formula(form, dropout):
     return x @ jax.lax.stop_gradient(w) + (xd @ u) @ v
 
   def got(x, xd, u, v):
-    return _apply._lowrank(x, xd, w, u, v, None)
+    return _ops.lowrank(x, xd, w, u, v, None)
 
   y_ref, vjp_ref = jax.vjp(ref, x, xd, u, v)
   y_got, vjp_got = jax.jit(lambda *a: jax.vjp(got, *a))(x, xd, u, v)
@@ -376,7 +376,7 @@ def test_lowrank_vjp_equals_autodiff_of_the_plain_formula(form, dropout):
   for g, r in zip(vjp_got(dy), vjp_ref(dy)):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
   # No gradient reaches the frozen weight.
-  gw = jax.grad(lambda w: jnp.sum(_apply._lowrank(x, xd, w, u, v, None)))(w)
+  gw = jax.grad(lambda w: jnp.sum(_ops.lowrank(x, xd, w, u, v, None)))(w)
   assert not np.any(np.asarray(gw))
 
 

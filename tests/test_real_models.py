@@ -21,7 +21,7 @@ from tunix.models.gemma3 import model as tunix_gemma3
 from tunix.models.llama3 import model as tunix_llama3
 
 import delora_jax
-from delora_jax import _lazy
+from delora_jax import _interpret
 from tests import models
 
 RTOL = 1e-5
@@ -151,8 +151,8 @@ def test_gemma_train_step_lowers_loss_and_eager_calls_do_not_retrace(gemma, monk
   # gemma's Transformer is nn.jit-wrapped: after the first eager call, later ones hit its cache
   # (the factorised evaluator runs only while tracing).
   traces = []
-  real = _lazy.run
-  monkeypatch.setattr(_lazy, "run", lambda *a: traces.append(1) or real(*a))
+  real = _interpret.run
+  monkeypatch.setattr(_interpret, "run", lambda *a: traces.append(1) or real(*a))
   full = delora_jax.combine(trainable, frozen)
   tok2 = tokens(1, 5)  # a shape no earlier call used: the first call traces
   first = delora_jax.apply(model, {"params": full}, tok2).logits

@@ -1,15 +1,35 @@
-"""Factorised evaluation of any code that contracts an adapted kernel.
+"""The interpreter: one evaluation of a traced call, deciding "factorised or merged".
 
 A module call is traced to a jaxpr with each adapted kernel as a plain input
 (a placeholder), then evaluated again here with that input bound to a
 :class:`Lazy` value: the frozen kernel ``w`` plus its low-rank update kept as
-factors. Layout-preserving ops on it (``convert_element_type``, ``transpose``,
-``reshape``, nested ``jit``/``remat``/``custom_jvp`` calls) keep it lazy; a
-``dot_general`` or ``conv_general_dilated`` that contracts exactly the
-kernel's input axes is computed as ``op(x, w) + (x @ u) @ v``; every other op
-gets the merged value ``w + ΔW`` and is recorded as such. This is the single
-place that decides "factorised or merged" for code delora_jax did not write
-(:mod:`delora_jax._apply` and :mod:`delora_jax._nnx` feed it).
+factors. Layout-preserving ops (a float ``convert_element_type``, ``transpose``,
+``reshape`` within the layout's groups, nested ``jit``/``remat`` calls) keep it
+lazy; the contractions :mod:`delora_jax._ops` lists are computed factorised;
+every other op gets the merged value ``w + ΔW`` and is reported
+(:mod:`delora_jax._report`). :func:`_rule` is that one decision, for Linen and
+NNX alike.
+
+Layout inference is a mode of the same evaluation: a :class:`Lazy` with no
+factors (``u is None``) stands for a kernel of unknown layout, and each
+contraction that reaches it records the stored axes it contracts
+(:class:`Uses`) instead of computing a branch.
+
+Custom derivatives are respected: a kernel that enters a ``custom_jvp`` or
+``custom_vjp`` function is merged and the function bound with its own rule.
+
+JAX internals this module relies on (public ``jax.extend`` where it exists):
+
+- primitive names as strings (``pjit``/``jit``, ``closed_call``, ``core_call``,
+  ``remat2``/``checkpoint``, ``custom_jvp_call``, ``custom_vjp_call``,
+  ``dot_general``, ``conv_general_dilated``, ``ragged_dot_general``,
+  ``convert_element_type``, ``copy``/``copy_p``, ``transpose``, ``reshape``):
+  there is no public table of them;
+- ``Primitive.get_bind_params`` and ``eqn.ctx.manager`` to re-bind an equation
+  with its own parameters and context (name stack, sharding), as
+  ``jax.core.eval_jaxpr`` does;
+- ``jax.extend.core.Literal`` and ``Jaxpr``'s ``invars``/``outvars``/``eqns``;
+- :func:`delora_jax._report.reached` uses ``partial_eval.dce_jaxpr``.
 """
 
 from __future__ import annotations
@@ -23,32 +43,30 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax
 
-from delora_jax import _kernel
+from delora_jax import _kernel, _ops
 from delora_jax._kernel import DeloraKernel
+from delora_jax._report import LayoutError, strict_error
 
 
-class FallbackWarning(UserWarning):
-  """An adapted kernel was used outside a factorised layer and was merged."""
+@dataclasses.dataclass
+class Uses:
+  """What a layout probe saw: per path, the stored axes of each contraction and other ops."""
 
+  lead: dict[str, int] = dataclasses.field(default_factory=dict)
+  shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  contractions: dict[str, set] = dataclasses.field(default_factory=dict)
+  others: dict[str, set] = dataclasses.field(default_factory=dict)
 
-def strict_error(path: str, why: str = "outside a layer delora_jax can factorise") -> TypeError:
-  return TypeError(
-    f"{path}: this adapted kernel is used {why}, so it would be computed through the merged "
-    "weight w + ΔW. strict=True forbids that; contract it with a layer or op delora_jax "
-    "factorises (any jnp.einsum/jnp.dot/@/lax.dot_general/lax.conv_general_dilated over its "
-    "input axes), exclude it from the rules, or call with strict=False to accept the "
-    "merged path."
-  )
+  def add(self, path: str, contracted: tuple[int, ...], batch: tuple[int, ...]) -> None:
+    self.contractions.setdefault(path, set()).add((contracted, batch))
 
-
-class LayoutError(ValueError):
-  """The model contracts an adapted kernel over axes other than its declared inputs."""
+  def other(self, path: str, op: str) -> None:
+    self.others.setdefault(path, set()).add(op)
 
 
 @dataclasses.dataclass(eq=False)
 class Source:
-  """Where a lazy kernel came from: its path, its call's record, dropout (static data:
-  hashed by identity)."""
+  """Where a lazy kernel came from (static data: hashed by identity)."""
 
   path: str
   record: Callable[[str, str], None]  # (path, "factorised" | "merged")
@@ -56,6 +74,7 @@ class Source:
   lead: int = 0  # stacked axes sliced off before the layer sees the kernel (nn.scan)
   strict: bool = False
   dropout: float = 0.0
+  uses: Uses | None = None  # layout inference: record contractions instead of computing them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +83,10 @@ class Lazy:
 
   ``u`` is ``(*stack, *in, r)`` and ``v`` ``(*stack, r, *out)``; ``stacks``,
   ``ins`` and ``outs`` give the view axis of each of their axes, in their order.
-  ``axes[p]`` are the stored kernel's axes that view axis ``p`` covers (for errors).
+  ``axes[p]`` are the stored kernel's axes that view axis ``p`` covers. With
+  ``u = None`` the value has no factors: a probe of unknown layout (``src.uses``
+  set), or a merged value whose layout a reshape broke (a later contraction is
+  then a :class:`LayoutError`).
   """
 
   base: Any
@@ -95,6 +117,10 @@ class Lazy:
 
   def materialise(self, why: str) -> jax.Array:
     src = self.src
+    if self.u is None:  # a probe (plain w) or already merged
+      if src.uses is not None:
+        src.uses.other(src.path, why)
+      return self.base
     if src.strict:
       raise strict_error(src.path, f"by `{why}`, which delora_jax cannot compute factorised")
     src.record(src.path, "merged")
@@ -121,6 +147,11 @@ def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> 
   v = v.reshape(*stack_shape, v.shape[-2], *(w.shape[p] for p in outs))
   axes = tuple((src.lead + p,) for p in range(nd))
   return Lazy(w, u, v, stacks, ins, outs, src, axes, key)
+
+
+def probe(w: jax.Array, src: Source) -> Lazy:
+  """A factor-less Lazy whose contractions are recorded in ``src.uses`` (layout inference)."""
+  return Lazy(w, None, None, (), (), (), src, tuple((src.lead + p,) for p in range(w.ndim)))
 
 
 # ---------------------------------------------------------------- view ops
@@ -168,22 +199,27 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
   groups = _groups(tuple(lz.base.shape), tuple(new_shape))
   if groups is None:
     return None
+  axes = [()] * len(new_shape)
+  for gi, gj in groups:
+    for q in gj:
+      axes[q] = tuple(sorted({a for p in gi for a in lz.axes[p]}))
+  if lz.u is None:
+    return dataclasses.replace(lz, base=lax.reshape(lz.base, tuple(new_shape)), axes=tuple(axes))
   kind = {**dict.fromkeys(lz.stacks, "s"), **dict.fromkeys(lz.ins, "i"), **dict.fromkeys(lz.outs, "o")}
   order = {"s": list(lz.stacks), "i": list(lz.ins), "o": list(lz.outs)}
   # Each run of old axes must be of one kind and consecutive, ascending, in that kind's order.
   new_order: dict[str, list[int]] = {"s": [], "i": [], "o": []}
   sizes: dict[str, list[int]] = {"s": [], "i": [], "o": []}
-  runs, axes = {}, [()] * len(new_shape)
+  runs = {}
   for gi, gj in groups:
-    for q in gj:
-      axes[q] = tuple(sorted({a for p in gi for a in lz.axes[p]}))
     kinds = {kind[p] for p in gi}
-    if len(kinds) != 1:
-      return None
-    kd = kinds.pop()
-    idx = [order[kd].index(p) for p in gi]
-    if idx != list(range(idx[0], idx[0] + len(idx))):
-      return None
+    idx = [order[kinds.pop()].index(p) for p in gi] if len(kinds) == 1 else None
+    if idx is None or idx != list(range(idx[0], idx[0] + len(idx))):
+      # The reshape mixes axes the declared layout keeps apart: merged from here on, and a
+      # later contraction of the result shows the layout is wrong (LayoutError).
+      merged = lax.reshape(lz.materialise("a reshape across the declared layout"), tuple(new_shape))
+      return Lazy(merged, None, None, (), (), (), lz.src, tuple(axes), None)
+    kd = kind[gi[0]]
     runs[idx[0], kd] = (gj, [new_shape[q] for q in gj], len(gi))
   for kd in "sio":
     k = 0
@@ -210,115 +246,84 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
 # ---------------------------------------------------------------- contractions
 
 
-def _acc(dtype) -> jnp.dtype:
-  dtype = jnp.dtype(dtype)
-  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+def _stored(lz: Lazy, dims) -> tuple[int, ...]:
+  return tuple(sorted({a for d in dims for a in lz.axes[d]}))
 
 
-def _cast(x: jax.Array, dtype) -> jax.Array:
-  """``x`` in ``dtype``, emitting no convert when it already is (XLA:CPU keeps f32->f32
-  converts inside fusions, and cost analysis counts them)."""
-  return x if x.dtype == jnp.dtype(dtype) else lax.convert_element_type(x, dtype)
-
-
-def _branch_input(lz: Lazy, x: jax.Array) -> jax.Array:
+def _factorless(lz: Lazy, contracted, batch, op: str) -> None:
+  """A contraction of a probe (record it) or of a value a reshape merged (a layout error
+  unless it contracts every axis)."""
   src = lz.src
-  if src.dropout > 0.0 and lz.key is not None:
-    keep = jax.random.bernoulli(lz.key, 1.0 - src.dropout, x.shape)
-    return jnp.where(keep, x / (1.0 - src.dropout), jnp.zeros_like(x))
-  return x
-
-
-def _check_contraction(lz: Lazy, contracted: tuple[int, ...], op: str) -> None:
-  if set(contracted) == set(lz.ins):
+  if src.uses is not None:
+    src.uses.add(src.path, _stored(lz, contracted), _stored(lz, batch))
     return
-  src = lz.src
-  got = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
-  raise LayoutError(
-    f"{src.path}: the model contracts this kernel over its axes {got} (in `{op}`), but its "
-    f"layout declares input axes {tuple(sorted(src.in_axes))}. Declare the axes the model "
-    f"contracts, e.g. Rule(r, in_axes={got}, ...), or leave the layout out and let "
-    "delora_jax infer it: wrap(params, rules, like=(model, *example_args))."
-  )
+  if len(contracted) + len(batch) < lz.base.ndim:
+    raise LayoutError(
+      f"{src.path}: the model reshapes this kernel so that its stored axes "
+      f"{[_stored(lz, (d,)) for d in range(lz.base.ndim)]} are grouped, then contracts stored axes "
+      f"{_stored(lz, contracted)} (in `{op}`), which contradicts the declared input axes "
+      f"{tuple(sorted(src.in_axes))}. Declare the layout the model uses, e.g. Rule(r, in_axes="
+      f"{_stored(lz, contracted)}), or let delora_jax infer it: wrap(params, rules, like=(model, *example_args))."
+    )
 
 
-def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) -> jax.Array | None:
-  (lc, rc), (lb, rb) = params["dimension_numbers"]
-  kc, xc = (lc, rc) if lazy_is_lhs else (rc, lc)
-  kb, xb = (lb, rb) if lazy_is_lhs else (rb, lb)
-  kc, xc, kb, xb = map(tuple, (kc, xc, kb, xb))
-  if not set(kb) <= set(lz.stacks) or set(kc) & set(lz.stacks):
+def _dot_general(eqn, invals):
+  lhs, rhs = invals
+  lazy_is_lhs = isinstance(lhs, Lazy)
+  lz, x = (lhs, rhs) if lazy_is_lhs else (rhs, lhs)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
     return None
-  _check_contraction(lz, kc, "dot_general")
-  precision = params.get("precision")
-  xd = _branch_input(lz, x)
-  cdt = x.dtype
-  acc = _acc(cdt)
-  ns = len(lz.stacks)
-  # h = x . u over the input axes (u's axes are ordered like lz.ins), batched over kb.
-  x_of = dict(zip(kc, xc))
-  u_con = tuple(ns + i for i in range(len(lz.ins)))
-  x_con = tuple(x_of[p] for p in lz.ins)
-  u_b = tuple(lz.stacks.index(p) for p in kb)
-  pref = None if acc == cdt else acc
-  h = lax.dot_general(
-    _cast(xd, cdt), _cast(lz.u, cdt), ((x_con, u_con), (xb, u_b)), precision=precision, preferred_element_type=pref
-  )
-  # h: (*batch, *x_free, *rest_stack, r)
-  rest = [p for p in lz.stacks if p not in kb]
-  nb, nxf = len(kb), x.ndim - len(xc) - len(xb)
-  h_rest = tuple(range(nb + nxf, nb + nxf + len(rest)))
-  v_b = u_b + tuple(lz.stacks.index(p) for p in rest)
-  d = lax.dot_general(
-    _cast(h, cdt),
-    _cast(lz.v, cdt),
-    (((h.ndim - 1,), (ns,)), (tuple(range(nb)) + h_rest, v_b)),
-    precision=precision,
-    preferred_element_type=pref,
-  )
-  # d: (*batch, *rest_stack, *x_free, *outs) -> dot_general's order for the original operands.
-  k_free = [p for p in range(lz.base.ndim) if p not in kc and p not in kb]
-  pos = {p: nb + i for i, p in enumerate(rest)}
-  pos.update({p: nb + len(rest) + nxf + i for i, p in enumerate(lz.outs)})
-  xf = list(range(nb + len(rest), nb + len(rest) + nxf))
-  kf = [pos[p] for p in k_free]
-  perm = list(range(nb)) + (kf + xf if lazy_is_lhs else xf + kf)
-  d = lax.transpose(d, perm) if perm != list(range(d.ndim)) else d
-  lz.src.record(lz.src.path, "factorised")
-  return out + _cast(d, out.dtype)
+  base_out = _bind(eqn, [lz.base, x] if lazy_is_lhs else [x, lz.base])[0]
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  kc, kb = (lc, lb) if lazy_is_lhs else (rc, rb)
+  if lz.u is None:
+    _factorless(lz, kc, kb, "dot_general")
+    return base_out
+  got = _ops.dot(lz, x, lazy_is_lhs, eqn.params, base_out)
+  if got is not None:
+    lz.src.record(lz.src.path, "factorised")
+  return got
 
 
-def _conv(lz: Lazy, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | None:
-  dn = params["dimension_numbers"]
-  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lz.stacks:
+def _conv(eqn, invals):
+  x, lz = invals
+  if isinstance(x, Lazy) or not isinstance(lz, Lazy):
     return None
-  o_dim = dn.rhs_spec[0]
-  _check_contraction(lz, tuple(p for p in range(lz.base.ndim) if p != o_dim), "conv_general_dilated")
-  # u as a conv kernel with r output features at the kernel's output-feature axis.
-  src_axis = {p: i for i, p in enumerate(lz.ins)}
-  src_axis[o_dim] = len(lz.ins)
-  perm = [src_axis[p] for p in range(lz.base.ndim)]
-  uk = jnp.transpose(lz.u, perm)
-  cdt = x.dtype
-  acc = _acc(cdt)
-  pref = None if acc == cdt else acc
-  p = {k: v for k, v in params.items() if k != "preferred_element_type"}
-  h = lax.conv_general_dilated_p.bind(
-    _cast(_branch_input(lz, x), cdt), _cast(uk, cdt), **p, preferred_element_type=pref
-  )
-  f = dn.out_spec[1]
-  d = jnp.tensordot(
-    _cast(h, cdt), _cast(lz.v.reshape(lz.v.shape[0], -1), cdt), axes=((f,), (0,)), preferred_element_type=pref
-  )
-  d = jnp.moveaxis(d, -1, f)
-  lz.src.record(lz.src.path, "factorised")
-  return out + _cast(d, out.dtype)
+  base_out = _bind(eqn, [x, lz.base])[0]
+  if lz.u is None:
+    o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    _factorless(lz, [d for d in range(lz.base.ndim) if d != o_dim], (), "conv_general_dilated")
+    return base_out
+  got = _ops.conv(lz, x, eqn.params, base_out)
+  if got is not None:
+    lz.src.record(lz.src.path, "factorised")
+  return got
+
+
+def _ragged(eqn, invals):
+  x, lz, sizes = invals[:3]
+  if isinstance(x, Lazy) or not isinstance(lz, Lazy) or isinstance(sizes, Lazy) or len(invals) != 3:
+    return None
+  base_out = _bind(eqn, [x, lz.base, sizes])[0]
+  rdn = eqn.params["ragged_dot_dimension_numbers"]
+  if lz.u is None:
+    (_, kc), (_, kb) = rdn.dot_dimension_numbers
+    _factorless(lz, kc, tuple(kb) + tuple(rdn.rhs_group_dimensions), "ragged_dot_general")
+    return base_out
+  got = _ops.ragged_dot(lz, x, sizes, eqn.params, base_out)
+  if got is not None:
+    lz.src.record(lz.src.path, "factorised")
+  return got
+
+
+_CONTRACTIONS = {"dot_general": _dot_general, "conv_general_dilated": _conv, "ragged_dot_general": _ragged}
 
 
 # ---------------------------------------------------------------- the interpreter
 
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
+_COPIES = ("copy", "copy_p")
 
 
 def _bind(eqn, invals):
@@ -336,24 +341,21 @@ def _plain(x, why):
 
 
 def _rule(eqn, invals):
+  """The one decision: keep a kernel view lazy, compute a contraction factorised, or merge."""
   name = eqn.primitive.name
-  lazies = [x for x in invals if isinstance(x, Lazy)]
+  lz = invals[0]
   if name == "convert_element_type" and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-    lz = invals[0]
     return [dataclasses.replace(lz, base=_bind(eqn, [lz.base])[0])]
-  if name == "copy" or name == "copy_p":
-    return [invals[0]]
+  if name in _COPIES:
+    return [lz]
   if name == "transpose":
-    return [_transpose(invals[0], tuple(eqn.params["permutation"]))]
+    return [_transpose(lz, tuple(eqn.params["permutation"]))]
   if name == "reshape" and eqn.params.get("dimensions") is None:
-    got = _reshape(invals[0], tuple(eqn.params["new_sizes"]))
+    got = _reshape(lz, tuple(eqn.params["new_sizes"]))
     if got is not None:
       return [got]
   if name in _CALLS:
     closed = eqn.params["jaxpr"]
-    return evaluate(closed.jaxpr, closed.consts, invals)
-  if name == "custom_jvp_call":
-    closed = eqn.params["call_jaxpr"]
     return evaluate(closed.jaxpr, closed.consts, invals)
   if name in ("remat2", "checkpoint"):
     jaxpr = eqn.params["jaxpr"]
@@ -361,21 +363,12 @@ def _rule(eqn, invals):
       lambda *a: evaluate(jaxpr, (), list(a)), prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"]
     )
     return fn(*invals)
-  if name == "dot_general" and len(lazies) == 1:
-    lhs, rhs = invals
-    lazy_is_lhs = isinstance(lhs, Lazy)
-    lz, x = (lhs, rhs) if lazy_is_lhs else (rhs, lhs)
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      base_out = _bind(eqn, [lz.base, x] if lazy_is_lhs else [x, lz.base])[0]
-      got = _dot(lz, x, lazy_is_lhs, eqn.params, base_out)
-      if got is not None:
-        return [got]
-  if name == "conv_general_dilated" and isinstance(invals[1], Lazy) and not isinstance(invals[0], Lazy):
-    lz, x = invals[1], invals[0]
-    base_out = _bind(eqn, [x, lz.base])[0]
-    got = _conv(lz, x, eqn.params, base_out)
+  if name in _CONTRACTIONS and sum(isinstance(x, Lazy) for x in invals) == 1:
+    got = _CONTRACTIONS[name](eqn, invals)
     if got is not None:
       return [got]
+  # Anything else (custom_jvp/custom_vjp calls included, so their own derivative rules
+  # apply): the op on the merged kernel, reported.
   return _bind(eqn, [_plain(x, name) for x in invals])
 
 

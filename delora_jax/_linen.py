@@ -1,0 +1,383 @@
+"""The Linen front-end: `apply` runs a Linen model on an adapted tree, factorised.
+
+Every method of a module that reads an adapted kernel from its own scope is
+intercepted (``nn.intercept_methods``). flax's own Dense/DenseGeneral run as one
+fused low-rank op (:func:`delora_jax._ops.dense`); any other method is traced
+with the kernels as placeholders and evaluated by :mod:`delora_jax._interpret`.
+The traced call is functional: whatever the method writes to mutable
+collections (``sow``, caches, batch statistics under ``mutable=[...]``) is
+returned by the trace and written back after the evaluation, so no tracer
+leaks into the state. A read of a kernel anywhere else gets the merged kernel
+``w + ΔW`` and is reported (:mod:`delora_jax._report`).
+
+flax internals it relies on: ``Scope._collection``/``Scope._variables`` to let a
+module's scope read placeholder arrays in place of its params (flax has no
+public hook for this), and ``Scope.root.mutable_variables()`` (the live
+collection dicts) to thread the state a traced method writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+from flax.core import FrozenDict
+from flax.linen import dtypes as nn_dtypes
+from jax import lax
+
+from delora_jax import _interpret, _kernel, _layout, _nnx, _ops, _report, _tree
+from delora_jax._kernel import DeloraKernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+  """Static data of a call's tracked kernels: identical across `apply` calls with the same
+  `strict`, so jit caches (an `nn.jit` model, jnp's own jitted functions) hit on later
+  calls; `explain` passes a fresh `token` so that its trace is never a cached one."""
+
+  strict: bool
+  token: int = 0
+  probe: bool = False  # layout inference: kernels are plain w, contractions recorded (`_layout`)
+
+
+_TOKENS = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tracked(DeloraKernel):
+  """A DeloraKernel that knows its path while `apply` runs; reads as an array.
+
+  Inside a module call that delora_jax traces, the module's scope holds a plain
+  placeholder array in its place (`_substituted`). Read anywhere else
+  (``jnp.asarray``, ``.astype``, ``@``, ...) it yields the merged kernel
+  ``w + ΔW`` and the use is recorded as merged.
+  """
+
+  path: str = ""
+  stored_ndim: int = 0  # ndim of the stored kernel (before nn.scan slices stacked axes)
+  mode: _Mode | None = None
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  @property
+  def ndim(self):
+    return self.w.ndim
+
+  def __jax_array__(self):
+    if self.mode is None:
+      return super().__jax_array__()
+    if self.mode.probe:
+      return self.w
+    if self.mode.strict:
+      raise _report.strict_error(self.path)
+    _report.note(self.path, "merged")
+    return _kernel.merged(self)
+
+
+jax.tree_util.register_dataclass(
+  _Tracked,
+  data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
+  meta_fields=["in_axes", "out_axes", "dropout", "path", "stored_ndim", "mode"],
+)
+
+
+def _track(params: Any, mode: _Mode) -> Any:
+  fields = {f.name for f in dataclasses.fields(DeloraKernel)}
+  return _tree.map_kernels(
+    lambda p, k: _Tracked(**{f: getattr(k, f) for f in fields}, path=p, stored_ndim=k.w.ndim, mode=mode), params
+  )
+
+
+# ---------------------------------------------------------------- flax's own Dense
+
+
+def _dropout_key(mod: nn.Module, k: DeloraKernel) -> Any:
+  """PEFT's module_dropout is active when a 'dropout' rng is given (training)."""
+  return mod.make_rng("dropout") if k.dropout > 0.0 and mod.has_rng("dropout") else None
+
+
+def _fused_dense(mod: nn.Module, k: _Tracked, args, kwargs) -> jax.Array | None:
+  """flax's Dense/DenseGeneral over trailing input axes as one fused op, or None."""
+  x = args[0] if args else kwargs["inputs"]
+  feats = tuple(mod.features) if not isinstance(mod.features, int) else (mod.features,)
+  axis = getattr(mod, "axis", -1)
+  axis = tuple(axis) if not isinstance(axis, int) else (axis,)
+  n_in = len(axis)
+  plain = (
+    k.w.ndim == n_in + len(feats)
+    and k.in_axes == tuple(range(-n_in - len(feats), -len(feats)))
+    and k.out_axes == tuple(range(-len(feats), 0))
+  )
+  if getattr(mod, "batch_dims", ()) or not plain:
+    return None
+  if (
+    tuple(a % x.ndim for a in axis) != tuple(range(x.ndim - n_in, x.ndim))
+    or mod.dot_general is not None
+    or getattr(mod, "dot_general_cls", None) is not None
+  ):
+    return None  # other contracting axes or a custom dot_general: the generic evaluator
+  bias = mod.scope.get_variable("params", "bias") if getattr(mod, "use_bias", False) else None
+  promote = getattr(mod, "promote_dtype", nn_dtypes.promote_dtype)
+  xc, w, bias = promote(x, k.w, bias, dtype=mod.dtype)
+  xd = _ops.branch_input(xc, k.dropout, _dropout_key(mod, k))
+  u, v = _kernel.factors(k)
+  return _ops.dense(xc, xd, w, u, v, bias, mod.precision, n_in, feats, k.path or "kernel")
+
+
+def _is_flax_dense(mod: nn.Module) -> bool:
+  call = type(mod).__call__
+  return call is nn.Dense.__call__ or call is nn.DenseGeneral.__call__
+
+
+# ---------------------------------------------------------------- any other method
+
+
+def _owned(mod: nn.Module) -> dict[str, _Tracked]:
+  """The adapted kernels this module reads from its own scope (not its children's)."""
+  params = mod.scope.variables().get("params", {})
+  return {n: k for n, k in params.items() if isinstance(k, _Tracked) and k.mode is not None}
+
+
+@contextlib.contextmanager
+def _substituted(mod: nn.Module, values: Mapping[str, Any]):
+  """Within the block, ``mod``'s scope reads ``values`` (placeholder arrays) for those params.
+
+  The module then sees plain arrays, so every JAX API works on them (``lax.*``, jitted
+  helpers, methods), and a jit cache never keeps a placeholder as a hidden constant.
+  """
+  scope = mod.scope
+  old = scope._collection("params")  # noqa: SLF001 (flax has no public hook for this)
+  new = {**old, **values}
+  scope._variables["params"] = type(old)(new) if isinstance(old, FrozenDict) else new  # type: ignore[assignment]  # noqa: SLF001
+  try:
+    yield
+  finally:
+    scope._variables["params"] = old  # type: ignore[assignment]  # noqa: SLF001
+
+
+def _state_entries(mod: nn.Module) -> list[tuple[dict, str, Any]]:
+  """``(container, key, value)`` of every leaf of the call's mutable collections (not params)."""
+  out: list[tuple[dict, str, Any]] = []
+
+  def walk(d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v)
+      else:
+        out.append((d, k, v))
+
+  for col, d in mod.scope.root.mutable_variables().items():
+    if col != "params" and isinstance(d, dict):
+      walk(d)
+  return out
+
+
+def _functional(mod: nn.Module, names: list[str], next_fun, args, kwargs, written: list):
+  """``next_fun`` as a pure function of one placeholder per kernel ``names`` of ``mod``:
+  returns ``(out, new values)`` of the state entries it writes, listed in ``written``."""
+
+  def traced(*placeholders):
+    before = {(id(c), k): v for c, k, v in _state_entries(mod)}
+    with _substituted(mod, dict(zip(names, placeholders))):
+      out = next_fun(*args, **kwargs)
+    written[:] = [(c, k) for c, k, v in _state_entries(mod) if before.get((id(c), k), written) is not v]
+    return out, [c[k] for c, k in written]
+
+  return traced
+
+
+def _values(mod: nn.Module, ks: list[_Tracked]) -> list[_interpret.Lazy]:
+  out = []
+  for k in ks:
+    lead = k.stored_ndim - k.w.ndim
+    if k.mode.probe:
+      out.append(None)
+      continue
+    src = _interpret.Source(
+      k.path,
+      _report.note,
+      in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
+      lead=lead,
+      strict=k.mode.strict,
+      dropout=k.dropout,
+    )
+    out.append(_interpret.from_kernel(k, lax.stop_gradient(k.w), src, _dropout_key(mod, k)))
+  return out
+
+
+def _generic(mod: nn.Module, owned: dict[str, _Tracked], next_fun, args, kwargs):
+  """Any method of any module: traced with each kernel as a placeholder, then evaluated
+  with the low-rank form (or, for layout inference, a probe) bound to it."""
+  names, ks = list(owned), list(owned.values())
+  written: list = []
+  fn = _functional(mod, names, next_fun, args, kwargs, written)
+  bases = [k.w for k in ks]
+  if ks[0].mode.probe:
+    out, new = _layout.trace(fn, bases, [k.path for k in ks], [k.stored_ndim - k.w.ndim for k in ks])
+  else:
+    out, new = _interpret.run(fn, bases, _values(mod, ks))
+  for (c, k), v in zip(written, new):
+    c[k] = v
+  return out
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  """The one decision for Linen: flax's Dense as the fused op, else the generic evaluator for
+  any module method that reads adapted kernels from its scope."""
+  mod = context.module
+  if mod.scope is None or context.method_name == "setup":
+    return next_fun(*args, **kwargs)
+  owned = _owned(mod)  # empty inside a traced call of this scope: it holds placeholders then
+  if not owned:
+    return next_fun(*args, **kwargs)
+  k = owned.get("kernel")
+  if (
+    len(owned) == 1 and k is not None and not k.mode.probe and context.method_name == "__call__" and _is_flax_dense(mod)
+  ):
+    out = _fused_dense(mod, k, args, kwargs)
+    if out is not None:
+      _report.note(k.path, "factorised")
+      return out
+  return _generic(mod, owned, next_fun, args, kwargs)
+
+
+def probe(like: Any, params: Any, paths: set[str]) -> _interpret.Uses:
+  """How ``like`` (``(model, *args)`` or ``fn(params)``) uses the kernels at ``paths``."""
+  mode = _Mode(False, next(_TOKENS), probe=True)
+  tree = _tree.map_leaves(
+    lambda p, w: (
+      _Tracked(
+        w=w, a=None, b=None, lam=None, w_norm=None, in_axes=(), out_axes=(), path=p, stored_ndim=w.ndim, mode=mode
+      )
+      if p in paths
+      else w
+    ),
+    params,
+  )
+  if callable(like):
+    call = lambda: like(tree)  # noqa: E731
+  elif isinstance(like, tuple) and like and isinstance(like[0], nn.Module):
+    call = lambda: like[0].apply({"params": tree}, *like[1:])  # noqa: E731
+  else:
+    raise TypeError(
+      "`like` must be (model, *example_args) for a Linen model, or a function "
+      f"like(params) that runs the model's apply on them; got {type(like).__name__}."
+    )
+
+  def run():
+    with nn.intercept_methods(_interceptor):
+      jax.eval_shape(call)
+
+  return _layout.probe(run)
+
+
+def _check_variables(variables: Any, fn: str, model: Any = None) -> None:
+  if isinstance(model, nnx.Module):
+    raise TypeError(
+      f"{fn}: `model` is a Flax NNX module; delora_jax.{fn} runs Linen modules. Adapt an NNX "
+      "model with delora_jax.nnx.wrap(model, rules) and call it directly: adapted(x)"
+      + (" (delora_jax.explain(adapted, x) reports it)." if fn == "apply" else ".")
+    )
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    got = f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
+    raise TypeError(f"{fn}: `variables` must be a dict with a 'params' collection, as for model.apply; got {got}.")
+  _tree.require_adapted(variables["params"], fn)
+
+
+def _run(model, variables, args, kwargs, mode: _Mode):
+  with nn.intercept_methods(_interceptor):
+    return model.apply({**variables, "params": _track(variables["params"], mode)}, *args, **kwargs)
+
+
+def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bool = False, **kwargs: Any) -> Any:
+  """Drop-in for ``model.apply(variables, *args, **kwargs)`` with adapted params.
+
+  ``variables["params"]`` is a tree from :func:`delora_jax.wrap` (or
+  ``combine(trainable, frozen)``); other collections and every keyword of
+  ``model.apply`` (``rngs``, ``mutable``, ``method``) pass through. Every layer
+  that contracts an adapted kernel over its input axes (``nn.Dense``, ``Conv``,
+  ``Einsum``, gemma's ``Einsum``, a custom ``jnp.einsum``/``@``/``lax.dot_general``)
+  is computed in factorised form with ``w`` and ``w_norm`` frozen. Adapter dropout
+  (``Rule(dropout=p)``, PEFT's ``module_dropout``) is active when a
+  ``"dropout"`` rng is passed (``rngs={"dropout": key}``), as in training.
+
+  Dense layers run as one custom-VJP op whose backward keeps only the layer
+  input and the ``(tokens, r)`` projection. In programs on a single CPU device
+  it is one matmul over ``[x | x @ u]`` and ``[w; v]`` (XLA:CPU would otherwise
+  keep both halves of ``x @ w + h @ v`` alive until the backward pass); with
+  ``b = 0`` the output then equals the base model's up to float rounding rather
+  than bitwise. GPU/TPU, meshes and ``pmap`` use ``x @ w + h @ v``.
+
+  Args:
+    model: a Flax Linen module.
+    variables: ``{"params": adapted_tree, ...}``.
+    strict: raise ``TypeError`` instead of merging when an adapted kernel is
+      used outside a factorised layer. Otherwise such kernels are computed
+      through ``w + ΔW`` and a :class:`FallbackWarning` names them.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(2, init="random")})
+    >>> y = delora_jax.apply(model, {"params": tree}, x, strict=True)
+    >>> bool(jnp.allclose(y, model.apply({"params": delora_jax.merge(tree)}, x), atol=1e-5))
+    True
+  """
+  _check_variables(variables, "apply", model)
+  with _report.recording() as rec:
+    out = _run(model, variables, args, kwargs, _Mode(bool(strict)))
+  _report.warn_merged(
+    "delora_jax.apply",
+    rec.merged,
+    "Pass strict=True to make this an error; delora_jax.explain(...) lists the paths.",
+  )
+  return out
+
+
+def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
+  """Which adapted kernels a call computes factorised, merged, or not at all.
+
+  Traces the call abstractly (no computation) and returns
+  ``{"factorised": [...], "merged": [...], "unused": [...]}`` (paths). A kernel is
+  ``"unused"`` when no use of it reaches the call's outputs (never read, or read only
+  where the result is dropped, as in gemma 4's KV-shared layers): its adapter then
+  gets exactly zero gradient, however it would have been computed. For Linen,
+  ``explain(model, variables, *args, **kwargs)`` as for :func:`apply`; for an NNX
+  model adapted by :func:`delora_jax.nnx.wrap`, ``explain(adapted, *args, **kwargs)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((2, 8))
+    >>> tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], {"kernel": 2})
+    >>> delora_jax.explain(model, {"params": tree}, x)
+    {'factorised': ['kernel'], 'merged': [], 'unused': []}
+  """
+  if isinstance(model, nnx.Module):
+    return _nnx.explain(model, (() if variables is None else (variables,)) + args, kwargs)
+  _check_variables(variables, "explain")
+  params = variables["params"]
+  ks = _tree.kernels(params)
+  mode = _Mode(False, next(_TOKENS))
+
+  def call(trained):
+    tree = _tree.map_kernels(lambda p, k: k.replace(a=trained[p][0], b=trained[p][1], lam=trained[p][2]), params)
+    return _run(model, {**variables, "params": tree}, args, kwargs, mode)
+
+  with _report.recording() as rec:
+    live = _report.reached(call, {p: (k.a, k.b, k.lam) for p, k in ks.items()})
+  return _report.summary(list(ks), rec, live)

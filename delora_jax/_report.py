@@ -1,0 +1,114 @@
+"""Reporting: what a call computed how, for Linen and NNX alike.
+
+Every front-end notes each adapted kernel it runs as ``"factorised"`` or
+``"merged"`` into the :class:`Record` of the call in progress (one context
+variable). After the call, :func:`warn_merged` turns merged paths into one
+:class:`FallbackWarning`, ``strict=True`` turns them into :func:`strict_error`,
+and :func:`summary` gives :func:`delora_jax.explain`'s answer. A kernel whose
+uses never reach the call's outputs (its adapter gets exactly zero gradient)
+is reported ``"unused"``, however it was computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+
+class FallbackWarning(UserWarning):
+  """An adapted kernel was used outside a factorised layer and was merged (``w + ΔW``)."""
+
+
+class LayoutError(ValueError):
+  """The model contracts an adapted kernel over axes other than its declared inputs."""
+
+
+def strict_error(path: str, why: str = "outside a layer delora_jax can factorise") -> TypeError:
+  return TypeError(
+    f"{path}: this adapted kernel is used {why}, so it would be computed through the merged "
+    "weight w + ΔW. strict=True forbids that; contract it with a layer or op delora_jax "
+    "factorises (any jnp.einsum/jnp.dot/@/lax.dot_general/lax.conv_general_dilated/"
+    "lax.ragged_dot over its input axes), exclude it from the rules, or call with strict=False "
+    "to accept the merged path."
+  )
+
+
+@dataclasses.dataclass(eq=False)
+class Record:
+  """The paths one call computed factorised and merged."""
+
+  factorised: set = dataclasses.field(default_factory=set)
+  merged: set = dataclasses.field(default_factory=set)
+
+  def note(self, path: str, kind: str) -> None:
+    getattr(self, kind).add(path)
+
+
+_OPEN: contextvars.ContextVar[tuple[Record, ...]] = contextvars.ContextVar("delora_records", default=())
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Record]:
+  """A fresh :class:`Record` that :func:`note` fills while the block runs (records nest)."""
+  rec = Record()
+  token = _OPEN.set((*_OPEN.get(), rec))
+  try:
+    yield rec
+  finally:
+    _OPEN.reset(token)
+
+
+def open_records() -> bool:
+  """Whether a call's report is being recorded (``apply``, ``explain``): then it warns, not each use."""
+  return bool(_OPEN.get())
+
+
+def note(path: str, kind: str) -> None:
+  """Records that ``path`` ran ``kind`` (``"factorised"`` or ``"merged"``) in every open record."""
+  for rec in _OPEN.get():
+    rec.note(path, kind)
+
+
+def warn_merged(who: str, paths: set, hint: str, stacklevel: int = 3) -> None:
+  """One :class:`FallbackWarning` naming the merged ``paths`` of a call (nothing if none)."""
+  if not paths:
+    return
+  shown = sorted(paths)
+  listed = ", ".join(repr(p) for p in shown[:6]) + (f", ... ({len(shown)} in all)" if len(shown) > 6 else "")
+  warnings.warn(
+    f"{who}: adapted kernels [{listed}] are used outside a factorised layer and were computed "
+    "through the merged weight w + ΔW (adapter dropout does not apply there). " + hint,
+    FallbackWarning,
+    stacklevel=stacklevel,
+  )
+
+
+def reached(fn: Callable[[Any], Any], adapters: dict[str, Any]) -> set[str]:
+  """The paths of ``adapters`` (``{path: arrays}``) that ``fn(adapters)``'s outputs depend on.
+
+  Dead-code elimination over the traced program (``jax._src.interpreters.partial_eval.dce_jaxpr``,
+  which knows ``scan``, ``cond``, ``jit`` and the other higher-order primitives).
+  """
+  from jax._src.interpreters import partial_eval as pe  # noqa: PLC0415 (JAX internal, see _interpret)
+
+  flat, treedef = jax.tree_util.tree_flatten(adapters)
+  owner = [p for p, leaves in adapters.items() for _ in jax.tree_util.tree_leaves(leaves)]
+  closed = jax.make_jaxpr(lambda *xs: fn(jax.tree_util.tree_unflatten(treedef, xs)))(*flat)
+  _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  return {p for p, u in zip(owner, used) if u}
+
+
+def summary(paths: list[str], rec: Record, live: set[str]) -> dict[str, list[str]]:
+  """``explain``'s answer: each path factorised, merged, or unused (no use reaches the outputs)."""
+  used = [p for p in paths if p in live and (p in rec.factorised or p in rec.merged)]
+  return {
+    "factorised": [p for p in used if p not in rec.merged],
+    "merged": [p for p in used if p in rec.merged],
+    "unused": [p for p in paths if p not in used],
+  }
