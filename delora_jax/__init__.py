@@ -7,17 +7,17 @@ Hugging Face PEFT's ``DeloraConfig``.
 
 from delora_jax import nnx as nnx
 from delora_jax import peft as peft
-from delora_jax._report import FallbackWarning as FallbackWarning
-from delora_jax._linen import apply as apply
-from delora_jax._linen import explain as explain
 from delora_jax._checkpoint import CheckpointError as CheckpointError
 from delora_jax._checkpoint import adapter_save_args as adapter_save_args
 from delora_jax._checkpoint import load_adapters as load_adapters
 from delora_jax._checkpoint import save_adapters as save_adapters
 from delora_jax._diagnostics import diagnostics as diagnostics
 from delora_jax._kernel import DeloraKernel as DeloraKernel
+from delora_jax._linen import apply as apply
+from delora_jax._linen import explain as explain
 from delora_jax._lora import to_lora as to_lora
 from delora_jax._optim import optimizer as optimizer
+from delora_jax._report import FallbackWarning as FallbackWarning
 from delora_jax._rule import Rule as Rule
 from delora_jax._sharding import shardings as shardings
 from delora_jax._split import combine as combine

@@ -213,13 +213,13 @@ def _reshape(lz: Lazy, new_shape) -> Lazy | None:
   runs = {}
   for gi, gj in groups:
     kinds = {kind[p] for p in gi}
-    idx = [order[kinds.pop()].index(p) for p in gi] if len(kinds) == 1 else None
-    if idx is None or idx != list(range(idx[0], idx[0] + len(idx))):
+    kd = next(iter(kinds))
+    idx = [order[kd].index(p) for p in gi] if len(kinds) == 1 else [-1, -1]
+    if idx != list(range(idx[0], idx[0] + len(idx))):
       # The reshape mixes axes the declared layout keeps apart: merged from here on, and a
       # later contraction of the result shows the layout is wrong (LayoutError).
       merged = lax.reshape(lz.materialise("a reshape across the declared layout"), tuple(new_shape))
       return Lazy(merged, None, None, (), (), (), lz.src, tuple(axes), None)
-    kd = kind[gi[0]]
     runs[idx[0], kd] = (gj, [new_shape[q] for q in gj], len(gi))
   for kd in "sio":
     k = 0

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import types
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax

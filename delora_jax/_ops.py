@@ -7,7 +7,7 @@ One file lists what runs factorised, for Linen and NNX alike:
   buffer on XLA:CPU, only ``(tokens, r)`` products in the backward pass.
 - :func:`dot`: any ``lax.dot_general`` (``jnp.einsum``, ``jnp.dot``, ``@``) that
   contracts an adapted kernel over its input axes (stacked axes may be batch
-  axes), or over its output axes (a tied kernel read transposed).
+  axes).
 - :func:`conv`: ``lax.conv_general_dilated`` over the kernel's input axes.
 - :func:`ragged_dot`: ``lax.ragged_dot``/``ragged_dot_general`` of MoE experts
   (the expert axis stacked): the low-rank branch grouped the same way.
@@ -18,7 +18,6 @@ Each returns ``None`` where its form does not apply; the interpreter
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -154,25 +153,14 @@ def dense(x, xd, w, u, v, bias, precision, n_in: int, feats: tuple[int, ...], pa
 # ---------------------------------------------------------------- generic contractions
 
 
-def transposed(lz: Any) -> Any:
-  """The view of ``lz`` with inputs and outputs swapped (``ΔWᵀ = vᵀ uᵀ``), for a kernel
-  contracted over its output axes (a tied embedding read as ``x @ wᵀ``). No dropout."""
-  ns = len(lz.stacks)
-  u = jnp.moveaxis(lz.v, ns, -1)  # (*stack, *out, r)
-  v = jnp.moveaxis(lz.u, -1, ns)  # (*stack, r, *in)
-  return dataclasses.replace(lz, u=u, v=v, ins=lz.outs, outs=lz.ins, key=None)
-
-
 def check_contraction(lz: Any, contracted: tuple[int, ...], op: str) -> str:
   """How ``op`` contracting view axes ``contracted`` of ``lz`` is computed: ``"in"`` (the
-  layer form), ``"out"`` (transposed), ``"merged"`` (no output axis would be left: a full
-  contraction such as a regulariser). A partial match of the declared layout is a
-  :class:`LayoutError` (the declared layout is wrong)."""
+  layer form) or ``"merged"`` (no output axis would be left: a full contraction such as a
+  regulariser). Any other contraction contradicts the declared layout: a
+  :class:`LayoutError`."""
   got = set(contracted)
   if got == set(lz.ins):
     return "in"
-  if got == set(lz.outs):
-    return "out"
   if got >= set(lz.ins) | set(lz.outs):
     return "merged"
   src = lz.src
@@ -193,11 +181,8 @@ def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) 
   kc, xc, kb, xb = map(tuple, (kc, xc, kb, xb))
   if not set(kb) <= set(lz.stacks) or set(kc) & set(lz.stacks):
     return None
-  how = check_contraction(lz, kc, "dot_general")
-  if how == "merged":
+  if check_contraction(lz, kc, "dot_general") == "merged":
     return None
-  if how == "out":
-    lz = transposed(lz)
   precision = params.get("precision")
   xd = branch_input(x, lz.src.dropout, lz.key)
   cdt = x.dtype
