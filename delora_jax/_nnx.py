@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 from jax import lax
 
-from delora_jax import _interpret, _kernel, _layout, _ops, _report
+from delora_jax import _interpret, _kernel, _layout, _ops, _report, _tree
 from delora_jax._kernel import DeloraKernel
 
 SUFFIX = "_delora"
@@ -226,6 +226,9 @@ def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
   return out
 
 
+_tree.MODEL_KERNELS[nnx.Module] = kernels
+
+
 def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
   """A copy of the adapted ``model`` whose adapters hold the arrays of ``ks`` (same paths)."""
   new = copy(model)
@@ -267,7 +270,7 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   if not paths:
     raise ValueError("explain: this nnx.Module holds no DeLoRA adapter; call delora_jax.nnx.wrap(model, rules) first.")
   graphdef, trained, rest = nnx.split(copy(model), DeloraParam, ...)
-  names, leaves, treedef = _tree_paths(trained)
+  names, leaves, treedef = _tree.flatten(trained)
   per_kernel: dict[str, list] = {}
   for name, leaf in zip(names, leaves):
     per_kernel.setdefault(name.rpartition(SUFFIX + "/")[0], []).append(leaf)
@@ -281,12 +284,6 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   with _report.recording() as rec:
     live = _report.reached(call, per_kernel)
   return _report.summary(paths, rec, live)
-
-
-def _tree_paths(state: Any) -> tuple[list[str], list, Any]:
-  from delora_jax import _tree  # noqa: PLC0415 (_tree reads NNX models through this module)
-
-  return _tree.flatten(state)
 
 
 # ---------------------------------------------------------------- layout inference

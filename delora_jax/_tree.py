@@ -90,21 +90,22 @@ _NNX_EQUIVALENT = {
   "with_adapters": "delora_jax.load_adapters(path, model)",
 }
 
+# Model classes whose adapted kernels a front-end reads (the NNX front-end registers
+# nnx.Module), so that this module needs no front-end: {class: model -> {path: kernel}}.
+MODEL_KERNELS: dict[type, Callable[[Any], dict[str, DeloraKernel]]] = {}
+
 
 def require_adapted(tree: Any, fn_name: str, nnx_ok: bool = False) -> dict[str, DeloraKernel]:
   """``{path: DeloraKernel}`` of an adapted Linen/State tree (or, with ``nnx_ok``, of an
   adapted NNX model); a clear error otherwise."""
-  from flax import nnx  # noqa: PLC0415 (flax.nnx is imported lazily by the Linen-only paths)
-
-  if isinstance(tree, nnx.Module):
-    from delora_jax import _nnx  # noqa: PLC0415 (import cycle)
-
+  read = next((fn for cls, fn in MODEL_KERNELS.items() if isinstance(tree, cls)), None)
+  if read is not None:
     if not nnx_ok:
       raise TypeError(
         f"`{fn_name}` takes a parameter tree; got an nnx.Module. For an NNX model adapted by "
         f"delora_jax.nnx.wrap use {_NNX_EQUIVALENT.get(fn_name, 'the delora_jax.nnx functions')}."
       )
-    ks = _nnx.kernels(tree)
+    ks = read(tree)
     if not ks:
       raise ValueError(
         f"`{fn_name}` expects an NNX model adapted by `delora_jax.nnx.wrap`, but "

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from delora_jax import _peft_config, _tree
+from delora_jax import _tree
 from delora_jax._lora import check_base_norms
-from delora_jax._peft_config import pattern_value, resolve_targets, targeted
-from delora_jax._peft_extras import load_extras
-from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, resolve_all, safetensors_numpy
-from delora_jax._peft_rules import rules as config_rules
 from delora_jax._wrap import live_slices, with_adapters, wrap
+from delora_jax.peft import _config as _peft_config
+from delora_jax.peft._config import pattern_value, resolve_targets, targeted
+from delora_jax.peft._extras import load_extras
+from delora_jax.peft._names import CONFIG, PREFIX, WEIGHTS, check_linear, resolve_all, safetensors_numpy
+from delora_jax.peft._rules import rules as config_rules
 
 _KEY = re.compile(re.escape(PREFIX) + r"(.+)\.(delora_A|delora_B|delora_lambda|delora_w_norm)")
 

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from delora_jax._peft_names import CONFIG
+from delora_jax.peft._names import CONFIG
 
 #: Keys that describe the file, not the adapter: ignoring them cannot change results.
 METADATA = (

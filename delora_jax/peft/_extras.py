@@ -10,10 +10,10 @@ import numpy as np
 
 from delora_jax import _tree
 from delora_jax._kernel import is_kernel
-from delora_jax._peft_config import read
-from delora_jax._peft_names import PREFIX
-from delora_jax._peft_rules import by_path, names_of
 from delora_jax._split import _extra_matcher
+from delora_jax.peft._config import read
+from delora_jax.peft._names import PREFIX
+from delora_jax.peft._rules import by_path, names_of
 
 #: Flax leaf name -> torch parameter name (a 2-D ``kernel`` is the transposed ``weight``).
 TORCH_PARAM = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}

@@ -1,14 +1,4 @@
-"""Hugging Face PEFT adapter folders: DeLoRA both ways, and LoRA out.
-
-Writing needs only ``numpy``, ``json`` and ``safetensors`` (no torch, no peft).
-Folders hold ``adapter_config.json`` and ``adapter_model.safetensors`` exactly as
-``PeftModel.save_pretrained`` writes them, so ``PeftModel.from_pretrained(torch_model,
-directory)`` loads them. ``module_names`` maps each adapted Flax kernel path to the
-torch module it belongs to: a dict ``{path: name}`` or a callable ``path -> name``;
-a stacked (scanned) kernel needs one name per slice (a sequence, or a template with
-``{}`` for the slice index). Ready mappings: :func:`llama_module_names`,
-:func:`bert_module_names`.
-"""
+"""Writing PEFT folders: DeLoRA (``export``) and LoRA (``export_lora``) adapter files."""
 
 from __future__ import annotations
 
@@ -24,16 +14,9 @@ import numpy as np
 
 from delora_jax import _tree
 from delora_jax._lora import to_lora
-from delora_jax._peft_extras import export_extras
-from delora_jax._peft_extras import trainable as trainable
-from delora_jax._peft_load import load as load
-from delora_jax._peft_names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all, safetensors_numpy
-from delora_jax._peft_names import bert_module_names as bert_module_names
-from delora_jax._peft_names import llama_module_names as llama_module_names
-from delora_jax._peft_rules import rules as rules
 from delora_jax._wrap import _compile, live_slices
-
-__all__ = ["bert_module_names", "export", "export_lora", "llama_module_names", "load", "rules", "trainable"]
+from delora_jax.peft._extras import export_extras
+from delora_jax.peft._names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all, safetensors_numpy
 
 
 def _slices(x: Any, n_stack: int) -> np.ndarray:

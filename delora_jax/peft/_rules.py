@@ -11,9 +11,9 @@ import jax.numpy as jnp
 
 from delora_jax import _tree
 from delora_jax._kernel import is_kernel
-from delora_jax._peft_config import pattern_value, read, resolve_targets, targeted
-from delora_jax._peft_names import lookup
 from delora_jax._rule import Rule
+from delora_jax.peft._config import pattern_value, read, resolve_targets, targeted
+from delora_jax.peft._names import lookup
 
 
 def names_of(module_names: Any, path: str, shape: tuple[int, ...]) -> tuple[list[str], int] | None:
