@@ -182,12 +182,16 @@ def main() -> None:
   print(json.dumps(out, indent=2))
   print()
   for name, shape in out["package"].items():
-    print(f"package {name:>10}: {shape['modules']} modules, {shape['edges']} edges, {shape['floors']} floors, "
-          f"{shape['lines']} lines")
+    print(
+      f"package {name:>10}: {shape['modules']} modules, {shape['edges']} edges, {shape['floors']} floors, "
+      f"{shape['lines']} lines"
+    )
   lv = out["linen_vs_nnx"]
-  print(f"Adam step, 2-layer MLP r={RANK}: Linen Dense {lv['linen_dense']['flops']:.4g} flops "
-        f"{lv['linen_dense']['temp_bytes']} B | NNX Linear {lv['nnx_linear']['flops']:.4g} flops "
-        f"{lv['nnx_linear']['temp_bytes']} B | ratio flops {lv['flops_ratio']:.4f}, temp {lv['temp_ratio']:.4f}")
+  print(
+    f"Adam step, 2-layer MLP r={RANK}: Linen Dense {lv['linen_dense']['flops']:.4g} flops "
+    f"{lv['linen_dense']['temp_bytes']} B | NNX Linear {lv['nnx_linear']['flops']:.4g} flops "
+    f"{lv['nnx_linear']['temp_bytes']} B | ratio flops {lv['flops_ratio']:.4f}, temp {lv['temp_ratio']:.4f}"
+  )
   m = out["moe_ragged_dot"]
   print(f"MoE (ragged_dot, 8 experts) DeLoRA on experts / frozen step flops: {m['flops_over_frozen']:.4f}")
 

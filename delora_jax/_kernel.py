@@ -67,56 +67,25 @@ class DeloraKernel:
   def _array(self) -> jax.Array:
     return self.__jax_array__()
 
-  def astype(self, dtype: Any) -> jax.Array:
-    """The kernel as an array of ``dtype``: inside ``delora_jax.apply`` its factorised or merged
-    form, outside it a ``TypeError`` (see the class docstring)."""
-    return self._array().astype(dtype)
+  def __getattr__(self, name: str) -> Any:
+    if name in _ARRAY_METHODS:
+      return getattr(self._array(), name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-  @property
-  def T(self) -> jax.Array:  # noqa: N802 (numpy's name)
-    """The transposed kernel, as :meth:`astype` resolves it."""
-    return self._array().T
 
-  def transpose(self, *axes: Any) -> jax.Array:
-    """The kernel with its axes permuted, as :meth:`astype` resolves it."""
-    return self._array().transpose(*axes)
+_ARRAY_METHODS = frozenset({"astype", "T", "transpose", "reshape", "swapaxes", "squeeze"})
 
-  def reshape(self, *shape: Any, **kwargs: Any) -> jax.Array:
-    """The kernel reshaped, as :meth:`astype` resolves it."""
-    return self._array().reshape(*shape, **kwargs)
 
-  def __getitem__(self, index: Any) -> jax.Array:
-    return self._array()[index]
+def _forward(op: str) -> Any:
+  def method(self: DeloraKernel, *args: Any) -> jax.Array:
+    return getattr(self._array(), op)(*args)
 
-  def __matmul__(self, other: Any) -> jax.Array:
-    return jnp.matmul(self._array(), other)
+  method.__name__ = op
+  return method
 
-  def __rmatmul__(self, other: Any) -> jax.Array:
-    return jnp.matmul(other, self._array())
 
-  def __mul__(self, other: Any) -> jax.Array:
-    return self._array() * other
-
-  def __rmul__(self, other: Any) -> jax.Array:
-    return other * self._array()
-
-  def __add__(self, other: Any) -> jax.Array:
-    return self._array() + other
-
-  def __radd__(self, other: Any) -> jax.Array:
-    return other + self._array()
-
-  def __sub__(self, other: Any) -> jax.Array:
-    return self._array() - other
-
-  def __rsub__(self, other: Any) -> jax.Array:
-    return other - self._array()
-
-  def __truediv__(self, other: Any) -> jax.Array:
-    return self._array() / other
-
-  def __neg__(self) -> jax.Array:
-    return -self._array()
+for _op in ("getitem", "matmul", "rmatmul", "mul", "rmul", "add", "radd", "sub", "rsub", "truediv", "neg"):
+  setattr(DeloraKernel, f"__{_op}__", _forward(f"__{_op}__"))
 
 
 jax.tree_util.register_dataclass(

@@ -201,15 +201,11 @@ def _functional(mod: nn.Module, names: list[str], next_fun, args, kwargs, writte
 def _values(mod: nn.Module, ks: list[_Tracked]) -> list[_interpret.Lazy]:
   out = []
   for k in ks:
-    lead = k.stored_ndim - k.w.ndim
-    if k.mode.probe:
-      out.append(None)
-      continue
     src = _interpret.Source(
       k.path,
       _report.note,
       in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
-      lead=lead,
+      lead=k.stored_ndim - k.w.ndim,
       strict=k.mode.strict,
       dropout=k.dropout,
     )

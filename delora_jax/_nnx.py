@@ -140,8 +140,8 @@ def _dropout_key(ad: Adapter) -> Any:
 def _fused_linear(self, ad: Adapter, args, kwargs) -> Any:
   """``nnx.Linear``'s own call as the fused op (:func:`delora_jax._ops.dense`), or None."""
   if (
-    type(self)._delora_base.__call__ is not nnx.Linear.__call__  # type: ignore[attr-defined]
-    or self.dot_general is not nnx.Linear.__init__.__kwdefaults__.get("dot_general", lax.dot_general)
+    type(self)._delora_base.__call__ is not nnx.Linear.__call__
+    or self.dot_general is not lax.dot_general
     or self.preferred_element_type is not None
     or kwargs.get("out_sharding") is not None
     or len(args) != 1
@@ -269,7 +269,7 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   paths = list(kernels(model))
   if not paths:
     raise ValueError("explain: this nnx.Module holds no DeLoRA adapter; call delora_jax.nnx.wrap(model, rules) first.")
-  graphdef, trained, rest = nnx.split(copy(model), DeloraParam, ...)
+  graphdef, trained, rest = nnx.split(copy(model), DeloraParam, ...)  # type: ignore[misc]
   names, leaves, treedef = _tree.flatten(trained)
   per_kernel: dict[str, list] = {}
   for name, leaf in zip(names, leaves):
