@@ -193,6 +193,15 @@ def _functional(mod: nn.Module, names: list[str], next_fun, args, kwargs, writte
     with _substituted(mod, dict(zip(names, placeholders))):
       out = next_fun(*args, **kwargs)
     written[:] = [(c, k) for c, k, v in _state_entries(mod) if before.get((id(c), k), written) is not v]
+    for c, k in written:
+      bad = [type(x).__name__ for x in jax.tree.leaves(c[k]) if not isinstance(x, (jax.Array, int, float, bool))]
+      if bad:
+        raise TypeError(
+          f"{mod.scope.path_text}: this module's method reads an adapted kernel and writes {k!r} = a "
+          f"{type(c[k]).__name__} holding {sorted(set(bad))}, which delora_jax cannot return from the traced "
+          "call it computes factorised. Store arrays in mutable collections, or write the state from a "
+          "method that does not read the adapted kernel."
+        )
     return out, [c[k] for c, k in written]
 
   return traced

@@ -132,6 +132,22 @@ def test_state_of_a_scanned_stateful_layer_equals_the_merged_models():
     assert rel(a, b) < REL
 
 
+class SowsAnObject(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = x @ self.param("kernel", INIT, (x.shape[-1], 5))
+    self.sow("intermediates", "note", object())
+    return y
+
+
+def test_state_that_cannot_be_threaded_is_a_type_error_naming_the_module():
+  model, x = SowsAnObject(), jax.random.normal(jax.random.key(2), (4, 6))
+  params = model.init(jax.random.key(0), x)["params"]
+  tree = delora_jax.wrap(params, {"kernel": 2})
+  with pytest.raises(TypeError, match=r"writes 'note' = a tuple holding \['object'\]"):
+    delora_jax.apply(model, {"params": tree}, x, mutable=["intermediates"])
+
+
 # ---------------------------------------------------------------- custom derivatives
 
 
