@@ -4,8 +4,8 @@ A module call is traced to a jaxpr with each adapted kernel as a plain input
 (a placeholder), then evaluated again here with that input bound to a
 :class:`Lazy` value: the frozen kernel ``w`` plus its low-rank update kept as
 factors. Layout-preserving ops (a float ``convert_element_type``, ``transpose``,
-``reshape`` within the layout's groups, nested ``jit``/``remat`` calls) keep it
-lazy; the contractions :mod:`delora_jax._ops` lists are computed factorised;
+``reshape`` within the layout's groups, a scaling by a scalar, nested
+``jit``/``remat`` calls) keep it lazy; the contractions :mod:`delora_jax._ops` lists are computed factorised;
 every other op gets the merged value ``w + ΔW`` and is reported
 (:mod:`delora_jax._report`). :func:`_rule` is that one decision, for Linen and
 NNX alike.
@@ -336,6 +336,18 @@ def _bind(eqn, invals):
   return outs if eqn.primitive.multiple_results else [outs]
 
 
+def _scaled(eqn, invals) -> list | None:
+  """``w * c`` for a float scalar ``c`` (gemma 4's per-layer input projection scales its kernel):
+  the base and ``u`` scaled, the view still lazy (a probe passes it through)."""
+  i = 0 if isinstance(invals[0], Lazy) else 1
+  lz, c = invals[i], invals[1 - i]
+  if isinstance(c, Lazy) or jnp.ndim(c) != 0 or not jnp.issubdtype(jnp.result_type(c), jnp.floating):
+    return None
+  base = _bind(eqn, [lz.base, c] if i == 0 else [c, lz.base])[0]
+  u = None if lz.u is None else lz.u * jnp.asarray(c, lz.u.dtype)
+  return [dataclasses.replace(lz, base=base, u=u)]
+
+
 def _plain(x, why):
   return x.materialise(why) if isinstance(x, Lazy) else x
 
@@ -354,6 +366,10 @@ def _rule(eqn, invals):
     got = _reshape(lz, tuple(eqn.params["new_sizes"]))
     if got is not None:
       return [got]
+  if name == "mul" and sum(isinstance(x, Lazy) for x in invals) == 1:
+    got = _scaled(eqn, invals)
+    if got is not None:
+      return got
   if name in _CALLS:
     closed = eqn.params["jaxpr"]
     return evaluate(closed.jaxpr, closed.consts, invals)
