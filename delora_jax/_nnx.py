@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.errors import TraceContextError
 from jax import lax
 
 from delora_jax import _infer, _kernel, _lazy
@@ -123,19 +124,94 @@ def _kernel_property(name: str) -> property:
   return property(get, set_, doc=f"The adapted kernel {name!r} (w + ΔW when read directly).")
 
 
-def _with_placeholders(self, names, base_call, args, kwargs):
-  """``self``'s call as a function of one placeholder per kernel ``names`` (read through the
-  kernel properties while it runs)."""
-  active = _ACTIVE.get()
+def _functional(self, names, base_call, args, kwargs, run):
+  """Runs ``self``'s call as a pure function of its state and writes the state it changed back.
 
-  def traced(*placeholders):
-    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
+  The call is traced (by ``run(fn, kernels, values)``: the interpreter, or layout inference) as
+  ``fn(*kernels, *values) -> (out, new state)``: ``nnx.merge`` rebuilds ``self`` inside the trace
+  from its state (``values``, with a placeholder for each kernel ``names``, which the kernel
+  properties return), the call runs on that copy, ``nnx.split`` takes its state after. So a
+  call that writes Variables (a cache, batch statistics, ``sow``, an ``nnx.Rngs`` draw) writes
+  the copy; the Variables it changed (or created) are then set in ``self``, as a plain call would.
+  """
+  kvars = {n: vars(self)[n] for n in names}
+  kpaths: dict[tuple, str] = {}  # state path of each kernel -> its (first) name
+  for p, node in nnx.iter_graph(self):
+    for n, var in kvars.items():
+      if node is var:
+        kpaths.setdefault(p, n)
+
+  def is_kernel(path, _):
+    return path in kpaths
+
+  graphdef, kstate, state = nnx.split(self, is_kernel, ...)
+  kflat = list(nnx.to_flat_state(kstate))
+  values, tree = jax.tree.flatten(state)
+  active = _ACTIVE.get()
+  after = []  # the copy's graphdef after the call (static, so kept aside)
+
+  def fn(*flat):
+    ph = dict(zip(names, flat[: len(names)]))
+    ks = nnx.from_flat_state([(p, var.replace(ph[kpaths[p]])) for p, var in kflat])
+    copy = nnx.merge(graphdef, ks, jax.tree.unflatten(tree, flat[len(names) :]))
+    token = _ACTIVE.set(types.MappingProxyType({**active, id(copy): ph}))
     try:
-      return base_call(self, *args, **kwargs)
+      out = base_call(copy, *args, **kwargs)
     finally:
       _ACTIVE.reset(token)
+    new_graphdef, _, new_state = nnx.split(copy, is_kernel, ...)
+    after.append(new_graphdef)
+    return out, new_state
 
-  return traced
+  try:
+    out, new_state = run(fn, [var.get_value() for var in kvars.values()], values)
+  except TraceContextError as e:
+    raise TypeError(
+      f"{_where(self)}: its call writes NNX state that is not part of the module (a Variable or "
+      "Module passed as an argument, or held outside it), which delora_jax cannot carry out of the "
+      "call it traces. Keep that state in the module (or return it), or leave this module's "
+      f"kernels out of the rules. ({e})"
+    ) from None
+  _write_back(self, graphdef, (kstate, state), after[-1], new_state)
+  return out
+
+
+def _where(module) -> str:
+  """Names an adapted (or probed) module by its kernels' paths, for errors."""
+  paths = vars(module).get("_delora_paths")
+  if paths is None:
+    paths = {n: vars(module)[n + SUFFIX].path for n in type(module)._delora_names}
+  return "the module holding " + ", ".join(repr(p) for p in sorted(paths.values()))
+
+
+def _write_back(self, graphdef, states, new_graphdef, new_state) -> None:
+  """Sets in ``self`` the Variables whose values the traced call changed, and adds those it created.
+
+  Raises ``TypeError`` (before writing anything) when the call changed more than Variables (a
+  plain attribute, a submodule): that cannot be carried out of the trace."""
+  old = dict(nnx.to_flat_state(states[1]))
+  new = dict(nnx.to_flat_state(new_state))
+  added = {p: v for p, v in new.items() if p not in old}
+  if new_graphdef != graphdef:
+    probe = nnx.merge(graphdef, *states, copy=True)
+    if added:
+      nnx.update(probe, nnx.from_flat_state(added))
+    if old.keys() - new.keys() or nnx.graphdef(probe) != new_graphdef:
+      raise TypeError(
+        f"{_where(self)}: its call changes the module's structure (an attribute that is not an "
+        "nnx.Variable, a submodule, or a removed Variable), which delora_jax cannot carry out of "
+        "the call it traces (it runs the call as a pure function of the module's Variables). Keep "
+        "state that changes during the call in nnx.Variables, or leave this module's kernels out "
+        "of the rules."
+      )
+  for p, var in old.items():
+    got = new[p].get_raw_value()
+    if jax.tree.structure(got) != jax.tree.structure(var.get_raw_value()) or any(
+      a is not b for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(var.get_raw_value()))
+    ):
+      var.set_raw_value(got)  # checked: raises TraceContextError where a plain write would
+  if added:
+    nnx.update(self, nnx.from_flat_state(added))
 
 
 def _call(self, base_call, args, kwargs):
@@ -143,7 +219,7 @@ def _call(self, base_call, args, kwargs):
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
-  bases, lazies = [], []
+  lazies = []
   for n in names:
     w = vars(self)[n].get_value()
     ad = vars(self)[n + SUFFIX]
@@ -153,9 +229,9 @@ def _call(self, base_call, args, kwargs):
     src = _lazy.Source(
       ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes), strict=ad.strict, dropout=ad.dropout
     )
-    bases.append(w)
     lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
-  return _lazy.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
+  run = lambda fn, bases, values: _lazy.run(fn, [*bases, *values], [*lazies, *values])  # noqa: E731
+  return _functional(self, names, base_call, args, kwargs, run)
 
 
 def _subclass(cls: type, names: tuple[str, ...], prefix: str, call, prop) -> type:
@@ -274,11 +350,10 @@ def _probe_call(self, base_call, args, kwargs):
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
-  paths = vars(self)["_delora_paths"]
-  bases = [vars(self)[n].get_value() for n in names]
-  return _infer.trace(
-    _with_placeholders(self, names, base_call, args, kwargs), bases, [paths[n] for n in names], [0] * len(names)
-  )
+  paths = [vars(self)["_delora_paths"][n] for n in names]
+  # _infer.trace tracks the first len(paths) inputs (the kernels); the state values follow.
+  run = lambda fn, bases, values: _infer.trace(fn, [*bases, *values], paths, [0] * len(names))  # noqa: E731
+  return _functional(self, names, base_call, args, kwargs, run)
 
 
 @functools.cache
