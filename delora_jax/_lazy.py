@@ -56,6 +56,7 @@ class Source:
   lead: int = 0  # stacked axes sliced off before the layer sees the kernel (nn.scan)
   strict: bool = False
   dropout: float = 0.0
+  tied: bool = False  # shared by several layers (NNX tied weights): other contractions are merged, not errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,10 +230,14 @@ def _branch_input(lz: Lazy, x: jax.Array) -> jax.Array:
   return x
 
 
-def _check_contraction(lz: Lazy, contracted: tuple[int, ...], op: str) -> None:
+def _check_contraction(lz: Lazy, contracted: tuple[int, ...], op: str) -> bool:
+  """True when ``contracted`` are the kernel's input axes; False (use the merged value) when a
+  tied kernel is contracted otherwise (e.g. transposed by the layer it is tied to); else raises."""
   if set(contracted) == set(lz.ins):
-    return
+    return True
   src = lz.src
+  if src.tied:
+    return False
   got = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
   raise LayoutError(
     f"{src.path}: the model contracts this kernel over its axes {got} (in `{op}`), but its "
@@ -249,7 +254,8 @@ def _dot(lz: Lazy, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array
   kc, xc, kb, xb = map(tuple, (kc, xc, kb, xb))
   if not set(kb) <= set(lz.stacks) or set(kc) & set(lz.stacks):
     return None
-  _check_contraction(lz, kc, "dot_general")
+  if not _check_contraction(lz, kc, "dot_general"):
+    return None
   precision = params.get("precision")
   xd = _branch_input(lz, x)
   cdt = x.dtype
@@ -293,7 +299,8 @@ def _conv(lz: Lazy, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | N
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lz.stacks:
     return None
   o_dim = dn.rhs_spec[0]
-  _check_contraction(lz, tuple(p for p in range(lz.base.ndim) if p != o_dim), "conv_general_dilated")
+  if not _check_contraction(lz, tuple(p for p in range(lz.base.ndim) if p != o_dim), "conv_general_dilated"):
+    return None
   # u as a conv kernel with r output features at the kernel's output-feature axis.
   src_axis = {p: i for i, p in enumerate(lz.ins)}
   src_axis[o_dim] = len(lz.ins)

@@ -220,14 +220,23 @@ def _call(self, base_call, args, kwargs):
   if id(self) in active:
     return base_call(self, *args, **kwargs)
   lazies = []
+  outer = {id(ph) for phs in active.values() for ph in phs.values()}
   for n in names:
     w = vars(self)[n].get_value()
+    if id(w) in outer:  # a tied kernel an enclosing adapted call made lazy already: its ΔW is counted there
+      lazies.append(w)
+      continue
     ad = vars(self)[n + SUFFIX]
     key = None
     if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
       key = ad.rngs.dropout()
     src = _lazy.Source(
-      ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes), strict=ad.strict, dropout=ad.dropout
+      ad.path,
+      _record,
+      in_axes=tuple(w.ndim + a for a in ad.in_axes),
+      strict=ad.strict,
+      dropout=ad.dropout,
+      tied=vars(ad).get("tied", False),
     )
     lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
   run = lambda fn, bases, values: _lazy.run(fn, [*bases, *values], [*lazies, *values])  # noqa: E731
@@ -266,28 +275,63 @@ def modules(model: nnx.Module) -> dict[str, nnx.Module]:
   return out
 
 
-def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
-  """``{kernel path: DeloraKernel}`` of an adapted model (a flat tree the Linen API reads)."""
-  out = {}
-  for prefix, mod in modules(model).items():
+def adapted(model: nnx.Module):
+  """``(kernel path, module, name)`` of each adapted kernel of ``model``, once.
+
+  A tied kernel (one Variable held by several modules, all with its adapter) is given once, by
+  its state path (its first path in the graph), with the first module that holds it."""
+  first = {id(node): "/".join(str(p) for p in path) for path, node in nnx.iter_graph(model)}
+  seen = set()
+  for mod in modules(model).values():
     if is_adapted(mod):
       for n in type(mod)._delora_names:  # type: ignore[attr-defined]
-        ad = vars(mod)[n + SUFFIX]
-        out[f"{prefix}/{n}" if prefix else n] = ad.kernel(vars(mod)[n].get_value())
-  return out
+        var = vars(mod)[n]
+        if id(var) not in seen:
+          seen.add(id(var))
+          yield first[id(var)], mod, n
+
+
+def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
+  """``{kernel path: DeloraKernel}`` of an adapted model (a flat tree the Linen API reads)."""
+  return {path: vars(mod)[n + SUFFIX].kernel(vars(mod)[n].get_value()) for path, mod, n in adapted(model)}
 
 
 def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
   """A copy of the adapted ``model`` whose adapters hold the arrays of ``ks`` (same paths)."""
   new = copy(model)
-  for prefix, mod in modules(new).items():
-    if is_adapted(mod):
-      for n in type(mod)._delora_names:  # type: ignore[attr-defined]
-        k, ad = ks[f"{prefix}/{n}" if prefix else n], vars(mod)[n + SUFFIX]
-        for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
-          if f in vars(ad):
-            getattr(ad, f).set_value(getattr(k, f))
+  for path, mod, n in adapted(new):
+    k, ad = ks[path], vars(mod)[n + SUFFIX]
+    for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
+      if f in vars(ad):
+        getattr(ad, f).set_value(getattr(k, f))
   return new
+
+
+def holders(model: nnx.Module, variables: dict[str, nnx.Variable]) -> dict[str, list[tuple[nnx.Module, str]]]:
+  """``{path: [(module, attribute), ...]}``: every module that holds the Variable ``variables[path]``.
+
+  Tied weights give several (the same Variable object assigned to two modules). Raises
+  ``TypeError`` when the Variable is also held by something that is not a module attribute
+  (a list, a dict): a use through it could not be routed through the adapter."""
+  by_id = {id(v): p for p, v in variables.items()}
+  out: dict[str, list[tuple[nnx.Module, str]]] = {p: [] for p in variables}
+  for mod in modules(model).values():
+    for attr, value in vars(mod).items():
+      if id(value) in by_id:
+        out[by_id[id(value)]].append((mod, attr))
+  dups = nnx.find_duplicates(model, only=lambda _, node: id(node) in by_id)
+  first = dict(nnx.iter_graph(model)) if dups else {}
+  for paths in dups:
+    path = by_id[id(first[paths[0]])]
+    if len(paths) != len(out[path]):
+      where = ", ".join(repr("/".join(map(str, p))) for p in paths)
+      raise TypeError(
+        f"{path}: this kernel's Variable is held at {where}, not all of them attributes of "
+        "nnx.Modules, so a use through the others could not be routed through its adapter. Tie "
+        "the weight by assigning the Variable to each module (`b.kernel = a.kernel`), or leave "
+        "it out of the rules."
+      )
+  return out
 
 
 def copy(model: nnx.Module) -> nnx.Module:
@@ -297,15 +341,17 @@ def copy(model: nnx.Module) -> nnx.Module:
 
 
 def restore(model: nnx.Module, merge: bool) -> nnx.Module:
-  """A plain copy of ``model``: adapters removed, kernels ``w + ΔW`` or ``w``."""
+  """A plain copy of ``model``: adapters removed, kernels ``w + ΔW`` (once for a tied kernel) or ``w``."""
   new = copy(model)
+  done = set()
   for mod in modules(new).values():
     if not is_adapted(mod):
       continue
     cls = type(mod)
     for n in cls._delora_names:  # type: ignore[attr-defined]
       var, ad = vars(mod)[n], vars(mod)[n + SUFFIX]
-      if merge:
+      if merge and id(var) not in done:
+        done.add(id(var))
         var.set_value(_kernel.merged(ad.kernel(var.get_value())))
       delattr(mod, n + SUFFIX)
     mod.__class__ = cls._delora_base  # type: ignore[attr-defined]
@@ -365,13 +411,16 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _infer.Uses:
   """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
   new = copy(model)
   mods = modules(new)
-  owners: dict[str, dict[str, str]] = {}
+  found = {}
   for path in paths:
     prefix, _, name = path.rpartition("/")
     if prefix in mods and isinstance(vars(mods[prefix]).get(name), nnx.Variable):
-      owners.setdefault(prefix, {})[name] = path
-  for prefix, names in owners.items():
-    mod = mods[prefix]
+      found[path] = vars(mods[prefix])[name]
+  owners: dict[int, tuple[nnx.Module, dict[str, str]]] = {}
+  for path, held in holders(new, found).items():
+    for mod, name in held:
+      owners.setdefault(id(mod), (mod, {}))[1][name] = path
+  for mod, names in owners.values():
     object.__setattr__(mod, "_delora_paths", names)
     mod.__class__ = _probe_class(type(mod), tuple(sorted(names)))
   if callable(like):

@@ -115,7 +115,7 @@ def wrap(
   ks = _tree.kernels(tree)
   new = _nnx.copy(model)
   mods = _nnx.modules(new)
-  owners: dict[str, list] = {}
+  found = {}
   for path, k in ks.items():
     prefix, _, name = path.rpartition("/")
     owner = mods.get(prefix)
@@ -126,19 +126,26 @@ def wrap(
         "cannot adapt the layer that uses it. Select kernels that are attributes of modules "
         "(e.g. 'layers/0/attn/q_proj/w'), or narrow the rules."
       )
-    if not callable(owner):
-      raise TypeError(f"{path}: its module {type(owner).__name__} has no __call__ to adapt.")
     if k.dropout > 0.0 and rngs is None:
       raise ValueError(
         f"{path}: its Rule has dropout={k.dropout}, which needs random keys; "
         "pass rngs=nnx.Rngs(dropout=0) to delora_jax.nnx.wrap."
       )
-    owners.setdefault(prefix, []).append((name, path, k))
-  for prefix, items in owners.items():
-    owner = mods[prefix]
-    for name, path, k in items:
-      setattr(owner, name + _nnx.SUFFIX, _nnx.Adapter(k, path, rngs, strict))
-    owner.__class__ = _nnx.adapted_class(type(owner), tuple(sorted(n for n, _, _ in items)))
+    found[path] = vars(owner)[name]
+  # Every module holding the kernel's Variable gets the same adapter (tied weights: one adapter,
+  # used by each of them).
+  owners: dict[int, tuple[nnx.Module, dict[str, _nnx.Adapter]]] = {}
+  for path, held in _nnx.holders(new, found).items():
+    adapter = _nnx.Adapter(ks[path], path, rngs, strict)
+    adapter.tied = len(held) > 1  # a holder may contract it otherwise (transposed): merged there
+    for owner, name in held:
+      if not callable(owner):
+        raise TypeError(f"{path}: its module {type(owner).__name__} has no __call__ to adapt.")
+      owners.setdefault(id(owner), (owner, {}))[1][name] = adapter
+  for owner, adapters in owners.values():
+    for name, adapter in adapters.items():
+      setattr(owner, name + _nnx.SUFFIX, adapter)
+    owner.__class__ = _nnx.adapted_class(type(owner), tuple(sorted(adapters)))
   return new
 
 
