@@ -419,7 +419,8 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _infer.Uses:
   owners: dict[int, tuple[nnx.Module, dict[str, str]]] = {}
   for path, held in holders(new, found).items():
     for mod, name in held:
-      owners.setdefault(id(mod), (mod, {}))[1][name] = path
+      if callable(mod):  # (wrap refuses the others)
+        owners.setdefault(id(mod), (mod, {}))[1][name] = path
   for mod, names in owners.values():
     object.__setattr__(mod, "_delora_paths", names)
     mod.__class__ = _probe_class(type(mod), tuple(sorted(names)))

@@ -135,12 +135,17 @@ def wrap(
   # Every module holding the kernel's Variable gets the same adapter (tied weights: one adapter,
   # used by each of them).
   owners: dict[int, tuple[nnx.Module, dict[str, _nnx.Adapter]]] = {}
+  where = {id(m): p for p, m in mods.items()}
   for path, held in _nnx.holders(new, found).items():
     adapter = _nnx.Adapter(ks[path], path, rngs, strict)
     adapter.tied = len(held) > 1  # a holder may contract it otherwise (transposed): merged there
     for owner, name in held:
       if not callable(owner):
-        raise TypeError(f"{path}: its module {type(owner).__name__} has no __call__ to adapt.")
+        at = "/".join(p for p in (where[id(owner)], name) if p)
+        raise TypeError(
+          f"{path}: this kernel is held by a {type(owner).__name__} (at {at!r}), which has no "
+          "__call__ to adapt. Adapt kernels held by layers, or leave it out of the rules."
+        )
       owners.setdefault(id(owner), (owner, {}))[1][name] = adapter
   for owner, adapters in owners.values():
     for name, adapter in adapters.items():
