@@ -5,8 +5,14 @@ for a subclass that (1) keeps the kernel Variable where it was (so the state's
 paths are unchanged), (2) holds the adapter next to it as ``<name>_delora``
 (``a``, ``b``, ``lam`` as :class:`DeloraParam`, ``w_norm`` as
 :class:`DeloraConst`), (3) evaluates ``__call__`` factorised through
-:mod:`delora_jax._lazy`, and (4) resolves any other read of the kernel
+:mod:`delora_jax._lazy`, traced as a pure function of the module's state
+(:func:`_functional`: ``nnx.split``/``nnx.merge`` around the call, the Variables
+it wrote set back after), and (4) resolves any other read of the kernel
 attribute to the merged weight ``w + ΔW``, reported as a fallback.
+
+Tied weights: every module holding an adapted Variable (:func:`holders`) gets
+the same adapter object, so the update is trained once and merged once; the
+kernel is named by its state path (its first path in the graph).
 """
 
 from __future__ import annotations
@@ -144,22 +150,25 @@ def _functional(self, names, base_call, args, kwargs, run):
   def is_kernel(path, _):
     return path in kpaths
 
-  graphdef, kstate, state = nnx.split(self, is_kernel, ...)
+  def is_ref(_, var):  # a Variable holding a mutable array reference: written in place, not returned
+    return bool(getattr(var, "ref", False))
+
+  graphdef, kstate, rstate, state = nnx.split(self, is_kernel, is_ref, ...)
   kflat = list(nnx.to_flat_state(kstate))
-  values, tree = jax.tree.flatten(state)
+  values, tree = jax.tree.flatten((rstate, state))
   active = _ACTIVE.get()
   after = []  # the copy's graphdef after the call (static, so kept aside)
 
   def fn(*flat):
     ph = dict(zip(names, flat[: len(names)]))
     ks = nnx.from_flat_state([(p, var.replace(ph[kpaths[p]])) for p, var in kflat])
-    copy = nnx.merge(graphdef, ks, jax.tree.unflatten(tree, flat[len(names) :]))
+    copy = nnx.merge(graphdef, ks, *jax.tree.unflatten(tree, flat[len(names) :]))
     token = _ACTIVE.set(types.MappingProxyType({**active, id(copy): ph}))
     try:
       out = base_call(copy, *args, **kwargs)
     finally:
       _ACTIVE.reset(token)
-    new_graphdef, _, new_state = nnx.split(copy, is_kernel, ...)
+    new_graphdef, _, _, new_state = nnx.split(copy, is_kernel, is_ref, ...)
     after.append(new_graphdef)
     return out, new_state
 
@@ -172,7 +181,7 @@ def _functional(self, names, base_call, args, kwargs, run):
       "call it traces. Keep that state in the module (or return it), or leave this module's "
       f"kernels out of the rules. ({e})"
     ) from None
-  _write_back(self, graphdef, (kstate, state), after[-1], new_state)
+  _write_back(self, graphdef, (kstate, rstate, state), after[-1], new_state)
   return out
 
 
@@ -189,7 +198,7 @@ def _write_back(self, graphdef, states, new_graphdef, new_state) -> None:
 
   Raises ``TypeError`` (before writing anything) when the call changed more than Variables (a
   plain attribute, a submodule): that cannot be carried out of the trace."""
-  old = dict(nnx.to_flat_state(states[1]))
+  old = dict(nnx.to_flat_state(states[-1]))
   new = dict(nnx.to_flat_state(new_state))
   added = {p: v for p, v in new.items() if p not in old}
   if new_graphdef != graphdef:

@@ -84,6 +84,12 @@ def wrap(
   its class behaviour and attributes (it is an instance of a subclass of its
   class); its adapter lives beside the kernel as ``<kernel name>_delora``
   (``a``, ``b``, ``lam``: :class:`DeloraParam`; ``w_norm``: :class:`DeloraConst`).
+  A kernel Variable held by several modules (tied weights) is selected by its
+  state path and gives each of them the same adapter; a holder that contracts
+  it over other axes than the layout's (a transposed decoder) gets ``w + ΔW``
+  there, reported as a fallback. A call may write state (caches, batch
+  statistics, ``sow``, ``nnx.Rngs`` draws): the Variables it writes are set as
+  in a plain call.
 
   Args:
     model: an ``nnx.Module``.

@@ -53,6 +53,19 @@ class CacheLayer(nnx.Module):
     return y
 
 
+class RefCache(nnx.Module):
+  """Its cache is a mutable array reference (``ref=True``): written in place, not returned."""
+
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(_normal(rngs, (4, 5)))
+    self.total = nnx.Cache(jnp.zeros((5,)), ref=True)
+
+  def __call__(self, x):
+    y = x @ self.kernel[...]
+    self.total[...] = self.total[...] + jnp.sum(y, axis=0)
+    return y
+
+
 class LazyCache(nnx.Module):
   """Creates its cache Variable on the first call (as decoding caches often do)."""
 
@@ -103,6 +116,35 @@ class Sown(nnx.Module):
     return jnp.tanh(h)
 
 
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(4, 4, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, momentum=0.5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(jnp.tanh(self.lin(x)))
+
+
+class Scanned(nnx.Module):
+  """Three stacked Blocks (nnx.vmap) run by nnx.scan: each layer's BatchNorm writes its slice."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(4, 5, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(block, x):
+      return block(x)
+
+    return self.head(body(self.blocks, x))
+
+
 class Outer(nnx.Module):
   """An adapted kernel of its own and two adapted stateful children called from its call."""
 
@@ -147,13 +189,16 @@ CASES = {
   "rngs_and_dropout": (Noisy, ["kernel"]),
   "nested_adapted_modules": (Outer, ["inner/kernel", "kernel", "norm/kernel"]),
   "linen_bridge_rng_and_collection": (Bridged, ["kernel"]),
+  "cache_held_as_array_ref": (RefCache, ["kernel"]),
+  "batchnorm_in_nnx_scan": (Scanned, ["blocks/lin/kernel"]),
 }
 
 
 def setup(name):
   make, paths = CASES[name]
   model = make(nnx.Rngs(0))
-  adapted = delora_jax.nnx.wrap(model, {p: R() for p in paths}, key=jax.random.key(1))
+  rules = {p: R(stack_axes=1) if p.startswith("blocks/") else R() for p in paths}
+  adapted = delora_jax.nnx.wrap(model, rules, key=jax.random.key(1))
   x = jax.random.normal(jax.random.key(2), (3, 4))
   return adapted, delora_jax.nnx.merge(adapted), x, paths
 
@@ -248,7 +293,7 @@ def test_value_and_grad_equals_through_merge_and_writes_the_state(name):
   for p in w:
     assert np.linalg.norm(w[p].get_value()) > 0, p
     assert rel(g[p].get_value(), w[p].get_value()) <= REL, p
-  merged(x)  # the plain call the step's forward pass made
+  nnx.jit(nnx.value_and_grad(_loss))(merged, x)  # the same step on the merged model (its nnx.Params)
   assert_same_state(other_state(adapted, paths), other_state(merged, paths))
 
 
