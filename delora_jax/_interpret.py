@@ -75,6 +75,7 @@ class Source:
   strict: bool = False
   dropout: float = 0.0
   uses: Uses | None = None  # layout inference: record contractions instead of computing them
+  tied: bool = False  # shared by several layers (NNX tied weights): other contractions are merged, not errors
 
 
 @dataclasses.dataclass(frozen=True)

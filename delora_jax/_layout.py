@@ -31,7 +31,8 @@ def active() -> bool:
 
 
 def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str], leads: list[int]) -> Any:
-  """``fn(*bases)``, evaluated with each base a probe that records its contractions."""
+  """``fn(*bases)``, evaluated with the first ``len(paths)`` bases probes that record their
+  contractions (the others, e.g. a module's state, are plain inputs)."""
   uses = _USES.get()
   assert uses is not None, "trace() runs inside probe()"
   values = []
@@ -39,7 +40,7 @@ def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str], lead
     uses.lead[p] = lead
     uses.shapes[p] = tuple(w.shape)
     values.append(_interpret.probe(w, _interpret.Source(p, lambda *_: None, (), lead=lead, uses=uses)))
-  return _interpret.run(fn, bases, values)
+  return _interpret.run(fn, bases, values + list(bases[len(values) :]))
 
 
 def probe(run: Callable[[], Any]) -> Uses:

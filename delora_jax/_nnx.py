@@ -5,8 +5,14 @@ for a subclass that (1) keeps the kernel Variable where it was (so the state's
 paths are unchanged), (2) holds the adapter next to it as ``<name>_delora``
 (``a``, ``b``, ``lam`` as :class:`DeloraParam`, ``w_norm`` as
 :class:`DeloraConst`), (3) evaluates ``__call__`` factorised through
-:mod:`delora_jax._interpret`, and (4) resolves any other read of the kernel
+:mod:`delora_jax._interpret`, traced as a pure function of the module's state
+(:func:`_functional`: ``nnx.split``/``nnx.merge`` around the call, the Variables
+it wrote set back after), and (4) resolves any other read of the kernel
 attribute to the merged weight ``w + ΔW``, reported as a fallback.
+
+Tied weights: every module holding an adapted Variable (:func:`holders`) gets
+the same adapter object, so the update is trained once and merged once; the
+kernel is named by its state path (its first path in the graph).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.errors import TraceContextError
 from jax import lax
 
 from delora_jax import _interpret, _kernel, _layout, _ops, _report, _tree
@@ -116,19 +123,97 @@ def _kernel_property(name: str) -> property:
   return property(get, set_, doc=f"The adapted kernel {name!r} (w + ΔW when read directly).")
 
 
-def _with_placeholders(self, names, base_call, args, kwargs):
-  """``self``'s call as a function of one placeholder per kernel ``names`` (read through the
-  kernel properties while it runs)."""
-  active = _ACTIVE.get()
+def _functional(self, names, base_call, args, kwargs, run):
+  """Runs ``self``'s call as a pure function of its state and writes the state it changed back.
 
-  def traced(*placeholders):
-    token = _ACTIVE.set(types.MappingProxyType({**active, id(self): dict(zip(names, placeholders))}))
+  The call is traced (by ``run(fn, kernels, values)``: the interpreter, or layout inference) as
+  ``fn(*kernels, *values) -> (out, new state)``: ``nnx.merge`` rebuilds ``self`` inside the trace
+  from its state (``values``, with a placeholder for each kernel ``names``, which the kernel
+  properties return), the call runs on that copy, ``nnx.split`` takes its state after. So a
+  call that writes Variables (a cache, batch statistics, ``sow``, an ``nnx.Rngs`` draw) writes
+  the copy; the Variables it changed (or created) are then set in ``self``, as a plain call would.
+  """
+  kvars = {n: vars(self)[n] for n in names}
+  kpaths: dict[tuple, str] = {}  # state path of each kernel -> its (first) name
+  for p, node in nnx.iter_graph(self):
+    for n, var in kvars.items():
+      if node is var:
+        kpaths.setdefault(p, n)
+
+  def is_kernel(path, _):
+    return path in kpaths
+
+  def is_ref(_, var):  # a Variable holding a mutable array reference: written in place, not returned
+    return bool(getattr(var, "ref", False))
+
+  graphdef, kstate, rstate, state = nnx.split(self, is_kernel, is_ref, ...)
+  kflat = list(nnx.to_flat_state(kstate))
+  values, tree = jax.tree.flatten((rstate, state))
+  active = _ACTIVE.get()
+  after = []  # the copy's graphdef after the call (static, so kept aside)
+
+  def fn(*flat):
+    ph = dict(zip(names, flat[: len(names)]))
+    ks = nnx.from_flat_state([(p, var.replace(ph[kpaths[p]])) for p, var in kflat])
+    copy = nnx.merge(graphdef, ks, *jax.tree.unflatten(tree, flat[len(names) :]))
+    token = _ACTIVE.set(types.MappingProxyType({**active, id(copy): ph}))
     try:
-      return base_call(self, *args, **kwargs)
+      out = base_call(copy, *args, **kwargs)
     finally:
       _ACTIVE.reset(token)
+    new_graphdef, _, _, new_state = nnx.split(copy, is_kernel, is_ref, ...)
+    after.append(new_graphdef)
+    return out, new_state
 
-  return traced
+  try:
+    out, new_state = run(fn, [var.get_value() for var in kvars.values()], values)
+  except TraceContextError as e:
+    raise TypeError(
+      f"{_where(self)}: its call writes NNX state that is not part of the module (a Variable or "
+      "Module passed as an argument, or held outside it), which delora_jax cannot carry out of the "
+      "call it traces. Keep that state in the module (or return it), or leave this module's "
+      f"kernels out of the rules. ({e})"
+    ) from None
+  _write_back(self, graphdef, (kstate, rstate, state), after[-1], new_state)
+  return out
+
+
+def _where(module) -> str:
+  """Names an adapted (or probed) module by its kernels' paths, for errors."""
+  paths = vars(module).get("_delora_paths")
+  if paths is None:
+    paths = {n: vars(module)[n + SUFFIX].path for n in type(module)._delora_names}
+  return "the module holding " + ", ".join(repr(p) for p in sorted(paths.values()))
+
+
+def _write_back(self, graphdef, states, new_graphdef, new_state) -> None:
+  """Sets in ``self`` the Variables whose values the traced call changed, and adds those it created.
+
+  Raises ``TypeError`` (before writing anything) when the call changed more than Variables (a
+  plain attribute, a submodule): that cannot be carried out of the trace."""
+  old = dict(nnx.to_flat_state(states[-1]))
+  new = dict(nnx.to_flat_state(new_state))
+  added = {p: v for p, v in new.items() if p not in old}
+  if new_graphdef != graphdef:
+    probe = nnx.merge(graphdef, *states, copy=True)
+    if added:
+      nnx.update(probe, nnx.from_flat_state(added))
+    if old.keys() - new.keys() or nnx.graphdef(probe) != new_graphdef:
+      raise TypeError(
+        f"{_where(self)}: its call changes the module's structure (an attribute that is not an "
+        "nnx.Variable, a submodule, or a removed Variable), which delora_jax cannot carry out of "
+        "the call it traces (it runs the call as a pure function of the module's Variables). Keep "
+        "state that changes during the call in nnx.Variables, or leave this module's kernels out "
+        "of the rules."
+      )
+  for p, var in old.items():
+    got = new[p].get_raw_value()
+    if jax.tree.structure(got) != jax.tree.structure(var.get_raw_value()) or any(
+      a is not b for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(var.get_raw_value()))
+    ):
+      var.set_raw_value(got)  # checked: raises TraceContextError where a plain write would
+  if added:
+    nnx.update(self, nnx.from_flat_state(added))
 
 
 def _dropout_key(ad: Adapter) -> Any:
@@ -165,22 +250,31 @@ def _call(self, base_call, args, kwargs):
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
-  if names == ("kernel",) and not _layout.active():
+  outer = {id(ph) for phs in active.values() for ph in phs.values()}
+  if names == ("kernel",) and not _layout.active() and id(vars(self)["kernel"].get_value()) not in outer:
     ad = vars(self)["kernel" + SUFFIX]
     out = _fused_linear(self, ad, args, kwargs)
     if out is not None:
       _report.note(ad.path, "factorised")
       return out
-  bases, lazies = [], []
+  lazies = []
   for n in names:
     w = vars(self)[n].get_value()
+    if id(w) in outer:  # a tied kernel an enclosing adapted call made lazy already: its ΔW is counted there
+      lazies.append(w)
+      continue
     ad = vars(self)[n + SUFFIX]
     src = _interpret.Source(
-      ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes), strict=ad.strict, dropout=ad.dropout
+      ad.path,
+      _record,
+      in_axes=tuple(w.ndim + a for a in ad.in_axes),
+      strict=ad.strict,
+      dropout=ad.dropout,
+      tied=vars(ad).get("tied", False),
     )
-    bases.append(w)
     lazies.append(_interpret.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, _dropout_key(ad)))
-  return _interpret.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
+  run = lambda fn, bases, values: _interpret.run(fn, [*bases, *values], [*lazies, *values])  # noqa: E731
+  return _functional(self, names, base_call, args, kwargs, run)
 
 
 def _subclass(cls: type, names: tuple[str, ...], prefix: str, call, prop) -> type:
@@ -215,15 +309,25 @@ def modules(model: nnx.Module) -> dict[str, nnx.Module]:
   return out
 
 
-def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
-  """``{kernel path: DeloraKernel}`` of an adapted model (a flat tree the Linen API reads)."""
-  out = {}
-  for prefix, mod in modules(model).items():
+def adapted(model: nnx.Module):
+  """``(kernel path, module, name)`` of each adapted kernel of ``model``, once.
+
+  A tied kernel (one Variable held by several modules, all with its adapter) is given once, by
+  its state path (its first path in the graph), with the first module that holds it."""
+  first = {id(node): "/".join(str(p) for p in path) for path, node in nnx.iter_graph(model)}
+  seen = set()
+  for mod in modules(model).values():
     if is_adapted(mod):
       for n in type(mod)._delora_names:  # type: ignore[attr-defined]
-        ad = vars(mod)[n + SUFFIX]
-        out[f"{prefix}/{n}" if prefix else n] = ad.kernel(vars(mod)[n].get_value())
-  return out
+        var = vars(mod)[n]
+        if id(var) not in seen:
+          seen.add(id(var))
+          yield first[id(var)], mod, n
+
+
+def kernels(model: nnx.Module) -> dict[str, DeloraKernel]:
+  """``{kernel path: DeloraKernel}`` of an adapted model (a flat tree the Linen API reads)."""
+  return {path: vars(mod)[n + SUFFIX].kernel(vars(mod)[n].get_value()) for path, mod, n in adapted(model)}
 
 
 _tree.MODEL_KERNELS[nnx.Module] = kernels
@@ -232,14 +336,39 @@ _tree.MODEL_KERNELS[nnx.Module] = kernels
 def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
   """A copy of the adapted ``model`` whose adapters hold the arrays of ``ks`` (same paths)."""
   new = copy(model)
-  for prefix, mod in modules(new).items():
-    if is_adapted(mod):
-      for n in type(mod)._delora_names:  # type: ignore[attr-defined]
-        k, ad = ks[f"{prefix}/{n}" if prefix else n], vars(mod)[n + SUFFIX]
-        for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
-          if f in vars(ad):
-            getattr(ad, f).set_value(getattr(k, f))
+  for path, mod, n in adapted(new):
+    k, ad = ks[path], vars(mod)[n + SUFFIX]
+    for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
+      if f in vars(ad):
+        getattr(ad, f).set_value(getattr(k, f))
   return new
+
+
+def holders(model: nnx.Module, variables: dict[str, nnx.Variable]) -> dict[str, list[tuple[nnx.Module, str]]]:
+  """``{path: [(module, attribute), ...]}``: every module that holds the Variable ``variables[path]``.
+
+  Tied weights give several (the same Variable object assigned to two modules). Raises
+  ``TypeError`` when the Variable is also held by something that is not a module attribute
+  (a list, a dict): a use through it could not be routed through the adapter."""
+  by_id = {id(v): p for p, v in variables.items()}
+  out: dict[str, list[tuple[nnx.Module, str]]] = {p: [] for p in variables}
+  for mod in modules(model).values():
+    for attr, value in vars(mod).items():
+      if id(value) in by_id:
+        out[by_id[id(value)]].append((mod, attr))
+  dups = nnx.find_duplicates(model, only=lambda _, node: id(node) in by_id)
+  first = dict(nnx.iter_graph(model)) if dups else {}
+  for paths in dups:
+    path = by_id[id(first[paths[0]])]
+    if len(paths) != len(out[path]):
+      where = ", ".join(repr("/".join(map(str, p))) for p in paths)
+      raise TypeError(
+        f"{path}: this kernel's Variable is held at {where}, not all of them attributes of "
+        "nnx.Modules, so a use through the others could not be routed through its adapter. Tie "
+        "the weight by assigning the Variable to each module (`b.kernel = a.kernel`), or leave "
+        "it out of the rules."
+      )
+  return out
 
 
 def copy(model: nnx.Module) -> nnx.Module:
@@ -249,15 +378,17 @@ def copy(model: nnx.Module) -> nnx.Module:
 
 
 def restore(model: nnx.Module, merge: bool) -> nnx.Module:
-  """A plain copy of ``model``: adapters removed, kernels ``w + ΔW`` or ``w``."""
+  """A plain copy of ``model``: adapters removed, kernels ``w + ΔW`` (once for a tied kernel) or ``w``."""
   new = copy(model)
+  done = set()
   for mod in modules(new).values():
     if not is_adapted(mod):
       continue
     cls = type(mod)
     for n in cls._delora_names:  # type: ignore[attr-defined]
       var, ad = vars(mod)[n], vars(mod)[n + SUFFIX]
-      if merge:
+      if merge and id(var) not in done:
+        done.add(id(var))
         var.set_value(_kernel.merged(ad.kernel(var.get_value())))
       delattr(mod, n + SUFFIX)
     mod.__class__ = cls._delora_base  # type: ignore[attr-defined]
@@ -277,16 +408,12 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
 
   def call(grouped):
     flat = iter([x for p in per_kernel for x in grouped[p]])
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [next(flat) for _ in leaves]), rest)(
-      *args, **kwargs
-    )
+    trained = jax.tree_util.tree_unflatten(treedef, [next(flat) for _ in leaves])
+    return nnx.merge(graphdef, trained, rest, copy=True)(*args, **kwargs)  # fresh Variables of this trace
 
   with _report.recording() as rec:
     live = _report.reached(call, per_kernel)
   return _report.summary(paths, rec, live)
-
-
-# ---------------------------------------------------------------- layout inference
 
 
 def _probe_property(name: str) -> property:
@@ -306,11 +433,10 @@ def _probe_call(self, base_call, args, kwargs):
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
-  paths = vars(self)["_delora_paths"]
-  bases = [vars(self)[n].get_value() for n in names]
-  return _layout.trace(
-    _with_placeholders(self, names, base_call, args, kwargs), bases, [paths[n] for n in names], [0] * len(names)
-  )
+  paths = [vars(self)["_delora_paths"][n] for n in names]
+  # _layout.trace probes the first len(paths) inputs (the kernels); the state values follow.
+  run = lambda fn, bases, values: _layout.trace(fn, [*bases, *values], paths, [0] * len(names))  # noqa: E731
+  return _functional(self, names, base_call, args, kwargs, run)
 
 
 @functools.cache
@@ -322,13 +448,17 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
   """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
   new = copy(model)
   mods = modules(new)
-  owners: dict[str, dict[str, str]] = {}
+  found = {}
   for path in paths:
     prefix, _, name = path.rpartition("/")
     if prefix in mods and isinstance(vars(mods[prefix]).get(name), nnx.Variable):
-      owners.setdefault(prefix, {})[name] = path
-  for prefix, names in owners.items():
-    mod = mods[prefix]
+      found[path] = vars(mods[prefix])[name]
+  owners: dict[int, tuple[nnx.Module, dict[str, str]]] = {}
+  for path, held in holders(new, found).items():
+    for mod, name in held:
+      if callable(mod):  # (wrap refuses the others)
+        owners.setdefault(id(mod), (mod, {}))[1][name] = path
+  for mod, names in owners.values():
     object.__setattr__(mod, "_delora_paths", names)
     mod.__class__ = _probe_class(type(mod), tuple(sorted(names)))
   if callable(like):

@@ -156,13 +156,13 @@ def dense(x, xd, w, u, v, bias, precision, n_in: int, feats: tuple[int, ...], pa
 def check_contraction(lz: Any, contracted: tuple[int, ...], op: str) -> str:
   """How ``op`` contracting view axes ``contracted`` of ``lz`` is computed: ``"in"`` (the
   layer form) or ``"merged"`` (no output axis would be left: a full contraction such as a
-  regulariser). Any other contraction contradicts the declared layout: a
-  :class:`LayoutError`."""
+  regulariser; or a tied kernel that another of its holders reads otherwise). Any other
+  contraction contradicts the declared layout: a :class:`LayoutError`."""
   got = set(contracted)
   if got == set(lz.ins):
     return "in"
-  if got >= set(lz.ins) | set(lz.outs):
-    return "merged"
+  if got >= set(lz.ins) | set(lz.outs) or lz.src.tied:
+    return "merged"  # a full contraction, or a tied kernel read otherwise by another holder
   src = lz.src
   stored = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
   raise LayoutError(

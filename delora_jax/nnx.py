@@ -84,6 +84,12 @@ def wrap(
   its class behaviour and attributes (it is an instance of a subclass of its
   class); its adapter lives beside the kernel as ``<kernel name>_delora``
   (``a``, ``b``, ``lam``: :class:`DeloraParam`; ``w_norm``: :class:`DeloraConst`).
+  A kernel Variable held by several modules (tied weights) is selected by its
+  state path and gives each of them the same adapter; a holder that contracts
+  it over other axes than the layout's (a transposed decoder) gets ``w + ΔW``
+  there, reported as a fallback. A call may write state (caches, batch
+  statistics, ``sow``, ``nnx.Rngs`` draws): the Variables it writes are set as
+  in a plain call.
 
   Args:
     model: an ``nnx.Module``.
@@ -115,7 +121,7 @@ def wrap(
   ks = _tree.kernels(tree)
   new = _nnx.copy(model)
   mods = _nnx.modules(new)
-  owners: dict[str, list] = {}
+  found = {}
   for path, k in ks.items():
     prefix, _, name = path.rpartition("/")
     owner = mods.get(prefix)
@@ -126,19 +132,31 @@ def wrap(
         "cannot adapt the layer that uses it. Select kernels that are attributes of modules "
         "(e.g. 'layers/0/attn/q_proj/w'), or narrow the rules."
       )
-    if not callable(owner):
-      raise TypeError(f"{path}: its module {type(owner).__name__} has no __call__ to adapt.")
     if k.dropout > 0.0 and rngs is None:
       raise ValueError(
         f"{path}: its Rule has dropout={k.dropout}, which needs random keys; "
         "pass rngs=nnx.Rngs(dropout=0) to delora_jax.nnx.wrap."
       )
-    owners.setdefault(prefix, []).append((name, path, k))
-  for prefix, items in owners.items():
-    owner = mods[prefix]
-    for name, path, k in items:
-      setattr(owner, name + _nnx.SUFFIX, _nnx.Adapter(k, path, rngs, strict))
-    owner.__class__ = _nnx.adapted_class(type(owner), tuple(sorted(n for n, _, _ in items)))
+    found[path] = vars(owner)[name]
+  # Every module holding the kernel's Variable gets the same adapter (tied weights: one adapter,
+  # used by each of them).
+  owners: dict[int, tuple[nnx.Module, dict[str, _nnx.Adapter]]] = {}
+  where = {id(m): p for p, m in mods.items()}
+  for path, held in _nnx.holders(new, found).items():
+    adapter = _nnx.Adapter(ks[path], path, rngs, strict)
+    adapter.tied = len(held) > 1  # a holder may contract it otherwise (transposed): merged there
+    for owner, name in held:
+      if not callable(owner):
+        at = "/".join(p for p in (where[id(owner)], name) if p)
+        raise TypeError(
+          f"{path}: this kernel is held by a {type(owner).__name__} (at {at!r}), which has no "
+          "__call__ to adapt. Adapt kernels held by layers, or leave it out of the rules."
+        )
+      owners.setdefault(id(owner), (owner, {}))[1][name] = adapter
+  for owner, adapters in owners.values():
+    for name, adapter in adapters.items():
+      setattr(owner, name + _nnx.SUFFIX, adapter)
+    owner.__class__ = _nnx.adapted_class(type(owner), tuple(sorted(adapters)))
   return new
 
 
