@@ -35,7 +35,7 @@ def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str], lead
   contractions (the others, e.g. a module's state, are plain inputs)."""
   uses = _USES.get()
   assert uses is not None, "trace() runs inside probe()"
-  values = []
+  values: list[Any] = []
   for w, p, lead in zip(bases, paths, leads):
     uses.lead[p] = lead
     uses.shapes[p] = tuple(w.shape)

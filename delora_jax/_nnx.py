@@ -60,6 +60,7 @@ class Adapter(nnx.Module):
     self.path, self.strict = path, strict
     self.rngs = rngs
     self.deterministic = False
+    self.tied = False  # held by several modules (nnx.wrap sets it)
 
   def kernel(self, w: Any) -> DeloraKernel:
     res = vars(self)
@@ -208,7 +209,7 @@ def _write_back(self, graphdef, states, new_graphdef, new_state) -> None:
       )
   for p, var in old.items():
     got = new[p].get_raw_value()
-    if jax.tree.structure(got) != jax.tree.structure(var.get_raw_value()) or any(
+    if jax.tree.structure(got) != jax.tree.structure(var.get_raw_value()) or any(  # type: ignore[operator]
       a is not b for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(var.get_raw_value()))
     ):
       var.set_raw_value(got)  # checked: raises TraceContextError where a plain write would
@@ -270,7 +271,7 @@ def _call(self, base_call, args, kwargs):
       in_axes=tuple(w.ndim + a for a in ad.in_axes),
       strict=ad.strict,
       dropout=ad.dropout,
-      tied=vars(ad).get("tied", False),
+      tied=ad.tied,
     )
     lazies.append(_interpret.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, _dropout_key(ad)))
   run = lambda fn, bases, values: _interpret.run(fn, [*bases, *values], [*lazies, *values])  # noqa: E731
