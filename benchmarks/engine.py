@@ -57,6 +57,22 @@ def _module(path: str) -> str:
   return mod[: -len(".__init__")] if mod.endswith(".__init__") else mod
 
 
+def _code_lines(src: str) -> int:
+  """Lines holding code: not blank, not only a comment, not part of a docstring."""
+  tree = ast.parse(src)
+  doc = set()
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+      if isinstance(body[0].value.value, str):
+        doc.update(range(body[0].lineno, body[0].end_lineno + 1))
+  return sum(
+    1
+    for i, line in enumerate(src.splitlines(), 1)
+    if line.strip() and not line.strip().startswith("#") and i not in doc
+  )
+
+
 def package_shape(rev: str | None) -> dict:
   """Modules, import edges (any import of another package module, local ones included), floors, lines."""
   srcs = _sources(rev)
@@ -66,7 +82,8 @@ def package_shape(rev: str | None) -> dict:
     for node in ast.walk(ast.parse(src)):
       targets = []
       if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("delora_jax"):
-        targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+        targets = subs or [node.module]  # `from pkg import _mod` imports _mod (pkg is already loading)
       elif isinstance(node, ast.Import):
         targets = [a.name for a in node.names]
       edges[m] |= {t for t in targets if t in mods and t != m}
@@ -83,6 +100,7 @@ def package_shape(rev: str | None) -> dict:
     "edges": sum(len(e) for e in edges.values()),
     "floors": floors,
     "lines": sum(len(s.splitlines()) for s in srcs.values()),
+    "code_lines": sum(_code_lines(s) for s in srcs.values()),
   }
 
 

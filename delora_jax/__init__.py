@@ -14,10 +14,10 @@ from delora_jax._checkpoint import save_adapters as save_adapters
 from delora_jax._diagnostics import diagnostics as diagnostics
 from delora_jax._kernel import DeloraKernel as DeloraKernel
 from delora_jax._linen import apply as apply
-from delora_jax._linen import explain as explain
 from delora_jax._lora import to_lora as to_lora
 from delora_jax._optim import optimizer as optimizer
 from delora_jax._report import FallbackWarning as FallbackWarning
+from delora_jax._report import explain as explain
 from delora_jax._rule import Rule as Rule
 from delora_jax._sharding import shardings as shardings
 from delora_jax._split import combine as combine

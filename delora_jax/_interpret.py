@@ -268,19 +268,43 @@ def _factorless(lz: Lazy, contracted, batch, op: str) -> None:
     )
 
 
+def _layout_use(lz: Lazy, contracted: tuple[int, ...], op: str) -> str:
+  """How ``op`` contracting view axes ``contracted`` of ``lz`` is computed: ``"in"`` (the
+  layer form) or ``"merged"`` (no output axis would be left: a full contraction such as a
+  regulariser; or a tied kernel that another of its holders reads otherwise). Any other
+  contraction contradicts the declared layout: a :class:`LayoutError`."""
+  got = set(contracted)
+  if got == set(lz.ins):
+    return "in"
+  if got >= set(lz.ins) | set(lz.outs) or lz.src.tied:
+    return "merged"  # a full contraction, or a tied kernel read otherwise by another holder
+  src = lz.src
+  stored = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
+  raise LayoutError(
+    f"{src.path}: the model contracts this kernel over its axes {stored} (in `{op}`), but its "
+    f"layout declares input axes {tuple(sorted(src.in_axes))}. Declare the axes the model "
+    f"contracts, e.g. Rule(r, in_axes={stored}, ...), or leave the layout out and let "
+    "delora_jax infer it: wrap(params, rules, like=(model, *example_args))."
+  )
+
+
 def _dot_general(eqn, invals):
   lhs, rhs = invals
   lazy_is_lhs = isinstance(lhs, Lazy)
   lz, x = (lhs, rhs) if lazy_is_lhs else (rhs, lhs)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     return None
-  base_out = _bind(eqn, [lz.base, x] if lazy_is_lhs else [x, lz.base])[0]
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   kc, kb = (lc, lb) if lazy_is_lhs else (rc, rb)
+  base_out = lambda: _bind(eqn, [lz.base, x] if lazy_is_lhs else [x, lz.base])[0]  # noqa: E731
   if lz.u is None:
     _factorless(lz, kc, kb, "dot_general")
-    return base_out
-  got = _ops.dot(lz, x, lazy_is_lhs, eqn.params, base_out)
+    return base_out()
+  if not set(kb) <= set(lz.stacks) or set(kc) & set(lz.stacks):
+    return None  # batched over other than its stacked axes, or contracting them: merged
+  if _layout_use(lz, kc, "dot_general") != "in":
+    return None
+  got = _ops.dot(lz, x, lazy_is_lhs, eqn.params, base_out())
   if got is not None:
     lz.src.record(lz.src.path, "factorised")
   return got
@@ -295,6 +319,11 @@ def _conv(eqn, invals):
     o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
     _factorless(lz, [d for d in range(lz.base.ndim) if d != o_dim], (), "conv_general_dilated")
     return base_out
+  if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1 or lz.stacks:
+    return None
+  o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+  if _layout_use(lz, tuple(d for d in range(lz.base.ndim) if d != o_dim), "conv_general_dilated") != "in":
+    return None
   got = _ops.conv(lz, x, eqn.params, base_out)
   if got is not None:
     lz.src.record(lz.src.path, "factorised")
@@ -311,6 +340,8 @@ def _ragged(eqn, invals):
     (_, kc), (_, kb) = rdn.dot_dimension_numbers
     _factorless(lz, kc, tuple(kb) + tuple(rdn.rhs_group_dimensions), "ragged_dot_general")
     return base_out
+  if _layout_use(lz, tuple(rdn.dot_dimension_numbers[1][0]), "ragged_dot_general") != "in":
+    return None
   got = _ops.ragged_dot(lz, x, sizes, eqn.params, base_out)
   if got is not None:
     lz.src.record(lz.src.path, "factorised")

@@ -31,7 +31,7 @@ from flax.core import FrozenDict
 from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
-from delora_jax import _interpret, _kernel, _layout, _nnx, _ops, _report, _tree
+from delora_jax import _interpret, _kernel, _layout, _ops, _report, _tree
 from delora_jax._kernel import DeloraKernel
 
 
@@ -353,27 +353,8 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
   return out
 
 
-def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
-  """Which adapted kernels a call computes factorised, merged, or not at all.
-
-  Traces the call abstractly (no computation) and returns
-  ``{"factorised": [...], "merged": [...], "unused": [...]}`` (paths). A kernel is
-  ``"unused"`` when no use of it reaches the call's outputs (never read, or read only
-  where the result is dropped, as in gemma 4's KV-shared layers): its adapter then
-  gets exactly zero gradient, however it would have been computed. For Linen,
-  ``explain(model, variables, *args, **kwargs)`` as for :func:`apply`; for an NNX
-  model adapted by :func:`delora_jax.nnx.wrap`, ``explain(adapted, *args, **kwargs)``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
-    >>> model = nn.Dense(4)
-    >>> x = jnp.ones((2, 8))
-    >>> tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], {"kernel": 2})
-    >>> delora_jax.explain(model, {"params": tree}, x)
-    {'factorised': ['kernel'], 'merged': [], 'unused': []}
-  """
-  if isinstance(model, nnx.Module):
-    return _nnx.explain(model, (() if variables is None else (variables,)) + args, kwargs)
+def _explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
+  """`explain` for a Linen model (see :func:`delora_jax._report.explain`)."""
   _check_variables(variables, "explain")
   params = variables["params"]
   ks = _tree.kernels(params)
@@ -386,3 +367,6 @@ def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dic
   with _report.recording() as rec:
     live = _report.reached(call, {p: (k.a, k.b, k.lam) for p, k in ks.items()})
   return _report.summary(list(ks), rec, live)
+
+
+_report.EXPLAINERS.append((object, _explain))

@@ -112,7 +112,9 @@ def _kernel_property(name: str) -> property:
     ph = _ACTIVE.get().get(id(self), {}).get(name)
     if ph is not None:
       return _like(var, ph)
-    ad = vars(self)[name + SUFFIX]
+    ad = vars(self).get(name + SUFFIX)
+    if ad is None:  # a module being probed for its layout (no adapter yet): the plain kernel
+      return var
     if ad.strict:
       raise _report.strict_error(ad.path)
     _record(ad.path, "merged")
@@ -251,6 +253,11 @@ def _call(self, base_call, args, kwargs):
   active = _ACTIVE.get()
   if id(self) in active:
     return base_call(self, *args, **kwargs)
+  if "_delora_paths" in vars(self):  # layout inference: the kernels as probes
+    paths = [vars(self)["_delora_paths"][n] for n in names]
+    # _layout.trace probes the first len(paths) inputs (the kernels); the state values follow.
+    run = lambda fn, bases, values: _layout.trace(fn, [*bases, *values], paths, [0] * len(names))  # noqa: E731
+    return _functional(self, names, base_call, args, kwargs, run)
   outer = {id(ph) for phs in active.values() for ph in phs.values()}
   if names == ("kernel",) and not _layout.active() and id(vars(self)["kernel"].get_value()) not in outer:
     ad = vars(self)["kernel" + SUFFIX]
@@ -278,23 +285,19 @@ def _call(self, base_call, args, kwargs):
   return _functional(self, names, base_call, args, kwargs, run)
 
 
-def _subclass(cls: type, names: tuple[str, ...], prefix: str, call, prop) -> type:
-  """``cls`` with ``__call__`` routed through ``call`` and each kernel ``names`` a ``prop``."""
+@functools.cache
+def adapted_class(cls: type, names: tuple[str, ...]) -> type:
+  """The subclass of ``cls`` whose kernels ``names`` are adapted: ``__call__`` runs through
+  :func:`_call`, each kernel attribute is a :func:`_kernel_property`."""
   base_call = cls.__call__
 
   @functools.wraps(base_call)
   def __call__(self, *args, **kwargs):
-    return call(self, base_call, args, kwargs)
+    return _call(self, base_call, args, kwargs)
 
-  ns = {n: prop(n) for n in names}
+  ns = {n: _kernel_property(n) for n in names}
   ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__, __doc__=cls.__doc__)
-  return type(f"{prefix}{cls.__name__}", (cls,), ns)
-
-
-@functools.cache
-def adapted_class(cls: type, names: tuple[str, ...]) -> type:
-  """The subclass of ``cls`` whose kernels ``names`` are adapted."""
-  return _subclass(cls, names, "Delora", _call, _kernel_property)
+  return type(f"Delora{cls.__name__}", (cls,), ns)
 
 
 def is_adapted(module: Any) -> bool:
@@ -417,34 +420,6 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
   return _report.summary(paths, rec, live)
 
 
-def _probe_property(name: str) -> property:
-  def get(self):
-    var = vars(self)[name]
-    ph = _ACTIVE.get().get(id(self), {}).get(name)
-    return var if ph is None else _like(var, ph)
-
-  def set_(self, value):
-    vars(self)[name] = value
-
-  return property(get, set_)
-
-
-def _probe_call(self, base_call, args, kwargs):
-  names = type(self)._delora_names
-  active = _ACTIVE.get()
-  if id(self) in active:
-    return base_call(self, *args, **kwargs)
-  paths = [vars(self)["_delora_paths"][n] for n in names]
-  # _layout.trace probes the first len(paths) inputs (the kernels); the state values follow.
-  run = lambda fn, bases, values: _layout.trace(fn, [*bases, *values], paths, [0] * len(names))  # noqa: E731
-  return _functional(self, names, base_call, args, kwargs, run)
-
-
-@functools.cache
-def _probe_class(cls: type, names: tuple[str, ...]) -> type:
-  return _subclass(cls, names, "Probe", _probe_call, _probe_property)
-
-
 def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
   """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
   new = copy(model)
@@ -461,7 +436,7 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
         owners.setdefault(id(mod), (mod, {}))[1][name] = path
   for mod, names in owners.values():
     object.__setattr__(mod, "_delora_paths", names)
-    mod.__class__ = _probe_class(type(mod), tuple(sorted(names)))
+    mod.__class__ = adapted_class(type(mod), tuple(sorted(names)))  # with no adapter: probed
   if callable(like):
     call = like
   elif isinstance(like, tuple):
@@ -472,3 +447,11 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
       f"function like(model) that calls it; got {type(like).__name__}."
     )
   return _layout.probe(lambda: nnx.eval_shape(call, new))
+
+
+_report.EXPLAINERS.append(
+  (
+    nnx.Module,
+    lambda model, variables=None, *args, **kw: explain(model, (() if variables is None else (variables,)) + args, kw),
+  )
+)

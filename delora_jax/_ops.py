@@ -12,8 +12,9 @@ One file lists what runs factorised, for Linen and NNX alike:
 - :func:`ragged_dot`: ``lax.ragged_dot``/``ragged_dot_general`` of MoE experts
   (the expert axis stacked): the low-rank branch grouped the same way.
 
-Each returns ``None`` where its form does not apply; the interpreter
-(:mod:`delora_jax._interpret`) then computes the op on ``w + ΔW`` and reports it.
+The interpreter (:mod:`delora_jax._interpret`) calls them only for a contraction
+over the kernel's input axes; each returns ``None`` where its form does not apply
+otherwise, and the op is then computed on ``w + ΔW`` and reported.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from delora_jax._report import LayoutError
 
 
 def acc(dtype: Any) -> jnp.dtype:
@@ -153,26 +152,6 @@ def dense(x, xd, w, u, v, bias, precision, n_in: int, feats: tuple[int, ...], pa
 # ---------------------------------------------------------------- generic contractions
 
 
-def check_contraction(lz: Any, contracted: tuple[int, ...], op: str) -> str:
-  """How ``op`` contracting view axes ``contracted`` of ``lz`` is computed: ``"in"`` (the
-  layer form) or ``"merged"`` (no output axis would be left: a full contraction such as a
-  regulariser; or a tied kernel that another of its holders reads otherwise). Any other
-  contraction contradicts the declared layout: a :class:`LayoutError`."""
-  got = set(contracted)
-  if got == set(lz.ins):
-    return "in"
-  if got >= set(lz.ins) | set(lz.outs) or lz.src.tied:
-    return "merged"  # a full contraction, or a tied kernel read otherwise by another holder
-  src = lz.src
-  stored = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
-  raise LayoutError(
-    f"{src.path}: the model contracts this kernel over its axes {stored} (in `{op}`), but its "
-    f"layout declares input axes {tuple(sorted(src.in_axes))}. Declare the axes the model "
-    f"contracts, e.g. Rule(r, in_axes={stored}, ...), or leave the layout out and let "
-    "delora_jax infer it: wrap(params, rules, like=(model, *example_args))."
-  )
-
-
 def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) -> jax.Array | None:
   """``out`` (the op on the base) plus the low-rank branch of a ``dot_general``, or None."""
   (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -180,8 +159,6 @@ def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) 
   kb, xb = (lb, rb) if lazy_is_lhs else (rb, lb)
   kc, xc, kb, xb = map(tuple, (kc, xc, kb, xb))
   if not set(kb) <= set(lz.stacks) or set(kc) & set(lz.stacks):
-    return None
-  if check_contraction(lz, kc, "dot_general") == "merged":
     return None
   precision = params.get("precision")
   xd = branch_input(x, lz.src.dropout, lz.key)
@@ -225,8 +202,6 @@ def conv(lz: Any, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | Non
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lz.stacks:
     return None
   o_dim = dn.rhs_spec[0]
-  if check_contraction(lz, tuple(p for p in range(lz.base.ndim) if p != o_dim), "conv_general_dilated") != "in":
-    return None
   # u as a conv kernel with r output features at the kernel's output-feature axis.
   src_axis = {p: i for i, p in enumerate(lz.ins)}
   src_axis[o_dim] = len(lz.ins)
@@ -255,8 +230,6 @@ def ragged_dot(lz: Any, x: jax.Array, group_sizes: jax.Array, params: dict, out:
   (xc, kc), (xb, kb) = rdn.dot_dimension_numbers
   groups = tuple(rdn.rhs_group_dimensions)
   if xb or kb or tuple(lz.stacks) != groups or len(lz.ins) != 1 or len(lz.outs) != 1:
-    return None
-  if check_contraction(lz, tuple(kc), "ragged_dot_general") != "in":
     return None
   if params.get("group_offset") is not None:
     return None

@@ -112,3 +112,33 @@ def summary(paths: list[str], rec: Record, live: set[str]) -> dict[str, list[str
     "merged": [p for p in used if p in rec.merged],
     "unused": [p for p in paths if p not in used],
   }
+
+
+# How each front-end explains a call on its models: (model class, fn(model, variables, *args,
+# **kwargs)), the NNX front-end first, the Linen one (any other model) last.
+EXPLAINERS: list[tuple[type, Callable[..., dict[str, list[str]]]]] = []
+
+
+def explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
+  """Which adapted kernels a call computes factorised, merged, or not at all.
+
+  Traces the call abstractly (no computation) and returns
+  ``{"factorised": [...], "merged": [...], "unused": [...]}`` (paths). A kernel is
+  ``"unused"`` when no use of it reaches the call's outputs (never read, or read only
+  where the result is dropped, as in gemma 4's KV-shared layers): its adapter then
+  gets exactly zero gradient, however it would have been computed. For Linen,
+  ``explain(model, variables, *args, **kwargs)`` as for :func:`delora_jax.apply`; for an NNX
+  model adapted by :func:`delora_jax.nnx.wrap`, ``explain(adapted, *args, **kwargs)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, delora_jax
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((2, 8))
+    >>> tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], {"kernel": 2})
+    >>> delora_jax.explain(model, {"params": tree}, x)
+    {'factorised': ['kernel'], 'merged': [], 'unused': []}
+  """
+  for cls, fn in sorted(EXPLAINERS, key=lambda e: e[0] is object):
+    if isinstance(model, cls):
+      return fn(model, variables, *args, **kwargs)
+  raise AssertionError("unreachable: the Linen front-end explains any model")
