@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.extend as jex
+import jax.numpy as jnp
 
 from delora_jax import _lazy
 from delora_jax._rule import Rule
@@ -39,6 +40,11 @@ class Uses:
     self.others.setdefault(path, set()).add(op)
 
 
+def _is_scalar(v) -> bool:
+  """A rank-0 float operand: ``w * c`` keeps ``w``'s layout (the interpreter scales ``u``)."""
+  return v.aval.shape == () and jnp.issubdtype(v.aval.dtype, jnp.floating)
+
+
 def _union(axes, dims) -> tuple[int, ...]:
   return tuple(sorted({a for d in dims for a in axes[d]}))
 
@@ -51,7 +57,7 @@ def _walk(jaxpr, tracked: dict, uses: Uses) -> None:
       continue
     name = eqn.primitive.name
     out = eqn.outvars[0] if eqn.outvars else None
-    if name in _PASS:
+    if name in _PASS or (name == "mul" and len(got) == 1 and _is_scalar(eqn.invars[1 - got[0][0]])):
       tracked[out] = got[0][1]
     elif name == "transpose":
       path, axes = got[0][1]

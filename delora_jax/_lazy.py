@@ -331,6 +331,16 @@ def _bind(eqn, invals):
   return outs if eqn.primitive.multiple_results else [outs]
 
 
+def _scaled(eqn, invals) -> list | None:
+  """``w * c`` for a scalar ``c`` (gemma 4's ``w *= w_scale``): the base and ``u`` scaled, still factorised."""
+  i = 0 if isinstance(invals[0], Lazy) else 1
+  lz, c = invals[i], invals[1 - i]
+  if isinstance(c, Lazy) or jnp.ndim(c) != 0 or not jnp.issubdtype(jnp.result_type(c), jnp.floating):
+    return None
+  base = _bind(eqn, [lz.base, c] if i == 0 else [c, lz.base])[0]
+  return [dataclasses.replace(lz, base=base, u=lz.u * jnp.asarray(c, lz.u.dtype))]
+
+
 def _plain(x, why):
   return x.materialise(why) if isinstance(x, Lazy) else x
 
@@ -349,6 +359,10 @@ def _rule(eqn, invals):
     got = _reshape(invals[0], tuple(eqn.params["new_sizes"]))
     if got is not None:
       return [got]
+  if name == "mul" and len(lazies) == 1:
+    got = _scaled(eqn, invals)
+    if got is not None:
+      return got
   if name in _CALLS:
     closed = eqn.params["jaxpr"]
     return evaluate(closed.jaxpr, closed.consts, invals)
