@@ -13,9 +13,9 @@ Three configs, each with every projection adapted and layouts taken from the mod
 Checked: every kernel factorised (the KV-shared layers' ``kv_einsum``, whose output gemma replaces by
 the shared cache, reported as unreachable), output == merged (rel 1e-5), adapter gradients ==
 gradients through the merged weights, a train step lowers the loss. Gradients: in float64 the two
-agree to rounding (1e-10); in float32 the factorised gradients are as close to the float64 ones as
-the merged model's are (gemma 4's float32 gradients carry ~1e-4 relative rounding error on small
-leaves, λ most: qk/v RMS norms, the logit softcap; the factorised path adds none of its own).
+agree per leaf to 1e-10 (the factorised computation is exact); in float32 both carry gemma 4's
+rounding error (up to ~1e-4 relative on small λ leaves, merged and factorised alike), so float32 is
+compared on the whole adapter gradient, against float64 and between the two.
 """
 
 import json
@@ -337,21 +337,20 @@ def test_float64_adapter_gradients_equal_gradients_through_merge(case, float64_g
     assert rel(a, b) < 1e-10, p
 
 
-def test_float32_adapter_gradients_as_accurate_as_the_merged_models(case, case_grads, float64_grads):
-  """gemma 4's float32 gradients differ from float64 by ~1e-4 on small leaves, merged or factorised
-  alike (issue: up to 1.5e-3 between the two on a 31B-like config): rounding, not a defect. Per leaf,
-  the factorised gradient is no further from the float64 one than 2x the merged model's distance
-  (+1e-6 for leaves the merged model gets right to the last bits), and the whole gradient agrees
-  with the merged one to 1e-5."""
+def test_float32_adapter_gradients_equal_the_float64_ones_to_rounding(case, case_grads, float64_grads):
+  """In float32 gemma 4's adapter gradients carry rounding error, the merged model's as much as the
+  factorised one's: per leaf up to 1.3e-4 (31b) and 8e-3 (e2b, merged) relative to float64 on the
+  small λ leaves (a sum of many cancelling terms), hence the issue's 1.5e-3 between the two. So
+  float32 is compared on the whole adapter gradient (every a, b, λ as one vector): within 1e-5 of
+  float64 for both, and of each other. The per-leaf comparison is the float64 test above."""
   name = case[0]
   g, g_ref = case_grads
   g64, _ = _float64(float64_grads, name)
-  fact, merged = jax.tree.leaves(g), jax.tree.leaves(g_ref)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(g)]
-  for p, a, b, t in zip(paths, fact, merged, g64):
-    assert rel(a, t) <= 2 * rel(b, t) + 1e-6, (p, rel(a, t), rel(b, t))
   flat = lambda xs: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in xs])  # noqa: E731
-  assert rel(flat(fact), flat(merged)) < RTOL
+  fact, merged, exact = flat(jax.tree.leaves(g)), flat(jax.tree.leaves(g_ref)), flat(g64)
+  assert rel(merged, exact) < RTOL
+  assert rel(fact, exact) < RTOL
+  assert rel(fact, merged) < RTOL
 
 
 def test_train_step_lowers_the_loss(case):

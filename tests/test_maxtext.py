@@ -58,7 +58,10 @@ SIZES = {
 
 
 # MaxText builds its variables with flax metadata flax now deprecates (its code, not ours).
-pytestmark = [pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning")]
+pytestmark = [
+  pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:The 'split' argument of 'fork' is deprecated:DeprecationWarning"),
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -196,11 +199,15 @@ def test_adapter_gradients_equal_gradients_through_merge(case):
   g = jax.grad(loss)(lora, False)
   g_ref = jax.grad(loss)(lora, True)
   got = dict(jax.tree_util.tree_leaves_with_path(g))
-  n = 0
-  for p, b in jax.tree_util.tree_leaves_with_path(g_ref):
-    assert rel(got[p], b) < RTOL, jax.tree_util.keystr(p)
-    n += 1
-  assert n == 3 * len(delora_jax.adapters(adapted))  # a, b, λ of each
+  pairs = [(jax.tree_util.keystr(p), got[p], b) for p, b in jax.tree_util.tree_leaves_with_path(g_ref)]
+  assert len(pairs) == 3 * len(delora_jax.adapters(adapted))  # a, b, λ of each
+  # float32: a small λ gradient (a sum of cancelling terms) differs by up to ~1.2e-5 between the two
+  # computations (gemma 4, tests/test_gemma4.py, shows with float64 that this is rounding, both sides
+  # alike), so the 1e-5 bound is on the whole gradient; per leaf 1e-4 still catches a wrong adapter.
+  for p, a, b in pairs:
+    assert rel(a, b) < 10 * RTOL, p
+  flat = lambda i: np.concatenate([np.ravel(np.asarray(x[i], np.float64)) for x in pairs])  # noqa: E731
+  assert rel(flat(1), flat(2)) < RTOL
 
 
 def train_step_fn(graphdef, rest, opt, args):
