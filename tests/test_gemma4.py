@@ -195,11 +195,28 @@ def grads(model, tree, tok):
   return jax.grad(loss)(trainable, True), jax.grad(loss)(trainable, False)
 
 
+_BUILT: dict = {}
+
+
+def built(name: str):
+  """(model, params, tokens, tree or the wrap's ValueError), once per process (wrapping traces the model)."""
+  if name not in _BUILT:
+    model, params, tok = build(name)
+    try:
+      tree = wrapped(model, params, tok)
+    except ValueError as e:
+      tree = e
+    _BUILT[name] = model, params, tok, tree
+  return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=["e2b", "31b", "moe"])
 def case(request):
   name = request.param
-  model, params, tok = build(name)
-  return name, model, params, tok, wrapped(model, params, tok)
+  model, params, tok, tree = built(name)
+  if isinstance(tree, Exception):
+    raise tree
+  return name, model, params, tok, tree
 
 
 @pytest.fixture(scope="module")
@@ -299,11 +316,9 @@ def float64_grads(tmp_path_factory):
   d = tmp_path_factory.mktemp("x64")
   out, names = {}, []
   for name in configs():
-    model, params, tok = build(name)
-    try:
-      tree = wrapped(model, params, tok)
-    except ValueError as e:  # reported by the tests that use it
-      out[name] = e
+    tree = built(name)[3]
+    if isinstance(tree, Exception):  # reported by the tests that use it
+      out[name] = tree
       continue
     names.append(name)
     np.savez(d / f"{name}_in.npz", **{f"l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))})

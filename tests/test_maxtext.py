@@ -61,6 +61,7 @@ SIZES = {
 pytestmark = [
   pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning"),
   pytest.mark.filterwarnings("ignore:The 'split' argument of 'fork' is deprecated:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:'.value' access is now deprecated:DeprecationWarning"),
 ]
 
 
