@@ -62,6 +62,7 @@ pytestmark = [
   pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning"),
   pytest.mark.filterwarnings("ignore:The 'split' argument of 'fork' is deprecated:DeprecationWarning"),
   pytest.mark.filterwarnings("ignore:'.value' access is now deprecated:DeprecationWarning"),
+  pytest.mark.filterwarnings("ignore:'sharding_names' is deprecated:DeprecationWarning"),
 ]
 
 
