@@ -18,7 +18,9 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 EXECUTED_ELSEWHERE = {
   "checkpoints.md": ("test_checkpoint.py", "test_peft_io.py"),  # orbax part; all (torch, PEFT)
   "distributed.md": ("test_distributed.py", "test_multiprocess.py"),  # one process; two
-  "real_models.md": ("test_real_models.py",),  # gemma and tunix: main stack only
+  # gemma 1-3 and tunix: main stack only; gemma 4 and MaxText (blocks starting "# gemma 4" /
+  # "# MaxText"): Python >= 3.12, CI's real-code stack only
+  "real_models.md": ("test_real_models.py", "test_gemma4.py", "test_maxtext.py"),
   "examples.md": ("test_examples.py",),  # reads the example's output: main stack only
   "from_peft.md": ("test_peft_config.py",),  # torch and PEFT: main stack only
 }

@@ -146,6 +146,8 @@ CASES = {
     {"kernel": R()},
   ),
   "astype": (custom((4, 5), lambda x, w: x @ w.astype(x.dtype)), (2, 3, 4), {"kernel": R()}),
+  # gemma 4's per-layer input projection: `w *= w_scale` before the einsum
+  "scaled_by_a_constant": (custom((4, 5), lambda x, w: x @ (w * 0.25)), (2, 3, 4), {"kernel": R()}),
   "out_in_kernel_transposed": (custom((5, 4), lambda x, w: x @ w.T), (2, 3, 4), {"kernel": R(in_axes=1)}),
   "reshape_merges_head_axes_in": (
     custom((4, 2, 3), lambda x, w: x @ w.reshape(4, 6)),
