@@ -340,7 +340,7 @@ def _ragged(eqn, invals):
     (_, kc), (_, kb) = rdn.dot_dimension_numbers
     _factorless(lz, kc, tuple(kb) + tuple(rdn.rhs_group_dimensions), "ragged_dot_general")
     return base_out
-  if _layout_use(lz, tuple(rdn.dot_dimension_numbers[1][0]), "ragged_dot_general") != "in":
+  if _layout_use(lz, tuple(rdn.dot_dimension_numbers[0][1]), "ragged_dot_general") != "in":
     return None
   got = _ops.ragged_dot(lz, x, sizes, eqn.params, base_out)
   if got is not None:
