@@ -1,7 +1,13 @@
-"""Small Linen models covering every kernel layout delora_jax adapts."""
+"""Small Linen and NNX models covering every kernel layout delora_jax adapts."""
+
+from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from flax import nnx
+
+INIT = nn.initializers.normal(0.5)
 
 
 class Attention(nn.Module):
@@ -122,3 +128,81 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.Dense(1, name="out")(nn.gelu(nn.Dense(64, name="hidden")(x)))
+
+
+# ---------------------------------------------------------------- custom layers (Linen)
+
+
+class Custom(nn.Module):
+  """One parameter of ``shape`` named ``param_name``, used by ``fn(x, w)``."""
+
+  shape: tuple
+  fn: Callable
+  param_name: str = "kernel"
+
+  @nn.compact
+  def __call__(self, x):
+    return self.fn(x, self.param(self.param_name, INIT, self.shape))
+
+
+class EinsumLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _=None):
+    w = self.param("kernel", INIT, (x.shape[-1], x.shape[-1]))
+    return jnp.tanh(jnp.einsum("bti,io->bto", x, w)), None
+
+
+class Scanned(nn.Module):
+  """Two ``layer``s under nn.scan: params ``layers/...`` with a leading layer axis."""
+
+  layer: type = EinsumLayer
+
+  @nn.compact
+  def __call__(self, x):
+    layers = nn.scan(self.layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="layers")
+    return layers(x, None)[0]
+
+
+# ---------------------------------------------------------------- custom layers (NNX)
+
+
+class NnxCustom(nnx.Module):
+  """NNX twin of :class:`Custom`: one Param of ``shape`` named ``param_name``, used by ``fn(x, w)``."""
+
+  def __init__(self, shape, fn, param_name="kernel", *, rngs):
+    self.fn, self.param_name = fn, param_name
+    setattr(self, param_name, nnx.Param(INIT(rngs.params(), shape)))
+
+  def __call__(self, x):
+    return self.fn(x, getattr(self, self.param_name)[...])
+
+
+class TunixEinsum(nnx.Module):
+  """tunix's Einsum layer: a Param ``w`` and the equation as an attribute."""
+
+  def __init__(self, einsum_str, shape, *, rngs):
+    self.einsum_str = einsum_str
+    self.w = nnx.Param(nnx.initializers.normal(0.5)(rngs.params(), shape))
+
+  def __call__(self, x):
+    return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+class LaxDot(nnx.Module):
+  """A custom layer contracting its kernel with lax.dot_general."""
+
+  def __init__(self, shape, *, rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal(0.5)(rngs.params(), shape))
+
+  def __call__(self, x):
+    return jax.lax.dot_general(x, self.kernel[...], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Holder(nnx.Module):
+  """The adapted layer as a child (paths ``layer/...``), with a nonlinearity after it."""
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def __call__(self, x):
+    return jnp.tanh(self.layer(x))

@@ -11,13 +11,9 @@ from flax import traverse_util
 import delora_jax
 from delora_jax import _ops
 from tests import models
+from tests.helpers import init_and_wrap, rel
 
 ATOL = 2e-5
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 @pytest.fixture(params=["split", "joined"])
@@ -27,11 +23,6 @@ def form(request, monkeypatch):
   ([x | h] @ [w; v]) that single-device CPU programs get."""
   monkeypatch.setattr(_ops, "join_on_cpu", lambda: request.param == "joined")
   return request.param
-
-
-def setup(model, x, rules, key=1):
-  params = model.init(jax.random.key(0), x)["params"]
-  return params, delora_jax.wrap(params, rules, key=jax.random.key(key))
 
 
 CASES = {
@@ -54,7 +45,7 @@ def test_identity_at_init_and_factorised_equals_merged(name, form):
   # form; the joined form sums x @ w's terms in one matmul over in + r (the r extra terms
   # are exact zeros), whose blocking may round differently in the last bit.
   peft_rules = {p: r.__class__(**{**r.__dict__, "init": "peft"}) for p, r in rules().items()}
-  params, tree = setup(model, x, peft_rules)
+  params, tree = init_and_wrap(model, x, peft_rules)
   y0 = delora_jax.apply(model, {"params": tree}, x, strict=True)
   if form == "split" or name == "conv":
     np.testing.assert_array_equal(y0, base)
@@ -62,7 +53,7 @@ def test_identity_at_init_and_factorised_equals_merged(name, form):
     np.testing.assert_allclose(y0, base, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(model.apply({"params": delora_jax.merge(tree)}, x), base)
   # init="random": a non-zero update; the factorised path equals the merged weights.
-  params, tree = setup(model, x, rules())
+  params, tree = init_and_wrap(model, x, rules())
   report = delora_jax.explain(model, {"params": tree}, x)
   assert report["merged"] == [] and report["unused"] == []
   assert sorted(report["factorised"]) == sorted(delora_jax.adapters(tree))
@@ -74,7 +65,7 @@ def test_identity_at_init_and_factorised_equals_merged(name, form):
 
 def test_scan_gives_each_layer_its_own_adapter():
   model, x = models.Transformer(scan=True), jnp.ones((1, 3, 6))
-  _, tree = setup(model, x, models.transformer_rules(True))
+  _, tree = init_and_wrap(model, x, models.transformer_rules(True))
   ad = delora_jax.adapters(tree)["layers/attn/query/kernel"]
   assert ad["a"].shape == (2, 8, 2) and ad["b"].shape == (2, 2, 8) and ad["lam"].shape == (2,)
   assert ad["w_norm"].shape == (2, 8)
@@ -84,7 +75,7 @@ def test_scan_gives_each_layer_its_own_adapter():
 def test_scan_equals_unrolled_layers():
   x = jax.random.normal(jax.random.key(3), (2, 4, 6))
   unrolled, scanned = models.Transformer(), models.Transformer(scan=True)
-  p_un, t_un = setup(unrolled, x, models.transformer_rules(False))
+  p_un, t_un = init_and_wrap(unrolled, x, models.transformer_rules(False))
   stack = lambda *xs: jax.tree.map(lambda *l: jnp.stack(l), *xs)
   p_sc = {"embed": p_un["embed"], "head": p_un["head"], "layers": stack(p_un["layers_0"], p_un["layers_1"])}
   ad_un = delora_jax.adapters(t_un)
@@ -114,7 +105,7 @@ def loss_fn(model):
 def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
   make, shape, rules = CASES[name]
   model, x = make(), jax.random.normal(jax.random.key(2), shape)
-  _, tree = setup(model, x, rules())
+  _, tree = init_and_wrap(model, x, rules())
   trainable, frozen = delora_jax.split(tree)
   g_fact = jax.jit(jax.grad(loss_fn(model)))(trainable, frozen, x)
 
@@ -146,7 +137,7 @@ def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
 def test_vmap_over_inputs_and_over_adapters(form):
   model = nn.Dense(3)
   x = jax.random.normal(jax.random.key(0), (4, 2, 5))
-  _, tree = setup(model, x[0], {"kernel": delora_jax.Rule(2, init="random")})
+  _, tree = init_and_wrap(model, x[0], {"kernel": delora_jax.Rule(2, init="random")})
   f = lambda t, xi: delora_jax.apply(model, {"params": t}, xi, strict=True)
   np.testing.assert_allclose(jax.vmap(f, in_axes=(None, 0))(tree, x), f(tree, x), atol=ATOL)
   # An ensemble: adapters stacked on a leading axis, vmapped together with their kernels.
@@ -169,7 +160,7 @@ def test_remat_and_jit(form):
       return nn.remat(nn.Dense)(4, name="d")(x)
 
   model, x = M(), jnp.ones((2, 3))
-  _, tree = setup(model, x, {"d/kernel": delora_jax.Rule(2, init="random")})
+  _, tree = init_and_wrap(model, x, {"d/kernel": delora_jax.Rule(2, init="random")})
   y = jax.jit(lambda t: delora_jax.apply(model, {"params": t}, x, strict=True))(tree)
   np.testing.assert_allclose(y, model.apply({"params": delora_jax.merge(tree)}, x), atol=ATOL)
   trainable, frozen = delora_jax.split(tree)
@@ -180,7 +171,7 @@ def test_remat_and_jit(form):
 def test_custom_module_contracting_its_kernel_is_factorised():
   """A module of the user's own doing `jnp.dot(x, kernel)` runs factorised, strict or not."""
   model, x = models.CustomDot(), jax.random.normal(jax.random.key(0), (3, 4))
-  _, tree = setup(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
+  _, tree = init_and_wrap(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
   assert delora_jax.explain(model, {"params": tree}, x) == {
     "factorised": ["dense/kernel", "kernel"],
     "merged": [],
@@ -200,7 +191,7 @@ UNFACTORISABLE = {"column_sums": models.CustomColumnSums, "gather": models.Custo
 @pytest.mark.parametrize("name", list(UNFACTORISABLE), ids=list(UNFACTORISABLE))
 def test_custom_module_falls_back_to_merged_and_reports_it(name):
   model, x = UNFACTORISABLE[name](), jax.random.normal(jax.random.key(0), (3, 4))
-  _, tree = setup(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
+  _, tree = init_and_wrap(model, x, {".*kernel": delora_jax.Rule(2, init="random")})
   want = model.apply({"params": delora_jax.merge(tree)}, x)
   with pytest.warns(delora_jax.FallbackWarning, match=r"\['kernel'\]"):
     got = delora_jax.apply(model, {"params": tree}, x)
@@ -222,13 +213,13 @@ def test_unused_kernels_are_reported():
       return a(x) + b(x) if which == 0 else a(x)
 
   model, x = TwoHeads(), jnp.ones((1, 3))
-  _, tree = setup(model, x, {".*kernel": 2})
+  _, tree = init_and_wrap(model, x, {".*kernel": 2})
   assert delora_jax.explain(model, {"params": tree}, x, 1)["unused"] == ["b/kernel"]
 
 
 def test_plain_model_apply_on_adapted_tree_raises():
   model, x = models.Transformer(), jnp.ones((1, 2, 6))
-  _, tree = setup(model, x, models.transformer_rules(False))
+  _, tree = init_and_wrap(model, x, models.transformer_rules(False))
   with pytest.raises(TypeError, match="delora_jax.apply"):
     model.apply({"params": tree}, x)
   with pytest.raises(TypeError, match="delora_jax.apply"):
@@ -239,7 +230,7 @@ def test_adapter_dropout_follows_the_dropout_rng(form):
   model = nn.Dense(6)
   # One-hot rows: each row's dropped-out input is either 0 or 2x (p = 0.5).
   x = jnp.repeat(jnp.eye(10), 20, axis=0) * 1.5
-  _, tree = setup(model, x, {"kernel": delora_jax.Rule(3, init="random", dropout=0.5)})
+  _, tree = init_and_wrap(model, x, {"kernel": delora_jax.Rule(3, init="random", dropout=0.5)})
   merged = model.apply({"params": delora_jax.merge(tree)}, x)
   # Without a dropout rng (inference) dropout is off.
   np.testing.assert_allclose(delora_jax.apply(model, {"params": tree}, x), merged, atol=ATOL)
@@ -256,7 +247,7 @@ def test_adapter_dropout_follows_the_dropout_rng(form):
 
 def test_frozen_leaves_get_exactly_zero_update_full_tree_optimizer():
   model, x = models.Transformer(), jax.random.normal(jax.random.key(4), (2, 3, 6))
-  _, tree = setup(model, x, models.transformer_rules(False))
+  _, tree = init_and_wrap(model, x, models.transformer_rules(False))
   opt = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.1)
   state = opt.init(tree)
 
@@ -285,7 +276,7 @@ def test_strict_and_report_do_not_depend_on_earlier_calls(name):
   """jnp functions are jitted and cache traces: a lenient call must not let a later
   strict call through, nor hide the fallback from explain()."""
   model, x = UNFACTORISABLE[name](), jnp.ones((2, 4))
-  _, tree = setup(model, x, {"kernel": 2})
+  _, tree = init_and_wrap(model, x, {"kernel": 2})
   for _ in range(2):
     with pytest.warns(delora_jax.FallbackWarning):
       delora_jax.apply(model, {"params": tree}, x)

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import delora_jax as dj
 from delora_jax import _wrap
+from tests.helpers import rel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -94,15 +95,10 @@ def make_mesh(shape):
   return Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def assert_adapters_close(got, want):
   for path, fields in dj.adapters(want).items():
     for f, x in fields.items():
-      err = rel_err(dj.adapters(got)[path][f], x)
+      err = rel(dj.adapters(got)[path][f], x)
       assert err < RTOL, f"{path}.{f}: relative error {err:.3g}"
 
 

@@ -14,15 +14,7 @@ from transformers import LlamaForCausalLM
 
 import delora_jax
 from delora_jax.models import Llama, LlamaConfig, llama, params_from_hf, params_to_hf
-
-HF_TINY = dict(
-  vocab_size=128,
-  hidden_size=64,
-  intermediate_size=176,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-)
+from tests.helpers import HF_TINY
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import torch
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import delora_jax  # noqa: E402
+from tests.helpers import assert_trees_equal, rel
 
 RTOL = 1e-5  # float32 (same tolerance as tests/test_peft_parity.py)
 NAMES = lambda path: path.split("/")[0] if path.endswith("/kernel") else None  # noqa: E731
@@ -61,11 +62,6 @@ def params_of(model):
     for name, mod in model.named_children()
     if isinstance(mod, torch.nn.Linear)
   }
-
-
-def rel_err(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def data(seed, n=3):
@@ -173,8 +169,8 @@ def test_peft_config_rows(tmp_path, row):
   (x, y), *rest = data(1)
   with torch.no_grad():
     want = pm(torch.from_numpy(x)).numpy()
-  assert rel_err(delora_jax.apply(model, {"params": tree}, x, strict=True), want) < RTOL
-  assert rel_err(model.apply({"params": delora_jax.merge(tree)}, x), want) < RTOL
+  assert rel(delora_jax.apply(model, {"params": tree}, x, strict=True), want) < RTOL
+  assert rel(model.apply({"params": delora_jax.merge(tree)}, x), want) < RTOL
 
   # Gradients of everything PEFT trains (adapters, biases, modules_to_save).
   torch_loss(pm, x, y).backward()
@@ -189,7 +185,7 @@ def test_peft_config_rows(tmp_path, row):
   got_g = jax_grads_as_torch(value_and_grad(trainable, x, y)[1], frozen)
   assert sorted(got_g) == sorted(want_g)
   for name, w in want_g.items():
-    assert rel_err(got_g[name], w) < RTOL, (name, rel_err(got_g[name], w))
+    assert rel(got_g[name], w) < RTOL, (name, rel(got_g[name], w))
 
   # Three AdamW steps on both sides (λ decayed as torch does, for parity).
   pm.zero_grad()
@@ -208,7 +204,7 @@ def test_peft_config_rows(tmp_path, row):
   tree = delora_jax.combine(trainable, frozen)
   with torch.no_grad():
     want = pm(torch.from_numpy(x)).numpy()
-  assert rel_err(delora_jax.apply(model, {"params": tree}, x), want) < 1e-4
+  assert rel(delora_jax.apply(model, {"params": tree}, x), want) < 1e-4
 
   # Back to PEFT: the trained adapters and extras, from the folder alone.
   out = delora_jax.peft.export(tree, tmp_path / "j", module_names=NAMES, extra_trainable=extra)
@@ -217,10 +213,9 @@ def test_peft_config_rows(tmp_path, row):
   back = peft.PeftModel.from_pretrained(base, out).eval()
   with torch.no_grad():
     got = back(torch.from_numpy(x)).numpy()
-  assert rel_err(got, delora_jax.apply(model, {"params": tree}, x)) < RTOL
+  assert rel(got, delora_jax.apply(model, {"params": tree}, x)) < RTOL
   again = delora_jax.peft.load(out, params, module_names=NAMES)
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(tree)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_equal(again, tree)
 
 
 def test_default_init_and_multiple_adapters(tmp_path):
@@ -242,7 +237,7 @@ def test_default_init_and_multiple_adapters(tmp_path):
     with torch.no_grad():
       want = pm(torch.from_numpy(x)).numpy()
     tree = delora_jax.peft.load(folder, params, module_names=NAMES)
-    assert rel_err(delora_jax.apply(FlaxMLP(), {"params": tree}, x), want) < RTOL
+    assert rel(delora_jax.apply(FlaxMLP(), {"params": tree}, x), want) < RTOL
   plain = FlaxMLP().apply({"params": params}, x)
   np.testing.assert_array_equal(np.asarray(delora_jax.apply(FlaxMLP(), {"params": tree}, x)), plain)
   fresh = delora_jax.wrap(
@@ -276,7 +271,7 @@ def test_low_precision_bases(tmp_path, dtype):
   eps = float(jnp.finfo(dtype).eps)
   got = delora_jax.apply(FlaxMLP(dtype=dtype), {"params": tree}, x)
   assert got.dtype == jnp.dtype(dtype)
-  assert rel_err(got, want) < 4 * eps  # a few roundings of the dtype
+  assert rel(got, want) < 4 * eps  # a few roundings of the dtype
   # norm="base" gives PEFT's w_norm bit for bit; the float32 default differs by ~eps/2.
   rules = delora_jax.peft.rules(tmp_path / "p", params, module_names=NAMES, norm="base")
   ours = delora_jax.adapters(delora_jax.wrap(params, rules))
@@ -284,7 +279,7 @@ def test_low_precision_bases(tmp_path, dtype):
   ours32 = delora_jax.adapters(delora_jax.wrap(params, rules32))
   for p, ad in delora_jax.adapters(tree).items():
     np.testing.assert_array_equal(np.asarray(ours[p]["w_norm"]), np.asarray(ad["w_norm"]))
-    diff = rel_err(ours32[p]["w_norm"], ad["w_norm"])
+    diff = rel(ours32[p]["w_norm"], ad["w_norm"])
     assert 0 < diff < eps, diff
   # Our own low-precision adapters (either norm) round-trip through a folder onto the same base.
   for t in (delora_jax.wrap(params, rules), delora_jax.wrap(params, rules32)):
@@ -333,8 +328,8 @@ def test_low_precision_gradients_as_accurate_as_peft(tmp_path, dtype):
 
     got = jax_grads_as_torch(jax.grad(loss)(trainable), frozen)
     assert set(got) >= set(want)
-    ours += [rel_err(got[k], exact[k]) for k in want]
-    theirs += [rel_err(want[k], exact[k]) for k in want]
+    ours += [rel(got[k], exact[k]) for k in want]
+    theirs += [rel(want[k], exact[k]) for k in want]
   assert np.mean(ours) <= 1.5 * np.mean(theirs), (np.mean(ours), np.mean(theirs))
 
 
@@ -396,7 +391,7 @@ def test_scanned_kernel_with_some_layers_adapted(tmp_path):
   x, y = rng.standard_normal((6, 12), np.float32), rng.standard_normal((6, 8), np.float32)
   with torch.no_grad():
     want = pm(torch.from_numpy(x)).numpy()
-  assert rel_err(delora_jax.apply(FlaxStack(), {"params": tree}, x, strict=True), want) < RTOL
+  assert rel(delora_jax.apply(FlaxStack(), {"params": tree}, x, strict=True), want) < RTOL
   merged = np.asarray(delora_jax.merge(tree)["layers"]["proj"]["kernel"])
   np.testing.assert_array_equal(merged[1], w[1])  # the layer PEFT leaves alone: bit for bit
 
@@ -410,7 +405,7 @@ def test_scanned_kernel_with_some_layers_adapted(tmp_path):
   g = grad(trainable, frozen)["layers"]["proj"]["kernel"]
   for i, grad_a in ((0, g.a[0]), (2, g.a[2])):
     want_a = pm.base_model.model.layers[i].proj.delora_A["default"].grad.numpy().T
-    assert rel_err(grad_a, want_a) < RTOL
+    assert rel(grad_a, want_a) < RTOL
   assert not np.any(np.asarray(g.a[1])) and not np.any(np.asarray(g.b[1])) and float(g.lam[1]) == 0.0
   opt = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.1)
   state = opt.init(trainable)
@@ -424,7 +419,7 @@ def test_scanned_kernel_with_some_layers_adapted(tmp_path):
   back = peft.PeftModel.from_pretrained(TorchStack(w), out).eval()
   with torch.no_grad():
     got = back(torch.from_numpy(x)).numpy()
-  assert rel_err(got, delora_jax.apply(FlaxStack(), {"params": tree}, x)) < RTOL
+  assert rel(got, delora_jax.apply(FlaxStack(), {"params": tree}, x)) < RTOL
   made = delora_jax.wrap(params, rules)  # wrap with the Rule directly: slice 1 is all zeros
   assert not np.any(np.asarray(made["layers"]["proj"]["kernel"].w_norm[1]))
 
@@ -503,8 +498,7 @@ def test_bad_folders_are_refused_and_nothing_loads(tmp_path, case):
   before = jax.tree.map(np.asarray, params)
   with pytest.raises(ValueError, match=msg):
     delora_jax.peft.load(folder, params, module_names=NAMES)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
-    np.testing.assert_array_equal(np.asarray(a), b)
+  assert_trees_equal(params, before)
   cfg = json.loads((folder / "adapter_config.json").read_text())
   if "tensors" not in kw and case != "rank_vs_config":  # rules() gives the same verdict
     with pytest.raises(ValueError, match=msg):

@@ -19,18 +19,11 @@ import transformers
 
 import delora_jax  # noqa: E402
 from delora_jax.models import Llama, LlamaConfig, bert, params_from_hf  # noqa: E402
+from tests.helpers import HF_TINY
 
 # The Flax ports match HF to 1e-4 of the largest logit (tests/test_llama.py); an adapter adds
 # two small matmuls, so the same figure bounds the adapted comparison.
 MODEL_RTOL = 1e-4
-HF_TINY = dict(
-  vocab_size=128,
-  hidden_size=64,
-  intermediate_size=176,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-)
 
 
 def max_rel(got, want):

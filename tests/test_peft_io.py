@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import delora_jax
 from tests import torch_mlp as tm
+from tests.helpers import assert_trees_equal, rel
 
 RTOL = 1e-5
 NAMES = {f"{n}/kernel": n for n in tm.NAMES}
@@ -24,11 +25,6 @@ RULES = {
   "lin1/kernel": delora_jax.Rule(2, lam=7.0, init="random"),
   "lin[02]/kernel": delora_jax.Rule(4, lam=3.0, init="random"),
 }
-
-
-def rel_err(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def torch_base(seed=0):
@@ -77,7 +73,7 @@ def test_jax_to_peft_outputs_and_files_match_peft(tmp_path):
 
   model = peft.PeftModel.from_pretrained(torch_base(), out)
   x = x_batch()
-  assert rel_err(jax_out(tree, x), torch_out(model, x)) < RTOL
+  assert rel(jax_out(tree, x), torch_out(model, x)) < RTOL
   lin1 = model.base_model.model.lin1
   assert float(lin1.delora_lambda["default"]) == float(tree["lin1"]["kernel"].lam)  # trained λ
 
@@ -111,7 +107,7 @@ def test_peft_to_jax_after_torch_training(tmp_path):
 
   target = delora_jax.wrap(tm.base_params(model.base_model.model), RULES)
   tree = delora_jax.peft.load(tmp_path / "p", target, module_names=NAMES)
-  assert rel_err(jax_out(tree, x), torch_out(model, x)) < RTOL
+  assert rel(jax_out(tree, x), torch_out(model, x)) < RTOL
   want = tm.peft_adapters(model)
   for p, fields in want.items():
     for f, w in fields.items():
@@ -164,8 +160,8 @@ def test_export_lora_reproduces_outputs_in_peft(tmp_path):
   model = peft.PeftModel.from_pretrained(torch_base(), out)
   x = x_batch(2)
   want = jax_out(tree, x)
-  assert rel_err(want, tm.FlaxMLP().apply({"params": tm.base_params(torch_base())}, x)) > 1e-3
-  assert rel_err(torch_out(model, x), want) < RTOL
+  assert rel(want, tm.FlaxMLP().apply({"params": tm.base_params(torch_base())}, x)) > 1e-3
+  assert rel(torch_out(model, x), want) < RTOL
 
 
 def test_to_lora_is_the_exact_update():
@@ -204,7 +200,7 @@ def test_stacked_kernels_export_one_module_per_layer(tmp_path):
   model = peft.PeftModel.from_pretrained(Stacked(w), out)
   x = x_batch(3)
   merged = np.asarray(delora_jax.merge(tree)["layers"]["proj"]["kernel"])
-  assert rel_err(torch_out(model, x), np.einsum("bi,lio->lbo", x, merged)) < RTOL
+  assert rel(torch_out(model, x), np.einsum("bi,lio->lbo", x, merged)) < RTOL
   listed = {"layers/proj/kernel": ["layers.0", "layers.1", "layers.2"]}
   again = delora_jax.peft.load(out, tree, module_names=listed)
   assert_adapters_equal(again, tree)
@@ -222,7 +218,7 @@ def test_nd_kernel_needs_flatten_nd_and_conv_is_refused(tmp_path):
   model = peft.PeftModel.from_pretrained(torch.nn.Sequential(collections_od(q=lin)), out)
   x = x_batch(4)
   want = x @ np.asarray(delora_jax.merge(tree)["q"]["kernel"]).reshape(12, 32)
-  assert rel_err(torch_out(model, x), want) < RTOL
+  assert rel(torch_out(model, x), want) < RTOL
   assert_adapters_equal(delora_jax.peft.load(out, tree, module_names={"q/kernel": "q"}, flatten_nd=True), tree)
   conv = delora_jax.wrap({"c": {"kernel": jnp.ones((3, 3, 4, 8))}}, {"c/kernel": delora_jax.Rule(2, out_axes=-1)})
   with pytest.raises(ValueError, match="Convolution kernels cannot"):
@@ -388,8 +384,7 @@ def test_load_errors_leave_tree_untouched(exported, tmp_path, case):
   before = jax.tree_util.tree_map(np.asarray, target)
   with pytest.raises(ValueError, match=msg):
     delora_jax.peft.load(bad, target, module_names=NAMES)
-  for g, w in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(before)):
-    np.testing.assert_array_equal(np.asarray(g), w)
+  assert_trees_equal(target, before)
 
 
 def test_load_file_errors(exported, tmp_path):

@@ -10,13 +10,9 @@ import torch
 
 import delora_jax
 from tests import torch_mlp as tm
+from tests.helpers import rel
 
 RTOL = 1e-5
-
-
-def rel_err(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def make_pair(seed, *, init_weights, r=4, lam=15.0, rank_pattern=None, lambda_pattern=None, targets=tm.NAMES):
@@ -80,8 +76,8 @@ def test_forward_and_gradients_match_peft(case):
   with torch.no_grad():
     want = tm.t2n(pm(torch.from_numpy(x)))
   got = delora_jax.apply(tm.FlaxMLP(), {"params": tree}, x, strict=True)
-  assert rel_err(got, want) < RTOL
-  assert rel_err(tm.FlaxMLP().apply({"params": delora_jax.merge(tree)}, x), want) < RTOL
+  assert rel(got, want) < RTOL
+  assert rel(tm.FlaxMLP().apply({"params": delora_jax.merge(tree)}, x), want) < RTOL
 
   torch_loss(pm, x, y).backward()
   want_g = tm.peft_grads(pm)
@@ -91,7 +87,7 @@ def test_forward_and_gradients_match_peft(case):
   assert set(got_g) == set(want_g)
   for path, fields in want_g.items():
     for f, w in fields.items():
-      assert rel_err(got_g[path][f], w) < RTOL, (path, f, rel_err(got_g[path][f], w))
+      assert rel(got_g[path][f], w) < RTOL, (path, f, rel(got_g[path][f], w))
 
 
 def _train(pm, tree, data, lr, wd):
@@ -134,7 +130,7 @@ def test_twenty_adamw_steps_match_peft(case):
   np.testing.assert_allclose(got, want, rtol=RTOL)
   for path, fields in tm.peft_adapters(pm).items():
     for f, w in fields.items():
-      assert rel_err(delora_jax.adapters(tree)[path][f], w) < 1e-4, (path, f)
+      assert rel(delora_jax.adapters(tree)[path][f], w) < 1e-4, (path, f)
 
 
 def test_peft_default_init_first_steps_match():
@@ -153,9 +149,9 @@ def test_peft_default_init_first_steps_match():
   for path, fields in want_g.items():
     assert np.all(np.isfinite(got_g[path]["b"]))
     assert not np.any(np.asarray(got_g[path]["a"])) and float(got_g[path]["lam"]) == 0.0
-    assert rel_err(got_g[path]["b"], fields["b"]) < RTOL
+    assert rel(got_g[path]["b"], fields["b"]) < RTOL
   tree, jl, tl = _train(pm, tree, data, lr=1e-3, wd=0.0)
   np.testing.assert_allclose(jl, tl, rtol=RTOL)
   for path, fields in tm.peft_adapters(pm).items():
     for f, w in fields.items():
-      assert rel_err(delora_jax.adapters(tree)[path][f], w) < 1e-4, (path, f)
+      assert rel(delora_jax.adapters(tree)[path][f], w) < 1e-4, (path, f)

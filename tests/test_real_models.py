@@ -23,6 +23,7 @@ from tunix.models.llama3 import model as tunix_llama3
 import delora_jax
 from delora_jax import _interpret
 from tests import models
+from tests.helpers import assert_trees_equal, rel
 
 RTOL = 1e-5
 # tunix builds its models with flax APIs flax now deprecates (its code, not ours: the
@@ -41,11 +42,6 @@ def _third_party_rank_promotion():
   (conftest makes implicit rank promotion an error for our own code)."""
   with jax.numpy_rank_promotion("allow"):
     yield
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def tokens(b=2, t=8, vocab=64):
@@ -261,8 +257,7 @@ def test_tunix_every_kernel_factorised_equal_to_merged_and_trains(make):
   assert losses[-1] < losses[0] - 0.02, losses
   # the original model was never touched
   after = jax.tree.map(np.asarray, nnx.state(model))
-  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
+  assert_trees_equal(after, before)
 
 
 def test_docs_real_models_blocks_run_as_written(gemma):

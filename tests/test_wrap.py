@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import delora_jax
 from delora_jax import Rule, _kernel
+from tests.helpers import assert_trees_equal
 
 
 def mlp_params():
@@ -76,8 +77,7 @@ def test_unwrap_is_bit_exact_and_merge_keeps_structure():
   params = mlp_params()
   tree = delora_jax.wrap(params, {".*kernel": Rule(2, init="random")})
   back = delora_jax.unwrap(tree)
-  assert jax.tree.structure(back) == jax.tree.structure(params)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), back, params)
+  assert_trees_equal(back, params)
   merged = delora_jax.merge(tree)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   for m, p in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
