@@ -106,7 +106,7 @@ class _Tracked(DeloraKernel):
 jax.tree_util.register_dataclass(
   _Tracked,
   data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-  meta_fields=["in_axes", "out_axes", "dropout", "path", "stored_ndim", "mode"],
+  meta_fields=["in_axes", "out_axes", "dropout", "stack", "path", "stored_ndim", "mode"],
 )
 
 
@@ -139,11 +139,10 @@ def _adapter_input(mod: nn.Module, k: DeloraKernel, x: jax.Array) -> jax.Array:
 
 
 def _layout(k: DeloraKernel, n_in: int, n_out: int) -> bool:
-  return (
-    k.w.ndim == n_in + n_out
-    and k.in_axes == tuple(range(-n_in - n_out, -n_out))
-    and k.out_axes == tuple(range(-n_out, 0))
-  )
+  if k.w.ndim != n_in + n_out:
+    return False
+  stacks, ins, outs = _kernel.positions(k)
+  return not stacks and ins == tuple(range(n_in)) and outs == tuple(range(n_in, n_in + n_out))
 
 
 def _bias(mod: nn.Module) -> jax.Array | None:
@@ -312,12 +311,7 @@ def _with_placeholders(mod: nn.Module, names: list[str], next_fun, args, kwargs)
 
 def _probe_call(mod, owned: dict[str, _Tracked], next_fun, args, kwargs):
   names, ks = list(owned), list(owned.values())
-  return _infer.trace(
-    _with_placeholders(mod, names, next_fun, args, kwargs),
-    [k.w for k in ks],
-    [k.path for k in ks],
-    [k.stored_ndim - k.w.ndim for k in ks],
-  )
+  return _infer.trace(_with_placeholders(mod, names, next_fun, args, kwargs), [k.w for k in ks], [k.path for k in ks])
 
 
 def probe(like: Any, params: Any, paths: set[str]) -> _infer.Uses:
@@ -360,7 +354,7 @@ def _generic(mod: nn.Module, owned: dict[str, _Tracked], next_fun, args, kwargs)
     src = _lazy.Source(
       k.path,
       _note,
-      in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
+      in_axes=tuple(k.in_axes) if k.stack else tuple(k.stored_ndim + a for a in k.in_axes),
       lead=k.stored_ndim - k.w.ndim,
       strict=k.mode.strict,
       dropout=k.dropout,

@@ -41,34 +41,50 @@ class DeloraConst(nnx.Variable):
 
 
 class Adapter(nnx.Module):
-  """One kernel's adapter: trainable ``a``, ``b``, ``lam``; frozen ``w_norm``; its layout."""
+  """One kernel's adapter: trainable ``a``, ``b``, ``lam``; frozen ``w_norm``; its layout.
+
+  ``a``, ``b``, ``lam`` are laid out as in the Linen tree (:class:`DeloraKernel`); with
+  stacked axes that are not leading, the frozen arrays hold them first instead (see
+  :meth:`stored`), as a scan over the model's layers expects of non-``Param`` state
+  (MaxText scans ``nnx.Param`` at ``param_scan_axis`` and the rest at axis 0).
+  """
 
   def __init__(self, k: DeloraKernel, path: str, rngs: nnx.Rngs | None, strict: bool):
     self.a = DeloraParam(k.a)
     self.b = DeloraParam(k.b)
     self.lam = DeloraParam(k.lam)
-    self.w_norm = DeloraConst(k.w_norm)
+    self.w_norm = DeloraConst(self.stored(k, "w_norm"))
     if k.res_a is not None:
-      self.res_a = DeloraConst(k.res_a)
-      self.res_b = DeloraConst(k.res_b)
-    self.in_axes, self.out_axes, self.dropout = k.in_axes, k.out_axes, k.dropout
+      self.res_a = DeloraConst(self.stored(k, "res_a"))
+      self.res_b = DeloraConst(self.stored(k, "res_b"))
+    self.in_axes, self.out_axes, self.dropout, self.stack = k.in_axes, k.out_axes, k.dropout, k.stack
     self.path, self.strict = path, strict
     self.rngs = rngs
     self.deterministic = False
 
+  @staticmethod
+  def stored(k: DeloraKernel, field: str) -> Any:
+    """The array of ``field`` as this module stores it: a frozen one with its stacked axes first."""
+    x = getattr(k, field)
+    return _kernel.lead(x, k.stack, field) if field in ("w_norm", "res_a", "res_b") else x
+
   def kernel(self, w: Any) -> DeloraKernel:
+    """The :class:`DeloraKernel` of kernel ``w`` (as stored, or a slice a scan took of it)."""
     res = vars(self)
+    const = {f: res[f].get_value() if f in res else None for f in ("w_norm", "res_a", "res_b")}
+    if self.stack:  # the frozen arrays' stacked axes back where the Linen layout has them
+      stacks, _, _ = _kernel.layout_positions(self.stack, self.in_axes, self.out_axes, w.ndim)
+      const = {f: _kernel.place(x, stacks, f) for f, x in const.items()}
     return DeloraKernel(
       w=w,
       a=self.a.get_value(),
       b=self.b.get_value(),
       lam=self.lam.get_value(),
-      w_norm=self.w_norm.get_value(),
-      res_a=res["res_a"].get_value() if "res_a" in res else None,
-      res_b=res["res_b"].get_value() if "res_b" in res else None,
+      **const,
       in_axes=self.in_axes,
       out_axes=self.out_axes,
       dropout=self.dropout,
+      stack=self.stack,
     )
 
 
@@ -150,9 +166,8 @@ def _call(self, base_call, args, kwargs):
     key = None
     if ad.dropout > 0.0 and not ad.deterministic and ad.rngs is not None:
       key = ad.rngs.dropout()
-    src = _lazy.Source(
-      ad.path, _record, in_axes=tuple(w.ndim + a for a in ad.in_axes), strict=ad.strict, dropout=ad.dropout
-    )
+    in_axes = tuple(ad.in_axes) if ad.stack else tuple(w.ndim + a for a in ad.in_axes)
+    src = _lazy.Source(ad.path, _record, in_axes=in_axes, strict=ad.strict, dropout=ad.dropout)
     bases.append(w)
     lazies.append(_lazy.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, key))
   return _lazy.run(_with_placeholders(self, names, base_call, args, kwargs), bases, lazies)
@@ -210,7 +225,7 @@ def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
         k, ad = ks[f"{prefix}/{n}" if prefix else n], vars(mod)[n + SUFFIX]
         for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
           if f in vars(ad):
-            getattr(ad, f).set_value(getattr(k, f))
+            getattr(ad, f).set_value(ad.stored(k, f))
   return new
 
 
@@ -276,9 +291,7 @@ def _probe_call(self, base_call, args, kwargs):
     return base_call(self, *args, **kwargs)
   paths = vars(self)["_delora_paths"]
   bases = [vars(self)[n].get_value() for n in names]
-  return _infer.trace(
-    _with_placeholders(self, names, base_call, args, kwargs), bases, [paths[n] for n in names], [0] * len(names)
-  )
+  return _infer.trace(_with_placeholders(self, names, base_call, args, kwargs), bases, [paths[n] for n in names])
 
 
 @functools.cache
