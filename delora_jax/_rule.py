@@ -215,7 +215,13 @@ class Rule:
         "adapter could never train. Use a non-zero λ (PEFT's default is 15), or init='random'."
       )
 
-  def layout(self, path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  def layout(self, path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Resolves ``(in_axes, out_axes)`` of a kernel of ``shape`` (see :meth:`kernel_layout`)."""
+    return self.kernel_layout(path, shape)[:2]
+
+  def kernel_layout(
+    self, path: str, shape: tuple[int, ...]
+  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Resolves ``(in_axes, out_axes, stack)`` of a kernel of ``shape``, as :class:`DeloraKernel`
     stores them: negative axes and ``stack=()`` for leading stacked axes; positions in the
     stored kernel and the stacked positions for stacked axes elsewhere."""

@@ -137,13 +137,13 @@ def live_slices(k: DeloraKernel) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_init(rule: Rule, in_axes, out_axes, stack, out_shardings: tuple):
+def _sharded_init(rule: Rule, in_axes, out_axes, out_shardings: tuple, stack=()):
   """`_adapter_arrays` compiled to produce each adapter directly in its sharding."""
   fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes, stack=stack)
   return jax.jit(fn, out_shardings=dict(out_shardings))
 
 
-def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes, stack) -> tuple | None:
+def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes, stack=()) -> tuple | None:
   """Adapter shardings for a kernel laid out over several devices, else None."""
   if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
     return None
@@ -155,7 +155,9 @@ def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes, stack) 
   return tuple((f, NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind)) for f in fields)
 
 
-def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes, out_axes, stack) -> dict:
+def _abstract_arrays(
+  path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes, out_axes, stack=()
+) -> dict:
   """Adapters of an abstract kernel as ``ShapeDtypeStruct``s: nothing is computed or allocated.
 
   A kernel carrying a ``NamedSharding`` gives its adapters the derived ones
@@ -174,7 +176,7 @@ def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: R
 
 
 def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
-  in_axes, out_axes, stack = rule.layout(path, tuple(w.shape))
+  in_axes, out_axes, stack = rule.kernel_layout(path, tuple(w.shape))
   # Any rank > 0 is accepted, as PEFT does: above min(in, out) the update simply has rank
   # min(in, out) and the bound still holds (each normalised rank-one term has norm 1).
   if rule.slices is not None:
@@ -194,7 +196,7 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   if shardings is None:
     arrays = _adapter_arrays(w, key, rule, in_axes, out_axes, stack)
   else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
-    arrays = _sharded_init(rule, in_axes, out_axes, stack, shardings)(w, key)
+    arrays = _sharded_init(rule, in_axes, out_axes, shardings, stack)(w, key)
   return DeloraKernel(w=w, **arrays, **layout)
 
 

@@ -7,6 +7,7 @@ here from METHOD.md (``ΔW = diag(w_norm) a diag(s) b``) after moving the layer 
 """
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -626,3 +627,19 @@ def test_nnx_seen_shape_that_is_not_a_slice_is_an_error(how, match):
   with pytest.raises(ValueError, match=match) as e:
     delora_jax.nnx.wrap(Rereads(how), {"inner/kernel": 2}, like=(x,))
   assert "Rule(r, " in str(e.value)
+
+
+def test_readme_kernel_layouts_rules():
+  import pathlib
+
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  block = re.search(r"### Kernel layouts.*?```python\n(.*?)```", readme, re.S).group(1)
+  ns = {"delora_jax": delora_jax}
+  exec(block, ns)  # noqa: S102 (our README)
+  query = ns["rules"]["decoder/layers/self_attention/query/kernel"]
+  assert (query.stack_axes, query.in_axes) == ((1,), (0,))
+  w = jnp.ones((6, 4, 2, 3))  # (embed, L, heads, head_dim)
+  tree = delora_jax.wrap(
+    {"decoder": {"layers": {"self_attention": {"query": {"kernel": w}}}}}, {".*query/kernel": query}
+  )
+  assert delora_jax.adapters(tree)["decoder/layers/self_attention/query/kernel"]["b"].shape == (8, 4, 6)
