@@ -31,13 +31,13 @@ class DeloraKernel:
   ``S`` first, as above. Stacked axes elsewhere (``stack``: their positions in
   the stored ``w``, e.g. ``(1,)`` for MaxText's ``param_scan_axis=1``):
   ``in_axes``/``out_axes`` are positions in the stored ``w`` too, and every adapter
-  array holds its stacked axes at those same positions, its own axes (``a``: in, r;
-  ``b``: r, out; ``w_norm``: in) in order in the others, plus trailing size-1 axes
-  where it has too few axes for the positions to exist (``lam`` ``(1, L)`` for
-  ``stack=(1,)``). A framework that slices or moves axis ``p`` of every array
+  array holds its stacked axes at those same positions and its own axes (``a``: in, r;
+  ``b``: r, out; ``w_norm``: in) in order in the other positions, followed there by
+  size-1 axes where it has too few axes for the stacked positions to exist (``lam``
+  ``(1, L)`` for ``stack=(1,)``). A framework that slices or moves axis ``p`` of every array
   (``nn.scan(variable_axes={"params": p})``) thus slices kernel and adapters alike;
   a kernel seen with fewer axes than it was stored with has lost its first stacked
-  axes (:func:`positions`). Users do not build these by hand: :func:`delora_jax.wrap` does.
+  axes. Users do not build these by hand: :func:`delora_jax.wrap` does.
   """
 
   w: Any
