@@ -241,6 +241,23 @@ def test_bounded_factors_clip_along_the_input_axis_of_a_positioned_a():
   np.testing.assert_array_equal(np.asarray(got["k"].a)[:, 1, 1], 0)  # and the other column
 
 
+def test_bounded_factors_bound_a_stacked_nnx_factor_as_a_whole():
+  """An NNX state's stacked ``a`` (``(in, L, r)`` or ``(L, in, r)``: the array does not say) is
+  bounded as a whole: its norm bounds each column's, and one scale changes nothing the model sees."""
+  x = jax.random.normal(jax.random.key(0), (6, 4, 2))
+  u = jnp.zeros_like(x).at[:, 1, 0].set(1e13)
+  state = {"wi": {"kernel_delora": {"a": x}}}
+  got, _ = delora_jax._optim.bounded_factors().update({"wi": {"kernel_delora": {"a": u}}}, optax.EmptyState(), state)
+  new = np.asarray(x, np.float64) + np.asarray(got["wi"]["kernel_delora"]["a"], np.float64)
+  limit = delora_jax._optim.factor_limit(jnp.float32)
+  assert np.linalg.norm(new) == pytest.approx(limit, rel=1e-5)
+  want = np.asarray(x + u, np.float64)
+  np.testing.assert_allclose(new, want * limit / np.linalg.norm(want), rtol=1e-5, atol=1.0)  # one scale
+  small = jnp.ones_like(x)  # below the limit: the update passes unchanged, bit for bit
+  same, _ = delora_jax._optim.bounded_factors().update({"wi": {"kernel_delora": {"a": small}}}, None, state)
+  np.testing.assert_array_equal(same["wi"]["kernel_delora"]["a"], small)
+
+
 def test_shardings_follow_the_stacked_axis():
   tree = delora_jax.wrap({"k": jnp.ones((8, 4, 6))}, {"k": delora_jax.Rule(2, stack_axes=(1,))})
   sh = delora_jax.shardings(tree, {"k": P("x", "layers", "y")})["k"]
