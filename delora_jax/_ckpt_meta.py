@@ -55,12 +55,13 @@ def build(
   kernels = {}
   for p, k in ks.items():
     kernels[p] = {
-      "rank": int(k.a.shape[-1]),
+      "rank": int(k.rank),
       "w_shape": list(k.w.shape),
       "w_dtype": _dtype(k.w),
       "in_axes": list(k.in_axes),
       "out_axes": list(k.out_axes),
       "dropout": float(k.dropout),
+      **({"stack_axes": list(k.stack)} if k.stack else {}),  # stacked axes not leading (positions)
       "fields": {f: _array_entry(x) for f, x in ads[p].items()},
     }
   meta = {"format": FORMAT, "version": VERSION, "kernels": kernels, "opt_state": None}
@@ -88,7 +89,7 @@ def check_format(meta: Any, path: str) -> None:
 
 def _kernel_problems(p: str, m: dict, k: DeloraKernel) -> list[str]:
   out = []
-  rank = int(k.a.shape[-1])
+  rank = int(k.rank)
   if m.get("rank") != rank:
     out.append(f"{p}: rank {m.get('rank')} in the checkpoint, {rank} in the target")
   if m.get("w_shape") != list(k.w.shape):
@@ -99,6 +100,11 @@ def _kernel_problems(p: str, m: dict, k: DeloraKernel) -> list[str]:
     out.append(
       f"{p}: layout in_axes={m.get('in_axes')} out_axes={m.get('out_axes')} in the "
       f"checkpoint, in_axes={list(k.in_axes)} out_axes={list(k.out_axes)} in the target"
+    )
+  if m.get("stack_axes", []) != list(k.stack):
+    out.append(
+      f"{p}: stacked axes at positions {m.get('stack_axes', 'leading')} in the checkpoint, "
+      f"{list(k.stack) or 'leading'} in the target"
     )
   if m.get("dropout") != float(k.dropout):
     out.append(f"{p}: dropout {m.get('dropout')} in the checkpoint, {k.dropout} in the target")

@@ -28,14 +28,16 @@ def _frob(u: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def kernel_figures(k: _kernel.DeloraKernel) -> dict[str, jax.Array]:
-  """The four figures of one adapted kernel, each of its stacked shape (``()`` if not stacked)."""
-  a, b, lam = k.a.astype(jnp.float32), k.b.astype(jnp.float32), k.lam.astype(jnp.float32)
-  w_norm = lax.stop_gradient(k.w_norm).astype(jnp.float32)
+  """The four figures of one adapted kernel, each of its stacked shape (``()`` if not stacked;
+  the stacked axes in position order wherever the kernel stores them)."""
+  c = _kernel.canonical(k)  # stacked axes first
+  a, b, lam = c["a"].astype(jnp.float32), c["b"].astype(jnp.float32), c["lam"].astype(jnp.float32)
+  w_norm = lax.stop_gradient(c["w_norm"]).astype(jnp.float32)
   na, nb = _kernel.normalised(a, b, lam)  # diag(1/w_norm) ΔW = na @ nb (trained part)
   u, v = w_norm[..., :, None] * na, nb
-  if k.res_a is not None:  # the paper init's frozen residual is part of the update
-    u = jnp.concatenate([u, -w_norm[..., :, None] * k.res_a.astype(jnp.float32)], axis=-1)
-    v = jnp.concatenate([v, k.res_b.astype(jnp.float32)], axis=-2)
+  if c["res_a"] is not None:  # the paper init's frozen residual is part of the update
+    u = jnp.concatenate([u, -w_norm[..., :, None] * c["res_a"].astype(jnp.float32)], axis=-1)
+    v = jnp.concatenate([v, c["res_b"].astype(jnp.float32)], axis=-2)
   update = _frob(u, v)
   base = jnp.sqrt(jnp.sum(w_norm * w_norm, axis=-1))
   return {

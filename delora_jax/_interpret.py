@@ -50,10 +50,10 @@ from delora_jax._report import LayoutError, strict_error
 
 @dataclasses.dataclass
 class Uses:
-  """What a layout probe saw: per path, the stored axes of each contraction and other ops."""
+  """What a layout probe saw: per path, the shapes the model saw the kernel with, the axes (of
+  that shape) of each contraction, and other ops."""
 
-  lead: dict[str, int] = dataclasses.field(default_factory=dict)
-  shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  shapes: dict[str, set] = dataclasses.field(default_factory=dict)
   contractions: dict[str, set] = dataclasses.field(default_factory=dict)
   others: dict[str, set] = dataclasses.field(default_factory=dict)
 
@@ -136,17 +136,16 @@ jax.tree_util.register_dataclass(
 def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> Lazy:
   """The Lazy value of kernel ``k`` whose (possibly sliced) base array is ``w``.
 
-  Leading axes of ``w`` beyond its layout are stacked axes, each slice with its own adapter.
+  Axes of ``w`` beyond its layout are stacked axes, each slice with its own adapter
+  (``_kernel.positions``: leading ones, or wherever the kernel stores them).
   """
   u, v = _kernel.factors(k)
   nd = w.ndim
-  ins = tuple(nd + a for a in k.in_axes)
-  outs = tuple(nd + a for a in k.out_axes)
-  stacks = tuple(range(nd - len(ins) - len(outs)))
-  stack_shape = w.shape[: len(stacks)]
+  stacks, ins, outs = _kernel.positions(k, nd)
+  stack_shape = tuple(w.shape[p] for p in stacks)
   u = u.reshape(*stack_shape, *(w.shape[p] for p in ins), u.shape[-1])
   v = v.reshape(*stack_shape, v.shape[-2], *(w.shape[p] for p in outs))
-  axes = tuple((src.lead + p,) for p in range(nd))
+  axes = tuple((q,) for q in _kernel.stored_axes(k, nd, src.lead))
   return Lazy(w, u, v, stacks, ins, outs, src, axes, key)
 
 

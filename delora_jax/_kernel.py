@@ -23,9 +23,21 @@ class DeloraKernel:
   ``b`` ``(*S, r, out)``, ``lam`` ``(*S,)``, ``w_norm`` ``(*S, in)`` and, for the
   paper's residual initialisation only, ``res_a``/``res_b`` (the frozen initial
   update, ``ΔW0 = diag(w_norm) @ res_a @ res_b``). ``S`` are stacked (scanned)
-  layer axes. The static ``in_axes``/``out_axes`` are negative axis numbers of
-  ``w``, so slicing leading stacked axes (``nn.scan``, ``vmap``) keeps them valid.
-  Users do not build these by hand: :func:`delora_jax.wrap` does.
+  layer axes.
+
+  Two layouts. Leading stacked axes (``stack == ()``): the static
+  ``in_axes``/``out_axes`` are negative axis numbers of ``w``, so slicing leading
+  stacked axes (``nn.scan``, ``vmap``) keeps them valid, and the adapters hold
+  ``S`` first, as above. Stacked axes elsewhere (``stack``: their positions in
+  the stored ``w``, e.g. ``(1,)`` for MaxText's ``param_scan_axis=1``):
+  ``in_axes``/``out_axes`` are positions in the stored ``w`` too, and every adapter
+  array holds its stacked axes at those same positions and its own axes (``a``: in, r;
+  ``b``: r, out; ``w_norm``: in) in order in the other positions, followed there by
+  size-1 axes where it has too few axes for the stacked positions to exist (``lam``
+  ``(1, L)`` for ``stack=(1,)``). A framework that slices or moves axis ``p`` of every array
+  (``nn.scan(variable_axes={"params": p})``) thus slices kernel and adapters alike;
+  a kernel seen with fewer axes than it was stored with has lost its first stacked
+  axes. Users do not build these by hand: :func:`delora_jax.wrap` does.
   """
 
   w: Any
@@ -38,6 +50,7 @@ class DeloraKernel:
   in_axes: tuple[int, ...] = (-2,)
   out_axes: tuple[int, ...] = (-1,)
   dropout: float = 0.0
+  stack: tuple[int, ...] = ()
 
   def replace(self, **changes: Any) -> DeloraKernel:
     """A copy with the given fields changed (``dataclasses.replace``)."""
@@ -45,8 +58,8 @@ class DeloraKernel:
 
   @property
   def rank(self) -> int:
-    """The adapter rank ``r`` (the last axis of ``a``)."""
-    return self.a.shape[-1]
+    """The adapter rank ``r`` (the last axis of ``a`` as :func:`canonical` lays it out)."""
+    return self.a.shape[body_axis(self.stack, "a", self.a.ndim, 1)]
 
   def __array__(self, *args: Any, **kwargs: Any):
     raise TypeError(
@@ -91,7 +104,7 @@ for _op in ("getitem", "matmul", "rmatmul", "mul", "rmul", "add", "radd", "sub",
 jax.tree_util.register_dataclass(
   DeloraKernel,
   data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-  meta_fields=["in_axes", "out_axes", "dropout"],
+  meta_fields=["in_axes", "out_axes", "dropout", "stack"],
 )
 
 TRAINABLE_FIELDS = ("a", "b", "lam")
@@ -102,46 +115,138 @@ def is_kernel(x: Any) -> bool:
   return isinstance(x, DeloraKernel)
 
 
-def _perm(ndim: int, in_axes, out_axes) -> tuple[int, ...]:
-  io = [ndim + i for i in in_axes] + [ndim + o for o in out_axes]
-  return tuple(range(ndim - len(io))) + tuple(io)
+#: Axes of each adapter field besides its stacked ones: a (in, r), b (r, out), lam (), w_norm (in,).
+BODY_NDIM = {"a": 2, "b": 2, "lam": 0, "w_norm": 1, "res_a": 2, "res_b": 2}
 
 
-def to_matrix(w: jax.Array, in_axes, out_axes) -> jax.Array:
+def layout_positions(stack, in_axes, out_axes, ndim: int) -> tuple[tuple[int, ...], ...]:
+  """``(stacks, ins, outs)``: positions in a kernel array of ``ndim`` axes of its stacked,
+  input and output axes (see :class:`DeloraKernel` for the two layouts).
+
+  With stacked axes at ``stack`` (positions in the stored kernel), a kernel seen
+  with ``k`` fewer axes than stored has lost its first ``k`` stacked axes (a scan
+  sliced them off), so every later axis moved ``k`` places to the left.
+  """
+  if not stack:
+    ins = tuple(ndim + a for a in in_axes)
+    outs = tuple(ndim + a for a in out_axes)
+    return tuple(range(ndim - len(ins) - len(outs))), ins, outs
+  stored = len(stack) + len(in_axes) + len(out_axes)
+  cut = stored - ndim
+  if not 0 <= cut <= len(stack):
+    raise ValueError(
+      f"a kernel stored with {stored} axes (stacked axes at positions {tuple(stack)}) is used with "
+      f"{ndim} axes; a scan can only remove stacked axes. Wrap the kernel with its stored layout."
+    )
+  gone = stack[:cut]
+
+  def seen(q: int) -> int:
+    return q - sum(p < q for p in gone)
+
+  return tuple(seen(p) for p in stack[cut:]), tuple(map(seen, in_axes)), tuple(map(seen, out_axes))
+
+
+def positions(k: DeloraKernel, ndim: int | None = None) -> tuple[tuple[int, ...], ...]:
+  """``(stacks, ins, outs)`` of ``k``'s kernel as seen (``k.w``, or an array of ``ndim`` axes)."""
+  return layout_positions(k.stack, k.in_axes, k.out_axes, k.w.ndim if ndim is None else ndim)
+
+
+def stored_axes(k: DeloraKernel, ndim: int, lead: int = 0) -> tuple[int, ...]:
+  """For each axis of ``k``'s kernel seen with ``ndim`` axes, its axis in the stored kernel
+  (``lead``: leading stacked axes sliced off, for the leading layout)."""
+  if not k.stack:
+    return tuple(lead + p for p in range(ndim))
+  stored = len(k.stack) + len(k.in_axes) + len(k.out_axes)
+  gone = set(k.stack[: stored - ndim])
+  return tuple(q for q in range(stored) if q not in gone)
+
+
+def _field_stacks(stack, nb: int, ndim: int) -> tuple[int, ...]:
+  """Positions of the stacked axes in an adapter array of ``ndim`` axes, ``nb`` of them its own."""
+  if not stack:
+    return tuple(range(ndim - nb))
+  stored = max(len(stack) + nb, stack[-1] + 1)
+  cut = min(stored - ndim, len(stack))  # an array rebuilt without padding axes has lost them all
+  return tuple(p - cut for p in stack[cut:])
+
+
+def body_axis(stack, field: str, ndim: int, i: int) -> int:
+  """Position of the ``i``-th own axis of adapter ``field`` (e.g. ``a``'s input axis: 0) in an
+  array of ``ndim`` axes."""
+  st = _field_stacks(stack, BODY_NDIM[field], ndim)
+  return [q for q in range(ndim) if q not in st][i]
+
+
+def lead(x: Any, stack, field: str) -> Any:
+  """Adapter array ``field`` with its stacked axes first and no padding axes: ``(*S, *own)``."""
+  if x is None or not stack:
+    return x
+  nb = BODY_NDIM[field]
+  st = _field_stacks(stack, nb, x.ndim)
+  ns = len(st)
+  if st != tuple(range(ns)):
+    x = jnp.moveaxis(x, st, tuple(range(ns)))
+  return x if x.ndim == ns + nb else x.reshape(tuple(x.shape[: ns + nb]))
+
+
+def place(x: Any, stack, field: str) -> Any:
+  """Inverse of :func:`lead`: ``(*S, *own)`` with the stacked axes moved to positions ``stack``
+  (padded with trailing size-1 axes where the array has too few axes for them)."""
+  if x is None or not stack or tuple(stack) == tuple(range(len(stack))):
+    return x
+  ns, nb = len(stack), BODY_NDIM[field]
+  n = max(ns + nb, stack[-1] + 1)
+  if n > x.ndim:
+    x = x.reshape(tuple(x.shape) + (1,) * (n - x.ndim))
+  return jnp.moveaxis(x, tuple(range(ns)), tuple(stack))
+
+
+def canonical(k: DeloraKernel) -> dict[str, Any]:
+  """``k``'s adapter arrays (``a``, ``b``, ``lam``, ``w_norm``, ``res_a``, ``res_b``; None where
+  absent) in the leading layout ``(*S, *own)``, whatever layout ``k`` stores them in."""
+  return {f: lead(getattr(k, f), k.stack, f) for f in BODY_NDIM}
+
+
+def _perm(ndim: int, in_axes, out_axes, stack=()) -> tuple[int, ...]:
+  stacks, ins, outs = layout_positions(stack, in_axes, out_axes, ndim)
+  return stacks + ins + outs
+
+
+def to_matrix(w: jax.Array, in_axes, out_axes, stack=()) -> jax.Array:
   """Views a kernel as ``(*S, in_flat, out_flat)``."""
-  perm = _perm(w.ndim, in_axes, out_axes)
+  perm = _perm(w.ndim, in_axes, out_axes, stack)
   wt = jnp.transpose(w, perm) if perm != tuple(range(w.ndim)) else w
   n_stack = w.ndim - len(in_axes) - len(out_axes)
-  stack = wt.shape[:n_stack]
-  in_flat = math.prod(w.shape[i] for i in in_axes)
-  out_flat = math.prod(w.shape[o] for o in out_axes)
-  return wt.reshape(*stack, in_flat, out_flat)
+  stack_shape = wt.shape[:n_stack]
+  in_flat = math.prod(w.shape[i] for i in perm[n_stack : n_stack + len(in_axes)])
+  out_flat = math.prod(w.shape[o] for o in perm[n_stack + len(in_axes) :])
+  return wt.reshape(*stack_shape, in_flat, out_flat)
 
 
-def from_matrix(m: jax.Array, shape, in_axes, out_axes) -> jax.Array:
+def from_matrix(m: jax.Array, shape, in_axes, out_axes, stack=()) -> jax.Array:
   """Inverse of :func:`to_matrix` for a kernel of ``shape``."""
   ndim = len(shape)
-  perm = _perm(ndim, in_axes, out_axes)
+  perm = _perm(ndim, in_axes, out_axes, stack)
   m = m.reshape(tuple(shape[p] for p in perm))
   inv = tuple(sorted(range(ndim), key=lambda i: perm[i]))
   return jnp.transpose(m, inv) if perm != tuple(range(ndim)) else m
 
 
-def in_norms(w: jax.Array, in_axes, out_axes) -> jax.Array:
-  """``w_norm (*S, in_flat)``: float32 norms of the kernel's input rows, in matrix-view order.
+def in_norms(w: jax.Array, in_axes, out_axes, stack=()) -> jax.Array:
+  """``w_norm (*S, in_flat)``: float32 norms of the kernel's input rows, in matrix-view order
+  (stacked axes first, also for a kernel that stores them elsewhere).
 
   Reduced over the output axes in w's own layout, then only the small result is
   transposed and flattened, so a sharded kernel is never rearranged (or gathered).
   """
   w = jnp.asarray(w).astype(jnp.float32)
-  ndim = w.ndim
-  norms = jnp.sqrt(jnp.sum(w * w, axis=tuple(ndim + o for o in out_axes)))  # (*S, *in, sorted)
-  n_stack = ndim - len(in_axes) - len(out_axes)
-  order = sorted(ndim + i for i in in_axes)
-  perm = tuple(range(n_stack)) + tuple(n_stack + order.index(ndim + i) for i in in_axes)
+  stacks, ins, outs = layout_positions(stack, in_axes, out_axes, w.ndim)
+  norms = jnp.sqrt(jnp.sum(w * w, axis=outs))  # (remaining axes in w's order)
+  remaining = sorted(stacks + ins)
+  perm = tuple(remaining.index(p) for p in stacks + ins)
   if perm != tuple(range(norms.ndim)):
     norms = jnp.transpose(norms, perm)
-  return norms.reshape(*norms.shape[:n_stack], -1)
+  return norms.reshape(*norms.shape[: len(stacks)], -1)
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -188,27 +293,29 @@ def factors(k: DeloraKernel) -> tuple[jax.Array, jax.Array]:
   """Low-rank factors ``(u, v)`` with ``ΔW = u @ v`` (matrix view).
 
   ``u = diag(w_norm) a diag(λ / (r |a_k|))`` is ``(*S, in, r)`` (``(*S, in, 2r)``
-  with a residual), ``v = diag(1 / |b_k|) b`` is ``(*S, r, out)`` (see
+  with a residual), ``v = diag(1 / |b_k|) b`` is ``(*S, r, out)``, stacked axes
+  first whatever the layout (see
   :func:`normalised`). ``w_norm`` and the residual are treated as constants (no
   gradient flows into them).
   """
-  w_norm = lax.stop_gradient(k.w_norm)
-  u, v = normalised(k.a, k.b, k.lam)
-  if k.res_a is not None:
-    u = jnp.concatenate([u, -lax.stop_gradient(k.res_a)], axis=-1)
-    v = jnp.concatenate([v, lax.stop_gradient(k.res_b)], axis=-2)
+  c = canonical(k)
+  w_norm = lax.stop_gradient(c["w_norm"])
+  u, v = normalised(c["a"], c["b"], c["lam"])
+  if c["res_a"] is not None:
+    u = jnp.concatenate([u, -lax.stop_gradient(c["res_a"])], axis=-1)
+    v = jnp.concatenate([v, lax.stop_gradient(c["res_b"])], axis=-2)
   return w_norm[..., :, None] * u, v
 
 
 def delta_matrix(k: DeloraKernel) -> jax.Array:
-  """Dense ``ΔW`` in the matrix view ``(*S, in, out)``, adapter dtype."""
+  """Dense ``ΔW`` in the matrix view ``(*S, in, out)`` (stacked axes first), adapter dtype."""
   u, v = factors(k)
   return jnp.matmul(u, v, precision=lax.Precision.HIGHEST)
 
 
 def delta(k: DeloraKernel) -> jax.Array:
   """Dense ``ΔW`` in the kernel's own shape, adapter dtype."""
-  return from_matrix(delta_matrix(k), k.w.shape, k.in_axes, k.out_axes)
+  return from_matrix(delta_matrix(k), k.w.shape, k.in_axes, k.out_axes, k.stack)
 
 
 def merged(k: DeloraKernel) -> jax.Array:

@@ -89,7 +89,7 @@ class _Tracked(DeloraKernel):
 jax.tree_util.register_dataclass(
   _Tracked,
   data_fields=["w", "a", "b", "lam", "w_norm", "res_a", "res_b"],
-  meta_fields=["in_axes", "out_axes", "dropout", "path", "stored_ndim", "mode"],
+  meta_fields=["in_axes", "out_axes", "dropout", "stack", "path", "stored_ndim", "mode"],
 )
 
 
@@ -115,10 +115,12 @@ def _fused_dense(mod: nn.Module, k: _Tracked, args, kwargs) -> jax.Array | None:
   axis = getattr(mod, "axis", -1)
   axis = tuple(axis) if not isinstance(axis, int) else (axis,)
   n_in = len(axis)
+  stacks, ins, outs = _kernel.positions(k)
   plain = (
     k.w.ndim == n_in + len(feats)
-    and k.in_axes == tuple(range(-n_in - len(feats), -len(feats)))
-    and k.out_axes == tuple(range(-len(feats), 0))
+    and not stacks
+    and ins == tuple(range(n_in))
+    and outs == tuple(range(n_in, n_in + len(feats)))
   )
   if getattr(mod, "batch_dims", ()) or not plain:
     return None
@@ -213,7 +215,7 @@ def _values(mod: nn.Module, ks: list[_Tracked]) -> list[_interpret.Lazy]:
     src = _interpret.Source(
       k.path,
       _report.note,
-      in_axes=tuple(k.stored_ndim + a for a in k.in_axes),
+      in_axes=tuple(k.in_axes) if k.stack else tuple(k.stored_ndim + a for a in k.in_axes),
       lead=k.stored_ndim - k.w.ndim,
       strict=k.mode.strict,
       dropout=k.dropout,
@@ -230,7 +232,7 @@ def _generic(mod: nn.Module, owned: dict[str, _Tracked], next_fun, args, kwargs)
   fn = _functional(mod, names, next_fun, args, kwargs, written)
   bases = [k.w for k in ks]
   if ks[0].mode.probe:
-    out, new = _layout.trace(fn, bases, [k.path for k in ks], [k.stored_ndim - k.w.ndim for k in ks])
+    out, new = _layout.trace(fn, bases, [k.path for k in ks])
   else:
     out, new = _interpret.run(fn, bases, _values(mod, ks))
   for (c, k), v in zip(written, new):

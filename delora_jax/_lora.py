@@ -22,7 +22,8 @@ def to_lora(tree: Any) -> dict[str, dict[str, jax.Array]]:
   rank ``r``, no SVD, and ``lora_a @ lora_b`` is exactly the ``ΔW``
   :func:`delora_jax.merge` adds (same factors, same product). Shapes are in
   the kernel's matrix view (METHOD.md): ``lora_a (*S, in, r)``,
-  ``lora_b (*S, r, out)``, adapter dtype. Kernels made with ``init="paper"``
+  ``lora_b (*S, r, out)``, adapter dtype, stacked axes ``S`` first (also for a
+  kernel that stores them elsewhere). Kernels made with ``init="paper"``
   give rank ``2r`` factors (the frozen initial update is subtracted exactly).
   Use the result with any LoRA implementation whose update is
   ``x @ lora_a @ lora_b`` (scaling 1); :func:`delora_jax.peft.export_lora`
@@ -58,10 +59,10 @@ def norm_tolerance(dtype: Any) -> float:
   return max(1e-3, 4.0 * float(jnp.finfo(dtype).eps))
 
 
-def _mismatch(w, stored, *, in_axes, out_axes, rtol):
+def _mismatch(w, stored, *, in_axes, out_axes, stack, rtol):
   """(entries out of tolerance, max relative difference) of stored vs recomputed w_norm."""
-  want = _kernel.in_norms(w, in_axes, out_axes)
-  got = stored.astype(jnp.float32)
+  want = _kernel.in_norms(w, in_axes, out_axes, stack)
+  got = _kernel.lead(stored, stack, "w_norm").astype(jnp.float32)
   atol = 1e-6 * jnp.max(jnp.abs(want), initial=0.0)
   err = jnp.abs(got - want)
   n_bad = jnp.sum(err > atol + rtol * jnp.abs(want))
@@ -70,10 +71,11 @@ def _mismatch(w, stored, *, in_axes, out_axes, rtol):
 
 
 @functools.lru_cache(maxsize=256)
-def _mismatch_fn(in_axes, out_axes, rtol: float, out_shardings):
+def _mismatch_fn(in_axes, out_axes, stack, rtol: float, out_shardings):
   """The compiled comparison, one per layout (not one per kernel and call)."""
   return jax.jit(
-    functools.partial(_mismatch, in_axes=in_axes, out_axes=out_axes, rtol=rtol), out_shardings=out_shardings
+    functools.partial(_mismatch, in_axes=in_axes, out_axes=out_axes, stack=stack, rtol=rtol),
+    out_shardings=out_shardings,
   )
 
 
@@ -87,8 +89,11 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   kernels sharded over devices of several processes are checked in place and
   every process reads the same verdict.
   """
-  n_stack = k.w.ndim - len(k.in_axes) - len(k.out_axes)
-  want_shape = (*k.w.shape[:n_stack], math.prod(k.w.shape[i] for i in k.in_axes))
+  stacks, ins, _ = _kernel.positions(k)
+  want_shape = (*(k.w.shape[p] for p in stacks), math.prod(k.w.shape[i] for i in ins))
+  if k.stack:  # stored as the adapters are: stacked axes where the kernel has them
+    flat = jax.ShapeDtypeStruct(want_shape, jnp.float32)
+    want_shape = tuple(jax.eval_shape(lambda x: _kernel.place(x, k.stack, "w_norm"), flat).shape)
   if tuple(stored.shape) != want_shape:
     raise ValueError(
       f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
@@ -101,7 +106,7 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
   if isinstance(sh, NamedSharding):
     replicated = NamedSharding(sh.mesh, PartitionSpec())
     out = (replicated, replicated)
-  n_bad, rel = _mismatch_fn(k.in_axes, k.out_axes, rtol, out)(k.w, stored)
+  n_bad, rel = _mismatch_fn(k.in_axes, k.out_axes, k.stack, rtol, out)(k.w, stored)
   n_bad, rel = int(n_bad), float(rel)
   if n_bad:
     raise ValueError(

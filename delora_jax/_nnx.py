@@ -46,35 +46,51 @@ class DeloraConst(nnx.Variable):
 
 
 class Adapter(nnx.Module):
-  """One kernel's adapter: trainable ``a``, ``b``, ``lam``; frozen ``w_norm``; its layout."""
+  """One kernel's adapter: trainable ``a``, ``b``, ``lam``; frozen ``w_norm``; its layout.
+
+  ``a``, ``b``, ``lam`` are laid out as in the Linen tree (:class:`DeloraKernel`); with
+  stacked axes that are not leading, the frozen arrays hold them first instead (see
+  :meth:`stored`), as a scan over the model's layers expects of non-``Param`` state
+  (MaxText scans ``nnx.Param`` at ``param_scan_axis`` and the rest at axis 0).
+  """
 
   def __init__(self, k: DeloraKernel, path: str, rngs: nnx.Rngs | None, strict: bool):
     self.a = DeloraParam(k.a)
     self.b = DeloraParam(k.b)
     self.lam = DeloraParam(k.lam)
-    self.w_norm = DeloraConst(k.w_norm)
+    self.w_norm = DeloraConst(self.stored(k, "w_norm"))
     if k.res_a is not None:
-      self.res_a = DeloraConst(k.res_a)
-      self.res_b = DeloraConst(k.res_b)
-    self.in_axes, self.out_axes, self.dropout = k.in_axes, k.out_axes, k.dropout
+      self.res_a = DeloraConst(self.stored(k, "res_a"))
+      self.res_b = DeloraConst(self.stored(k, "res_b"))
+    self.in_axes, self.out_axes, self.dropout, self.stack = k.in_axes, k.out_axes, k.dropout, k.stack
     self.path, self.strict = path, strict
     self.rngs = rngs
     self.deterministic = False
     self.tied = False  # held by several modules (nnx.wrap sets it)
 
+  @staticmethod
+  def stored(k: DeloraKernel, field: str) -> Any:
+    """The array of ``field`` as this module stores it: a frozen one with its stacked axes first."""
+    x = getattr(k, field)
+    return _kernel.lead(x, k.stack, field) if field in ("w_norm", "res_a", "res_b") else x
+
   def kernel(self, w: Any) -> DeloraKernel:
+    """The :class:`DeloraKernel` of kernel ``w`` (as stored, or a slice a scan took of it)."""
     res = vars(self)
+    const = {f: res[f].get_value() if f in res else None for f in ("w_norm", "res_a", "res_b")}
+    if self.stack:  # the frozen arrays' stacked axes back where the Linen layout has them
+      stacks, _, _ = _kernel.layout_positions(self.stack, self.in_axes, self.out_axes, w.ndim)
+      const = {f: _kernel.place(x, stacks, f) for f, x in const.items()}
     return DeloraKernel(
       w=w,
       a=self.a.get_value(),
       b=self.b.get_value(),
       lam=self.lam.get_value(),
-      w_norm=self.w_norm.get_value(),
-      res_a=res["res_a"].get_value() if "res_a" in res else None,
-      res_b=res["res_b"].get_value() if "res_b" in res else None,
+      **const,
       in_axes=self.in_axes,
       out_axes=self.out_axes,
       dropout=self.dropout,
+      stack=self.stack,
     )
 
 
@@ -256,7 +272,7 @@ def _call(self, base_call, args, kwargs):
   if "_delora_paths" in vars(self):  # layout inference: the kernels as probes
     paths = [vars(self)["_delora_paths"][n] for n in names]
     # _layout.trace probes the first len(paths) inputs (the kernels); the state values follow.
-    run = lambda fn, bases, values: _layout.trace(fn, [*bases, *values], paths, [0] * len(names))  # noqa: E731
+    run = lambda fn, bases, values: _layout.trace(fn, [*bases, *values], paths)  # noqa: E731
     return _functional(self, names, base_call, args, kwargs, run)
   outer = {id(ph) for phs in active.values() for ph in phs.values()}
   if names == ("kernel",) and not _layout.active() and id(vars(self)["kernel"].get_value()) not in outer:
@@ -275,7 +291,7 @@ def _call(self, base_call, args, kwargs):
     src = _interpret.Source(
       ad.path,
       _record,
-      in_axes=tuple(w.ndim + a for a in ad.in_axes),
+      in_axes=tuple(ad.in_axes) if ad.stack else tuple(w.ndim + a for a in ad.in_axes),
       strict=ad.strict,
       dropout=ad.dropout,
       tied=ad.tied,
@@ -295,7 +311,7 @@ def adapted_class(cls: type, names: tuple[str, ...]) -> type:
   def __call__(self, *args, **kwargs):
     return _call(self, base_call, args, kwargs)
 
-  ns = {n: _kernel_property(n) for n in names}
+  ns: dict[str, Any] = {n: _kernel_property(n) for n in names}
   ns.update(__call__=__call__, _delora_names=names, _delora_base=cls, __module__=cls.__module__, __doc__=cls.__doc__)
   return type(f"Delora{cls.__name__}", (cls,), ns)
 
@@ -344,7 +360,7 @@ def with_kernels(model: nnx.Module, ks: dict[str, DeloraKernel]) -> nnx.Module:
     k, ad = ks[path], vars(mod)[n + SUFFIX]
     for f in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
       if f in vars(ad):
-        getattr(ad, f).set_value(getattr(k, f))
+        getattr(ad, f).set_value(ad.stored(k, f))
   return new
 
 

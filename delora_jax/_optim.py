@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from delora_jax import _tree
+from delora_jax import _kernel, _tree
 from delora_jax._kernel import FROZEN_FIELDS, is_kernel
 from delora_jax._nnx import SUFFIX
 from delora_jax._split import _extra_matcher
@@ -130,8 +130,9 @@ def factor_limit(dtype: Any) -> float:
   return float(min(1e12, float(jnp.finfo(dtype).max) ** 0.5))
 
 
-def _clip(x: jax.Array, u: jax.Array, axis: int) -> jax.Array:
-  """The update ``u`` of factor ``x``, changed only where a norm along ``axis`` would exceed the limit."""
+def _clip(x: jax.Array, u: jax.Array, axis: int | None) -> jax.Array:
+  """The update ``u`` of factor ``x``, changed only where a norm along ``axis`` (None: of all of
+  ``x``) would exceed the limit."""
   if x is None or u is None or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     return u
   limit = factor_limit(jnp.result_type(x))
@@ -152,7 +153,9 @@ def bounded_factors() -> optax.GradientTransformation:
   grow 9-fold a step until their squares overflow. This last step of
   :func:`delora_jax.optimizer` shrinks, onto the limit, any column or row whose norm the
   update would take past it. Below the limit the update is returned exactly as it came (the
-  usual case: results in the normal range are unchanged bit for bit). It needs ``params``
+  usual case: results in the normal range are unchanged bit for bit). A stacked factor of an
+  NNX model's state (whose arrays do not carry their layout) is shrunk as a whole, onto a total
+  norm at the limit, which bounds each of its columns or rows too. It needs ``params``
   (``opt.update(grads, state, params)``, which AdamW needs anyway); without them the updates
   pass unchanged.
   """
@@ -166,9 +169,16 @@ def bounded_factors() -> optax.GradientTransformation:
     out = []
     for path, u, p in zip(paths, ups, ps):
       if is_kernel(u):
-        u = u.replace(a=_clip(p.a, u.a, -2), b=_clip(p.b, u.b, -1))
+        # a's input axis and b's output axis, wherever the layout puts them (-2 and -1 for
+        # leading stacked axes).
+        ax_a = -2 if p.a is None else _kernel.body_axis(p.stack, "a", p.a.ndim, 0)
+        ax_b = -1 if p.b is None else _kernel.body_axis(p.stack, "b", p.b.ndim, 1)
+        u = u.replace(a=_clip(p.a, u.a, ax_a), b=_clip(p.b, u.b, ax_b))
       elif u is not None and (m := _NNX_ADAPTER.fullmatch(path)) and m.group(1) != "lam":
-        u = _clip(p, u, -2 if m.group(1) == "a" else -1)
+        # An NNX state's arrays do not say where their stacked axes are: a stacked factor is
+        # bounded as a whole (its norm bounds every column's, and scaling all of it by one
+        # factor changes neither the model nor the bound).
+        u = _clip(p, u, (-2 if m.group(1) == "a" else -1) if jnp.ndim(p) <= 2 else None)
       out.append(u)
     return treedef.unflatten(out), state
 

@@ -26,7 +26,43 @@ def _as_axes(value: Any, name: str) -> tuple[int, ...] | None:
   raise TypeError(f"`{name}` must be an int or a sequence of ints; got {value!r}.")
 
 
-def _as_slices(value: Any, stack_axes: int) -> tuple[int, ...] | None:
+def _as_stack(value: Any) -> int | tuple[int, ...]:
+  """``stack_axes`` as an int (that many leading axes) or a sorted tuple of positions that are not
+  the leading ones (leading positions become their count, the one layout of leading stacks)."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if value < 0:
+      raise ValueError(
+        f"`stack_axes` must be an int >= 0 (the number of leading stacked axes) or a tuple of axis "
+        f"positions; got {value!r}. Use e.g. Rule(8, stack_axes=1) or Rule(8, stack_axes=(1,))."
+      )
+    return int(value)
+  if (
+    isinstance(value, Sequence)
+    and not isinstance(value, str)
+    and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+  ):
+    pos = [int(v) for v in value]
+    if any(v < 0 for v in pos):
+      raise ValueError(
+        f"`stack_axes`={tuple(value)!r}: stacked axis positions count from the first axis of the "
+        "stored kernel and must be >= 0. Use e.g. Rule(8, stack_axes=(1,)) for (embed, layers, ...)."
+      )
+    if len(set(pos)) != len(pos):
+      raise ValueError(f"`stack_axes`={tuple(value)!r} repeats an axis; name each stacked axis once.")
+    out = tuple(sorted(pos))
+    return len(out) if out == tuple(range(len(out))) else out
+  raise ValueError(
+    f"`stack_axes` must be an int >= 0 (the number of leading stacked axes) or a tuple of axis "
+    f"positions; got {value!r}. Use e.g. Rule(8, stack_axes=1) or Rule(8, stack_axes=(1,))."
+  )
+
+
+def stack_positions(stack_axes: int | tuple[int, ...]) -> tuple[int, ...]:
+  """The positions a normalised ``Rule.stack_axes`` names."""
+  return tuple(range(stack_axes)) if isinstance(stack_axes, int) else tuple(stack_axes)
+
+
+def _as_slices(value: Any, stack_axes: int | tuple[int, ...]) -> tuple[int, ...] | None:
   if value is None:
     return None
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -40,13 +76,15 @@ def _as_slices(value: Any, stack_axes: int) -> tuple[int, ...] | None:
       f"`slices` must be None or a sequence of slice indices (ints); got {value!r}. "
       "Use e.g. Rule(8, stack_axes=1, slices=(0, 2))."
     )
+  n_stack = len(stack_positions(stack_axes))
   out = tuple(sorted({int(v) for v in value}))
   if not out or out[0] < 0:
     raise ValueError(f"`slices` must name at least one slice, each index >= 0; got {value!r}.")
-  if stack_axes < 1:
+  if n_stack < 1:
     raise ValueError(
       f"`slices`={out} selects slices of a stacked kernel, but stack_axes="
-      f"{stack_axes}. Give stack_axes >= 1 (layers under nn.scan) or drop `slices`."
+      f"{stack_axes}. Give stack_axes >= 1 (layers under nn.scan) or their positions "
+      "(e.g. stack_axes=(1,)), or drop `slices`."
     )
   return out
 
@@ -74,8 +112,19 @@ class Rule:
     out_axes: axes that are outputs. If only one of ``in_axes``/``out_axes``
       is given, the other is every remaining non-stacked axis. If neither is
       given the kernel (without stacked axes) must be 2-D ``(in, out)``.
-    stack_axes: number of leading stacked axes (layers under ``nn.scan`` or
-      ``nn.vmap``); each slice gets its own independent adapter.
+    stack_axes: the kernel's stacked (layer) axes; each slice gets its own
+      independent adapter. An int ``n``: the ``n`` leading axes (layers under
+      ``nn.scan`` with ``variable_axes={"params": 0}``, ``nn.vmap``), e.g. ``1`` for
+      ``(layers, in, out)``. A tuple: the positions of the stacked axes in the stored
+      kernel, e.g. ``(1,)`` for MaxText's default ``param_scan_axis=1`` (query
+      ``(embed, layers, heads, head_dim)``, wi_0 ``(embed, layers, mlp)``) or
+      ``nn.scan(..., variable_axes={"params": 1})``; ``(0,)`` is the same as ``1``.
+      ``in_axes``/``out_axes`` count axes of the stored kernel, stacked ones
+      included. The adapters keep the stacked axes where the kernel keeps them
+      (``a (in, L, r)``, ``b (r, L, out)``, ``lam (1, L)``, ``w_norm (in, L)`` for
+      ``(in, L, out)`` and ``stack_axes=(1,)``), so a scan that slices (or moves)
+      that axis of every parameter slices kernel and adapters alike. A model
+      call inside such a scan sees the kernel without its first stacked axes.
     dtype: dtype of ``a``, ``b``, ``lam`` and ``w_norm`` (default float32, also
       for bf16 base kernels).
     norm: how ``w_norm`` is computed from the base kernel. ``"float32"``
@@ -84,8 +133,8 @@ class Rule:
       ``torch.norm`` in the weight's dtype); differs from ``"float32"`` only for
       low-precision bases (bf16: ~1e-3 relative), where it makes a fresh adapter
       bit-compatible with one PEFT creates on the same weights.
-    slices: for stacked kernels (``stack_axes >= 1``), the flat indices
-      (row-major over the stacked axes) of the slices to adapt, e.g. ``(0, 2)``
+    slices: for stacked kernels (``stack_axes`` not 0), the flat indices
+      (row-major over the stacked axes, in position order) of the slices to adapt, e.g. ``(0, 2)``
       for PEFT's ``layers_to_transform=[0, 2]`` on a scanned model; ``None``
       adapts every slice. The other slices hold all-zero ``a``, ``b``, ``λ`` and
       ``w_norm``: their update is exactly zero, gets exactly zero gradient and
@@ -98,6 +147,9 @@ class Rule:
     (8, 12.0, 'peft', 'float32')
     >>> first_layer_only = delora_jax.Rule(8, stack_axes=1, slices=(0,))  # under nn.scan
     >>> attn_out = delora_jax.Rule(8, out_axes=-1)  # (heads, head_dim, embed)
+    >>> scanned_query = delora_jax.Rule(8, in_axes=0, stack_axes=(1,))  # (embed, layers, heads, head_dim)
+    >>> delora_jax.Rule(8, stack_axes=(0,)).stack_axes  # leading positions are a count
+    1
   """
 
   rank: int
@@ -107,7 +159,7 @@ class Rule:
   dropout: float = 0.0
   in_axes: Any = None
   out_axes: Any = None
-  stack_axes: int = 0
+  stack_axes: Any = 0
   dtype: Any = "float32"
   norm: str = "float32"
   slices: Any = None
@@ -137,8 +189,7 @@ class Rule:
     object.__setattr__(self, "dropout", float(self.dropout))
     object.__setattr__(self, "in_axes", _as_axes(self.in_axes, "in_axes"))
     object.__setattr__(self, "out_axes", _as_axes(self.out_axes, "out_axes"))
-    if isinstance(self.stack_axes, bool) or not isinstance(self.stack_axes, (int, np.integer)) or self.stack_axes < 0:
-      raise ValueError(f"`stack_axes` must be an int >= 0; got {self.stack_axes!r}.")
+    object.__setattr__(self, "stack_axes", _as_stack(self.stack_axes))
     try:
       dtype = jnp.dtype(self.dtype)
     except TypeError:
@@ -165,20 +216,37 @@ class Rule:
       )
 
   def layout(self, path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Resolves ``(in_axes, out_axes)`` as negative axes of a kernel of ``shape``."""
+    """Resolves ``(in_axes, out_axes)`` of a kernel of ``shape`` (see :meth:`kernel_layout`)."""
+    return self.kernel_layout(path, shape)[:2]
+
+  def kernel_layout(
+    self, path: str, shape: tuple[int, ...]
+  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Resolves ``(in_axes, out_axes, stack)`` of a kernel of ``shape``, as :class:`DeloraKernel`
+    stores them: negative axes and ``stack=()`` for leading stacked axes; positions in the
+    stored kernel and the stacked positions for stacked axes elsewhere."""
     ndim = len(shape)
     fix = (
       "Declare the layout in the Rule, e.g. Rule(r, in_axes=..., out_axes=..., "
       "stack_axes=...), or let wrap infer it from the model: "
       "wrap(params, rules, like=(model, *example_args))."
     )
-    n = ndim - self.stack_axes
+    stacks = stack_positions(self.stack_axes)
+    positioned = isinstance(self.stack_axes, tuple)
+    if positioned and stacks[-1] >= ndim:
+      raise ValueError(
+        f"{path}: stack_axes={self.stack_axes} names axis {stacks[-1]}, but the kernel of shape "
+        f"{shape} has axes 0 to {ndim - 1}. Give the positions of its stacked (layer) axes in "
+        "the stored kernel, e.g. Rule(r, stack_axes=(1,)) for (embed, layers, ...)."
+      )
+    n = ndim - len(stacks)
     if n < 2:
       raise ValueError(
         f"{path}: kernel of shape {shape} with stack_axes={self.stack_axes} leaves "
         f"{n} axis(es); expected at least 2 (inputs and outputs). {fix}"
       )
-    body = list(range(self.stack_axes, ndim))
+    body = [a for a in range(ndim) if a not in stacks]
+    where = f"one of the stacked axes {stacks}" if positioned else f"one of the {len(stacks)} leading stacked axes"
 
     def norm(axes, name):
       out = []
@@ -186,10 +254,10 @@ class Rule:
         if not -ndim <= ax < ndim:
           raise ValueError(f"{path}: `{name}` axis {ax} is out of range for kernel shape {shape}. {fix}")
         ax = ax % ndim
-        if ax < self.stack_axes:
+        if ax in stacks:
           raise ValueError(
-            f"{path}: `{name}` axis {ax} is one of the {self.stack_axes} leading stacked axes "
-            f"of kernel shape {shape}. {fix}"
+            f"{path}: `{name}` axis {ax} is {where} (stack_axes={self.stack_axes}) of kernel shape {shape}. "
+            f"An axis is stacked, input or output, never two of them. {fix}"
           )
         out.append(ax)
       if len(set(out)) != len(out):
@@ -201,9 +269,9 @@ class Rule:
     if ins is None and outs is None:
       if n != 2:
         raise ValueError(
-          f"{path}: kernel of shape {shape} is {n}-D after {self.stack_axes} stacked axes, "
-          f"so which axes are inputs and which outputs is ambiguous; expected a 2-D "
-          f"(in, out) kernel or a declared layout. {fix}"
+          f"{path}: kernel of shape {shape} is {n}-D after its stacked axes "
+          f"(stack_axes={self.stack_axes}), so which axes are inputs and which outputs is ambiguous; "
+          f"expected a 2-D (in, out) kernel or a declared layout. {fix}"
         )
       ins, outs = [body[0]], [body[1]]
     elif ins is None:
@@ -218,7 +286,9 @@ class Rule:
         f"{path}: in_axes {tuple(ins)} and out_axes {tuple(outs)} must together cover the "
         f"non-stacked axes {tuple(body)} of kernel shape {shape}, each side non-empty. {fix}"
       )
-    return tuple(a - ndim for a in ins), tuple(a - ndim for a in outs)
+    if positioned:
+      return tuple(ins), tuple(outs), stacks
+    return tuple(a - ndim for a in ins), tuple(a - ndim for a in outs), ()
 
 
 def as_rule(value: Any, pattern: str) -> Rule:

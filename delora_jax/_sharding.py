@@ -2,9 +2,10 @@
 
 An adapter follows its kernel: ``a (*S, in, r)`` is split along the input axes
 as ``w`` is, ``b (*S, r, out)`` along the output axes, ``w_norm (*S, in)`` like
-the input axes, ``lam (*S,)`` only along stacked axes; the rank axis is never
-split. So the factorised branch ``((x * w_norm) @ a * s) @ b`` runs where the
-base matmul runs and no full frozen kernel is ever gathered for it.
+the input axes, ``lam (*S,)`` only along stacked axes (each stacked axis of an
+adapter as the kernel's, wherever it sits); the rank axis is never split. So the
+factorised branch ``((x * w_norm) @ a * s) @ b`` runs where the base matmul runs
+and no full frozen kernel is ever gathered for it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from delora_jax import _tree
+from delora_jax import _kernel, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 
 _SPEC_TYPES = (NamedSharding, PartitionSpec, SingleDeviceSharding)
@@ -101,28 +102,51 @@ def _or_other(own: Any, other: Any, n: int, sizes: dict[str, int] | None) -> Any
   return other if count > 1 and n % count == 0 else own
 
 
+def _placed(stack: tuple[int, ...], stack_entries: list, own: list) -> PartitionSpec:
+  """The spec of an adapter array whose stacked axes sit at positions ``stack`` (see
+  ``_kernel.place``): stacked entries there, its own axes' entries in the other positions
+  in order, padding axes unsplit."""
+  if not stack:
+    return PartitionSpec(*stack_entries, *own)
+  n = max(len(stack) + len(own), stack[-1] + 1)
+  out: list[Any] = [None] * n
+  for p, e in zip(stack, stack_entries):
+    out[p] = e
+  for i, e in zip([i for i in range(n) if i not in stack], own):
+    out[i] = e
+  return PartitionSpec(*out)
+
+
 def kernel_specs(
-  path: str, shape: tuple[int, ...], spec: PartitionSpec, in_axes, out_axes, sizes: dict[str, int] | None
+  path: str,
+  shape: tuple[int, ...],
+  spec: PartitionSpec,
+  in_axes,
+  out_axes,
+  sizes: dict[str, int] | None,
+  stack: tuple[int, ...] = (),
 ) -> dict[str, PartitionSpec]:
   """PartitionSpecs of a DeLoRA node's fields, from the kernel's ``spec``.
 
   ``sizes`` maps mesh axis names to sizes (``None`` if unknown: then no
   divisibility check, several split input axes use the first one's, and a
-  factor whose side of ``w`` is unsplit stays replicated).
+  factor whose side of ``w`` is unsplit stays replicated). ``stack``: the
+  positions of stacked axes that are not leading (``DeloraKernel.stack``).
   """
   entries = _padded(path, spec, tuple(shape), sizes)
-  ndim = len(shape)
-  stack = entries[: ndim - len(in_axes) - len(out_axes)]
-  e_in = _flat_entry(shape, [ndim + a for a in in_axes], entries, sizes)
-  e_out = _flat_entry(shape, [ndim + a for a in out_axes], entries, sizes)
-  n_in = math.prod(shape[ndim + a] for a in in_axes)
-  n_out = math.prod(shape[ndim + a] for a in out_axes)
+  stacks, ins, outs = _kernel.layout_positions(stack, in_axes, out_axes, len(shape))
+  st = [entries[p] for p in stacks]
+  e_in = _flat_entry(shape, list(ins), entries, sizes)
+  e_out = _flat_entry(shape, list(outs), entries, sizes)
+  n_in = math.prod(shape[a] for a in ins)
+  n_out = math.prod(shape[a] for a in outs)
   # A factor whose own axis is not split would be replicated on every device that holds a
   # shard of w (with its gradient and optimizer moments): e.g. b under FSDP, where w is
   # split along its input axis only. It takes the other side's mesh axes instead.
   e_in, e_out = _or_other(e_in, e_out, n_in, sizes), _or_other(e_out, e_in, n_out, sizes)
-  a, b = PartitionSpec(*stack, e_in, None), PartitionSpec(*stack, None, e_out)
-  return {"a": a, "b": b, "lam": PartitionSpec(*stack), "w_norm": PartitionSpec(*stack, e_in), "res_a": a, "res_b": b}
+  st_pos = tuple(stack) if stack else ()
+  a, b = _placed(st_pos, st, [e_in, None]), _placed(st_pos, st, [None, e_out])
+  return {"a": a, "b": b, "lam": _placed(st_pos, st, []), "w_norm": _placed(st_pos, st, [e_in]), "res_a": a, "res_b": b}
 
 
 def _mesh_sizes(mesh: Any) -> dict[str, int] | None:
@@ -150,7 +174,7 @@ def _resolve(path: str, given: Any, mesh: Any):
 
 def _node(path: str, k: DeloraKernel, given: Any, mesh: Any) -> DeloraKernel:
   spec, sizes, make = _resolve(path, given, mesh)
-  specs = kernel_specs(path, tuple(k.w.shape), spec, k.in_axes, k.out_axes, sizes)
+  specs = kernel_specs(path, tuple(k.w.shape), spec, k.in_axes, k.out_axes, sizes, k.stack)
   fields = {f: (None if getattr(k, f) is None else make(s)) for f, s in specs.items()}
   w = given if not isinstance(given, PartitionSpec) else make(given)
   return k.replace(w=w, **fields)

@@ -119,7 +119,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
     if is_kernel(t) != is_kernel(f):
       raise ValueError(f"combine: {p} is a DeLoRA kernel in one half only.")
     if is_kernel(t):
-      if (t.in_axes, t.out_axes, t.dropout) != (f.in_axes, f.out_axes, f.dropout):
+      if (t.in_axes, t.out_axes, t.stack, t.dropout) != (f.in_axes, f.out_axes, f.stack, f.dropout):
         raise ValueError(f"combine: {p} has different layouts in the two halves.")
       fields = TRAINABLE_FIELDS + FROZEN_FIELDS
       out.append(t.replace(**{k: _pick(p, "." + k, getattr(t, k), getattr(f, k)) for k in fields}))

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 
 from delora_jax import _kernel, _layout, _linen, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
-from delora_jax._rule import Rule, as_rule
+from delora_jax._rule import Rule, as_rule, stack_positions
 from delora_jax._sharding import kernel_specs
 
 ADAPTER_FIELDS = ("a", "b", "lam", "w_norm")
@@ -83,30 +83,34 @@ def _uniform(key, shape, bound, dtype):
   return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
-def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes) -> dict:
-  n_in = math.prod(w.shape[i] for i in in_axes)
-  n_out = math.prod(w.shape[o] for o in out_axes)
-  stack = tuple(w.shape[: w.ndim - len(in_axes) - len(out_axes)])
+def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes, stack=()) -> dict:
+  stacks, ins, outs = _kernel.layout_positions(stack, in_axes, out_axes, w.ndim)
+  n_in = math.prod(w.shape[i] for i in ins)
+  n_out = math.prod(w.shape[o] for o in outs)
+  stack_shape = tuple(w.shape[p] for p in stacks)
   dtype, r = jnp.dtype(rule.dtype), rule.rank
   ka, kb = jax.random.split(key)
   # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on torch-shaped A (r, in) / B (out, r).
-  a = _uniform(ka, (*stack, n_in, r), 1.0 / math.sqrt(n_in), dtype)
+  a = _uniform(ka, (*stack_shape, n_in, r), 1.0 / math.sqrt(n_in), dtype)
   if rule.init == "peft":
-    b = jnp.zeros((*stack, r, n_out), dtype)
+    b = jnp.zeros((*stack_shape, r, n_out), dtype)
   else:
-    b = _uniform(kb, (*stack, r, n_out), 1.0 / math.sqrt(r), dtype)
-  w_norm = _kernel.in_norms(w, in_axes, out_axes)
+    b = _uniform(kb, (*stack_shape, r, n_out), 1.0 / math.sqrt(r), dtype)
+  w_norm = _kernel.in_norms(w, in_axes, out_axes, stack)
   if rule.norm == "base":  # PEFT's value: the norm rounded to the base kernel's dtype
     w_norm = w_norm.astype(w.dtype).astype(jnp.float32)
-  out = {"a": a, "b": b, "lam": jnp.full(stack, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
+  out = {"a": a, "b": b, "lam": jnp.full(stack_shape, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
     res_a, res_b = _kernel.normalised(a, b, out["lam"])  # exactly what `factors` computes at init
     out.update(res_a=res_a, res_b=res_b)
-  return out
+  if rule.slices is not None:
+    out = _keep_slices(out, rule.slices, stack_shape)
+  return {f: _kernel.place(x, stack, f) for f, x in out.items()}
 
 
 def _keep_slices(arrays: dict, slices: tuple[int, ...], stack: tuple[int, ...]) -> dict:
-  """Zeroes every adapter array outside the stacked ``slices`` (``Rule.slices``).
+  """Zeroes every adapter array outside the stacked ``slices`` (``Rule.slices``), arrays
+  ``(*S, ...)`` with the stacked axes first.
 
   With ``a = b = λ = w_norm = 0`` a slice's update is exactly zero, its gradients are
   exactly zero (``w_norm`` scales every path into it), and any optax step leaves it zero.
@@ -126,42 +130,45 @@ def live_slices(k: DeloraKernel) -> np.ndarray:
   A slice left out by ``Rule.slices`` has ``w_norm = 0`` and ``λ = 0`` (and keeps them:
   its gradients are zero); an adapted slice has a non-zero λ or a non-zero base kernel.
   """
-  w_norm = np.asarray(jnp.asarray(k.w_norm).astype(jnp.float32))
-  lam = np.asarray(jnp.asarray(k.lam).astype(jnp.float32)).reshape(-1)
+  c = _kernel.canonical(k)
+  w_norm = np.asarray(jnp.asarray(c["w_norm"]).astype(jnp.float32))
+  lam = np.asarray(jnp.asarray(c["lam"]).astype(jnp.float32)).reshape(-1)
   return np.any(w_norm.reshape(-1, w_norm.shape[-1]) != 0, axis=-1) | (lam != 0)
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_init(rule: Rule, in_axes, out_axes, out_shardings: tuple):
+def _sharded_init(rule: Rule, in_axes, out_axes, out_shardings: tuple, stack=()):
   """`_adapter_arrays` compiled to produce each adapter directly in its sharding."""
-  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes)
+  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes, stack=stack)
   return jax.jit(fn, out_shardings=dict(out_shardings))
 
 
-def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes) -> tuple | None:
+def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes, stack=()) -> tuple | None:
   """Adapter shardings for a kernel laid out over several devices, else None."""
   if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
     return None
   sh = w.sharding
   if not isinstance(sh, NamedSharding) or len(sh.device_set) < 2:
     return None
-  specs = kernel_specs(path, tuple(w.shape), sh.spec, in_axes, out_axes, dict(sh.mesh.shape))
+  specs = kernel_specs(path, tuple(w.shape), sh.spec, in_axes, out_axes, dict(sh.mesh.shape), stack)
   fields = ADAPTER_FIELDS + (RESIDUAL_FIELDS if rule.init == "paper" else ())
   return tuple((f, NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind)) for f in fields)
 
 
-def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes, out_axes) -> dict:
+def _abstract_arrays(
+  path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: Rule, in_axes, out_axes, stack=()
+) -> dict:
   """Adapters of an abstract kernel as ``ShapeDtypeStruct``s: nothing is computed or allocated.
 
   A kernel carrying a ``NamedSharding`` gives its adapters the derived ones
   (:func:`delora_jax.shardings`'s rule, checked against the mesh sizes); a
   ``SingleDeviceSharding`` is copied; no sharding gives none.
   """
-  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes)
+  fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes, stack=stack)
   shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct(w.shape, w.dtype), key)
   sh = w.sharding
   if isinstance(sh, NamedSharding):
-    specs = kernel_specs(path, tuple(w.shape), sh.spec, in_axes, out_axes, dict(sh.mesh.shape))
+    specs = kernel_specs(path, tuple(w.shape), sh.spec, in_axes, out_axes, dict(sh.mesh.shape), stack)
     made = {f: NamedSharding(sh.mesh, specs[f], memory_kind=sh.memory_kind) for f in shapes}
   else:
     made = dict.fromkeys(shapes, sh)
@@ -169,11 +176,11 @@ def _abstract_arrays(path: str, w: jax.ShapeDtypeStruct, key: jax.Array, rule: R
 
 
 def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
-  in_axes, out_axes = rule.layout(path, tuple(w.shape))
+  in_axes, out_axes, stack = rule.kernel_layout(path, tuple(w.shape))
   # Any rank > 0 is accepted, as PEFT does: above min(in, out) the update simply has rank
   # min(in, out) and the bound still holds (each normalised rank-one term has norm 1).
   if rule.slices is not None:
-    n = math.prod(w.shape[: rule.stack_axes])
+    n = math.prod(w.shape[p] for p in stack_positions(rule.stack_axes))
     if rule.slices[-1] >= n:
       raise ValueError(
         f"{path}: Rule slices {rule.slices} name slice {rule.slices[-1]}, but the "
@@ -181,17 +188,16 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
         f"{rule.stack_axes}). Use indices below {n}."
       )
   key = _path_key(key, path)
+  layout: dict[str, Any] = dict(in_axes=in_axes, out_axes=out_axes, stack=stack, dropout=rule.dropout)
   if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
-    arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes)
-    return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
-  shardings = _derived_shardings(path, w, rule, in_axes, out_axes)
+    arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes, stack)
+    return DeloraKernel(w=w, **arrays, **layout)
+  shardings = _derived_shardings(path, w, rule, in_axes, out_axes, stack)
   if shardings is None:
-    arrays = _adapter_arrays(w, key, rule, in_axes, out_axes)
+    arrays = _adapter_arrays(w, key, rule, in_axes, out_axes, stack)
   else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
-    arrays = _sharded_init(rule, in_axes, out_axes, shardings)(w, key)
-  if rule.slices is not None:
-    arrays = _keep_slices(arrays, rule.slices, tuple(w.shape[: rule.stack_axes]))
-  return DeloraKernel(w=w, **arrays, in_axes=in_axes, out_axes=out_axes, dropout=rule.dropout)
+    arrays = _sharded_init(rule, in_axes, out_axes, shardings, stack)(w, key)
+  return DeloraKernel(w=w, **arrays, **layout)
 
 
 def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None, like: Any = None) -> Any:
@@ -389,8 +395,11 @@ def adapters(tree: Any) -> dict[str, dict[str, jax.Array]]:
   """``{path: {"a", "b", "lam", "w_norm"}}`` of every adapted kernel.
 
   Shapes as in METHOD.md: ``a (*S, in, r)``, ``b (*S, r, out)``, ``lam (*S,)``,
-  ``w_norm (*S, in)``. Kernels made with ``init="paper"`` also carry their
-  frozen initial update as ``res_a``/``res_b``.
+  ``w_norm (*S, in)``, for a kernel with stacked axes ``S`` leading. A kernel whose
+  stacked axes are elsewhere (``Rule(stack_axes=(1,))``) has them at the same
+  positions in its adapters: ``a (in, L, r)``, ``b (r, L, out)``, ``lam (1, L)``,
+  ``w_norm (in, L)`` for a kernel ``(in, L, out)``. Kernels made with ``init="paper"``
+  also carry their frozen initial update as ``res_a``/``res_b`` (laid out as ``a``, ``b``).
 
   Example:
     >>> import jax.numpy as jnp, delora_jax

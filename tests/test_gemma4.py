@@ -10,8 +10,9 @@ Three configs, each with every projection adapted and layouts taken from the mod
 - ``moe``: ``Gemma4_26B_A4B``-like: MoE experts ``mlp/{gating_einsum,linear}/w`` (``(E, 2, H, F)``,
   ``(E, H, F)``) contracted by ``lax.ragged_dot``, the router, and the dense shared branch ``mlp2``.
 
-Checked: every kernel factorised (the KV-shared layers' ``kv_einsum``, whose output gemma replaces by
-the shared cache, reported as unused: their use never reaches the outputs), output == merged (rel 1e-5), adapter gradients ==
+Checked: every kernel factorised (the KV-shared layers' ``kv_einsum``, whose output gemma replaces
+by the shared cache, reported as unused: their use never reaches the outputs), output == merged
+(rel 1e-5), adapter gradients ==
 gradients through the merged weights, a train step lowers the loss. Gradients: in float64 the two
 agree per leaf to 1e-10 (the factorised computation is exact); in float32 both carry gemma 4's
 rounding error (up to ~1e-4 relative on small λ leaves, merged and factorised alike), so float32 is

@@ -156,6 +156,14 @@ def check_linear(path: str, k: Any, flatten_nd: bool, fn: str) -> None:
       f"{path}: this adapter was made with init='paper' (a frozen initial update res_a/res_b), "
       f"which PEFT's DeLoRA cannot represent. {fix}"
     )
+  if k.stack:
+    raise ValueError(
+      f"{path}: kernel of shape {tuple(k.w.shape)} has its stacked (layer) axes at positions "
+      f"{k.stack} (Rule(stack_axes={k.stack})), not leading; PEFT adapter files hold one torch "
+      f"module per layer, which {fn} writes and reads only for leading stacked axes. Save and "
+      "load these adapters with delora_jax.save_adapters / load_adapters, or merge them "
+      "(delora_jax.merge)."
+    )
   if len(k.in_axes) + len(k.out_axes) > 2 and not flatten_nd:
     raise ValueError(
       f"{path}: kernel of shape {tuple(k.w.shape)} is N-D (in_axes={k.in_axes}, out_axes="
