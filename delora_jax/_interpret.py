@@ -441,9 +441,22 @@ def evaluate(jaxpr, consts, args) -> list:
   return [_read(env, v) for v in jaxpr.outvars]
 
 
-def run(fn: Callable[..., Any], bases: list[jax.Array], lazies: list[Lazy]) -> Any:
-  """Traces ``fn(*bases)`` and evaluates it with each base bound to its Lazy value."""
+class Escaped(Exception):  # noqa: N818 (control flow for the front-ends)
+  """The evaluated call returns an adapted kernel itself (see :func:`run`'s ``escape``)."""
+
+
+def run(fn: Callable[..., Any], bases: list[jax.Array], lazies: list[Any], escape: Callable[[], bool] = bool) -> Any:
+  """Traces ``fn(*bases)`` and evaluates it with each base bound to its Lazy value.
+
+  When the call returns a kernel (a Lazy output) and ``escape()`` is true, raises
+  :class:`Escaped` before evaluating anything, so the caller can trace the code that uses
+  the kernel instead; otherwise such an output is merged.
+  """
   closed, shape = jax.make_jaxpr(fn, return_shape=True)(*bases)
+  if closed.jaxpr.outvars and escape():
+    lazy_in = {v for v, x in zip(closed.jaxpr.invars, lazies) if isinstance(x, Lazy)}
+    if any(v in lazy_in for v in closed.jaxpr.outvars if not isinstance(v, jex.core.Literal)):
+      raise Escaped()
   outs = evaluate(closed.jaxpr, closed.consts, lazies)
   outs = [_plain(x, "a returned kernel") for x in outs]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)

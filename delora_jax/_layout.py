@@ -32,7 +32,7 @@ def active() -> bool:
   return _USES.get() is not None
 
 
-def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str]) -> Any:
+def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str], escape: Callable[[], bool] = bool) -> Any:
   """``fn(*bases)``, evaluated with the first ``len(paths)`` bases probes that record their
   contractions (the others, e.g. a module's state, are plain inputs). The axes recorded are
   those of the base as the call sees it (a scan may have sliced stacked axes off the stored
@@ -43,7 +43,7 @@ def trace(fn: Callable[..., Any], bases: list[jax.Array], paths: list[str]) -> A
   for w, p in zip(bases, paths):
     uses.shapes.setdefault(p, set()).add(tuple(w.shape))
     values.append(_interpret.probe(w, _interpret.Source(p, lambda *_: None, (), uses=uses)))
-  return _interpret.run(fn, bases, values + list(bases[len(values) :]))
+  return _interpret.run(fn, bases, values + list(bases[len(values) :]), escape=escape)
 
 
 def probe(run: Callable[[], Any]) -> Uses:

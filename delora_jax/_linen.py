@@ -19,6 +19,7 @@ collection dicts) to thread the state a traced method writes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 from collections.abc import Mapping
@@ -153,20 +154,27 @@ def _owned(mod: nn.Module) -> dict[str, _Tracked]:
 
 
 @contextlib.contextmanager
-def _substituted(mod: nn.Module, values: Mapping[str, Any]):
-  """Within the block, ``mod``'s scope reads ``values`` (placeholder arrays) for those params.
+def _substituted(values: list[tuple[nn.Module, str, Any]]):
+  """Within the block, each ``(module, name, placeholder)``'s scope reads the placeholder array
+  for that param.
 
   The module then sees plain arrays, so every JAX API works on them (``lax.*``, jitted
   helpers, methods), and a jit cache never keeps a placeholder as a hidden constant.
   """
-  scope = mod.scope
-  old = scope._collection("params")  # noqa: SLF001 (flax has no public hook for this)
-  new = {**old, **values}
-  scope._variables["params"] = type(old)(new) if isinstance(old, FrozenDict) else new  # type: ignore[assignment]  # noqa: SLF001
+  by_scope: dict[int, tuple[Any, dict[str, Any]]] = {}
+  for mod, name, ph in values:
+    by_scope.setdefault(id(mod.scope), (mod.scope, {}))[1][name] = ph
+  olds = []
+  for scope, phs in by_scope.values():
+    old = scope._collection("params")  # noqa: SLF001 (flax has no public hook for this)
+    new = {**old, **phs}
+    scope._variables["params"] = type(old)(new) if isinstance(old, FrozenDict) else new  # noqa: SLF001
+    olds.append((scope, old))
   try:
     yield
   finally:
-    scope._variables["params"] = old  # type: ignore[assignment]  # noqa: SLF001
+    for scope, old in olds:
+      scope._variables["params"] = old  # noqa: SLF001
 
 
 def _state_entries(mod: nn.Module) -> list[tuple[dict, str, Any]]:
@@ -186,14 +194,15 @@ def _state_entries(mod: nn.Module) -> list[tuple[dict, str, Any]]:
   return out
 
 
-def _functional(mod: nn.Module, names: list[str], next_fun, args, kwargs, written: list):
-  """``next_fun`` as a pure function of one placeholder per kernel ``names`` of ``mod``:
-  returns ``(out, new values)`` of the state entries it writes, listed in ``written``."""
+def _functional(mod: nn.Module, owned: list[tuple[nn.Module, str, Any]], next_fun, args, kwargs, written: list):
+  """``next_fun`` (a method of ``mod``) as a pure function of one placeholder per kernel of
+  ``owned`` (``(module, name, kernel)``, in ``mod`` or a child): returns ``(out, new values)``
+  of the state entries it writes, listed in ``written``."""
 
   def traced(*placeholders):
     before = {(id(c), k): v for c, k, v in _state_entries(mod)}
-    with _substituted(mod, dict(zip(names, placeholders))):
-      out = next_fun(*args, **kwargs)
+    with _substituted([(m, n, ph) for (m, n, _), ph in zip(owned, placeholders)]):
+      out = _enclosing(next_fun, args, kwargs, _Retry)
     written[:] = [(c, k) for c, k, v in _state_entries(mod) if before.get((id(c), k), written) is not v]
     for c, k in written:
       bad = [type(x).__name__ for x in jax.tree.leaves(c[k]) if not isinstance(x, (jax.Array, int, float, bool))]
@@ -224,20 +233,68 @@ def _values(mod: nn.Module, ks: list[_Tracked]) -> list[_interpret.Lazy]:
   return out
 
 
-def _generic(mod: nn.Module, owned: dict[str, _Tracked], next_fun, args, kwargs):
+class _Escalate(Exception):  # noqa: N818 (control flow, never seen by users)
+  """A method returned its adapted kernel (a weight-holder module, as gemma 4's MoE ``_Weight``):
+  the enclosing module method, where the kernel is used, is traced instead."""
+
+  def __init__(self, owned: list[tuple[nn.Module, str, _Tracked]]):
+    super().__init__()
+    self.owned = owned
+
+
+class _Retry(_Escalate):  # noqa: N818
+  """A holder inside a traced method returned its kernel: trace the method again with it too."""
+
+
+# How many module methods enclose this point that would trace a kernel returned to them.
+_ENCLOSING: contextvars.ContextVar[int] = contextvars.ContextVar("delora_enclosing", default=0)
+
+
+def _enclosing(next_fun, args, kwargs, as_: type[_Escalate]):
+  """``next_fun(*args, **kwargs)`` as a method that catches kernels its children return; a
+  :class:`_Escalate` from them is raised again as ``as_``."""
+  token = _ENCLOSING.set(_ENCLOSING.get() + 1)
+  try:
+    return next_fun(*args, **kwargs)
+  except _Escalate as e:
+    if type(e) is not _Escalate:
+      raise
+    raise as_(e.owned) from None
+  finally:
+    _ENCLOSING.reset(token)
+
+
+def _generic(mod: nn.Module, owned: list[tuple[nn.Module, str, _Tracked]], next_fun, args, kwargs):
   """Any method of any module: traced with each kernel as a placeholder, then evaluated
   with the low-rank form (or, for layout inference, a probe) bound to it."""
-  names, ks = list(owned), list(owned.values())
-  written: list = []
-  fn = _functional(mod, names, next_fun, args, kwargs, written)
-  bases = [k.w for k in ks]
-  if ks[0].mode.probe:
-    out, new = _layout.trace(fn, bases, [k.path for k in ks])
-  else:
-    out, new = _interpret.run(fn, bases, _values(mod, ks))
-  for (c, k), v in zip(written, new):
-    c[k] = v
-  return out
+  while True:
+    ks = [k for _, _, k in owned]
+    written: list = []
+    fn = _functional(mod, owned, next_fun, args, kwargs, written)
+    bases = [k.w for k in ks]
+    escape = lambda written=written: _ENCLOSING.get() > 0 and not written  # noqa: E731
+    try:
+      if ks[0].mode.probe:
+        out, new = _layout.trace(fn, bases, [k.path for k in ks], escape=escape)
+      else:
+        out, new = _interpret.run(fn, bases, _values(mod, ks), escape=escape)
+    except _interpret.Escaped:
+      raise _Escalate(owned) from None
+    except _Retry as e:
+      owned = owned + e.owned
+      continue
+    for (c, k), v in zip(written, new):
+      c[k] = v
+    return out
+
+
+def _passing(mod: nn.Module, next_fun, args, kwargs):
+  """A method that reads no adapted kernel of its own runs as it is; if a child returns its
+  kernel to it (:class:`_Escalate`), this method is traced with that kernel instead."""
+  try:
+    return _enclosing(next_fun, args, kwargs, _Retry)
+  except _Retry as e:
+    return _generic(mod, e.owned, next_fun, args, kwargs)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -248,7 +305,7 @@ def _interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   owned = _owned(mod)  # empty inside a traced call of this scope: it holds placeholders then
   if not owned:
-    return next_fun(*args, **kwargs)
+    return _passing(mod, next_fun, args, kwargs)
   k = owned.get("kernel")
   if (
     len(owned) == 1 and k is not None and not k.mode.probe and context.method_name == "__call__" and _is_flax_dense(mod)
@@ -257,7 +314,7 @@ def _interceptor(next_fun, args, kwargs, context):
     if out is not None:
       _report.note(k.path, "factorised")
       return out
-  return _generic(mod, owned, next_fun, args, kwargs)
+  return _generic(mod, [(mod, n, k) for n, k in owned.items()], next_fun, args, kwargs)
 
 
 def probe(like: Any, params: Any, paths: set[str]) -> _interpret.Uses:

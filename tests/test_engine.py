@@ -363,3 +363,50 @@ def test_explain_reports_a_kernel_whose_use_never_reaches_the_outputs_as_unused(
   trainable, frozen = delora_jax.split(tree)
   g = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x)))(trainable)
   assert not np.any(np.asarray(delora_jax.adapters(g)["dropped/kernel"]["a"]))
+
+
+class _Weight(nn.Module):
+  """Holds one parameter and returns it (gemma 4's MoE keeps its expert weights this way)."""
+
+  shape: tuple
+
+  @nn.compact
+  def __call__(self):
+    return self.param("w", INIT, self.shape)
+
+
+class HeldMoE(nn.Module):
+  """gemma 4's MoERagged pattern: expert kernels held by child modules, used by the parent."""
+
+  def setup(self):
+    self.gating = _Weight((3, 2, 4, 6))  # (E, 2, H, F), used as (E, F, 2H)
+    self.linear = _Weight((3, 4, 6))  # (E, H, F)
+
+  def __call__(self, x, sizes):
+    w = jnp.transpose(self.gating(), (0, 3, 1, 2)).reshape(3, 6, 8)
+    h = lax.ragged_dot(x, w, sizes).reshape(x.shape[0], 2, 4)
+    return lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], self.linear(), sizes)
+
+
+def test_kernels_returned_by_weight_holders_are_factorised_where_the_parent_uses_them():
+  model, (x, gs) = HeldMoE(), _moe_inputs()
+  params = model.init(jax.random.key(0), x, gs)["params"]
+  tree = delora_jax.wrap(params, {".*/w": delora_jax.Rule(2, init="random")}, like=(model, x, gs))
+  ads = delora_jax.adapters(tree)
+  assert ads["gating/w"]["a"].shape == (3, 6, 2) and ads["gating/w"]["b"].shape == (3, 2, 8)
+  assert ads["linear/w"]["a"].shape == (3, 4, 2) and ads["linear/w"]["b"].shape == (3, 2, 6)
+  assert delora_jax.explain(model, {"params": tree}, x, gs) == {
+    "factorised": ["gating/w", "linear/w"],
+    "merged": [],
+    "unused": [],
+  }
+  y_f = delora_jax.apply(model, {"params": tree}, x, gs, strict=True)
+  assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x, gs)) < REL
+  trainable, frozen = delora_jax.split(tree)
+  g_f = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, gs) ** 2))(
+    trainable
+  )
+  g_m = jax.grad(
+    lambda t: jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x, gs) ** 2)
+  )(trainable)
+  assert_grads_equal(g_f, g_m)
