@@ -57,7 +57,7 @@ def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 # next to the kernel in the params tree (so nn.scan slices them per layer);
 # only they are differentiated. Two forms:
 #   "joined" (mode lora): the same low-rank matmul primitive delora_jax.apply runs
-#     (delora_jax._ops.lowrank: one custom-VJP op; on a single-device CPU one matmul
+#     (delora_jax._ops.lowrank: one custom-JVP op; on a single-device CPU one matmul
 #     over [x | x@A] and [W; B]), so delora/lora isolates what DeLoRA's normalisation costs;
 #   "plain" (mode lora_plain): the textbook y = x @ W + (x @ A) @ B, autodiff backward.
 # Same compute dtype and accumulation as delora_jax in both.

@@ -377,7 +377,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
   (``Rule(dropout=p)``, PEFT's ``module_dropout``) is active when a
   ``"dropout"`` rng is passed (``rngs={"dropout": key}``), as in training.
 
-  Dense layers run as one custom-VJP op whose backward keeps only the layer
+  Dense layers run as one custom-JVP op whose backward keeps only the layer
   input and the ``(tokens, r)`` projection. In programs on a single CPU device
   it is one matmul over ``[x | x @ u]`` and ``[w; v]`` (XLA:CPU would otherwise
   keep both halves of ``x @ w + h @ v`` alive until the backward pass); with

@@ -377,8 +377,8 @@ def test_linen_reused_kernel_equals_merged(name):
 
 @pytest.mark.xfail(
   strict=True,
-  raises=ValueError,  # delora_jax._lazy.LayoutError
-  reason="Linen front-end (delora_jax/_apply.py): a kernel tied through nn.share_scope and contracted "
+  raises=ValueError,  # delora_jax._report.LayoutError
+  reason="Linen front-end (delora_jax/_linen.py): a kernel tied through nn.share_scope and contracted "
   "transposed by the other module raises LayoutError; the NNX front-end merges that use (FallbackWarning).",
 )
 def test_linen_shared_scope_transposed_use_is_merged():
