@@ -29,7 +29,19 @@ JAX internals this module relies on (public ``jax.extend`` where it exists):
   with its own parameters and context (name stack, sharding), as
   ``jax.core.eval_jaxpr`` does;
 - ``jax.extend.core.Literal`` and ``Jaxpr``'s ``invars``/``outvars``/``eqns``;
-- :func:`delora_jax._report.reached` uses ``partial_eval.dce_jaxpr``.
+- ``jax._src.interpreters.partial_eval.dce_jaxpr`` (:func:`delora_jax._report.reached`):
+  which adapters a call's outputs depend on, through ``scan``/``cond``/``jit``.
+
+flax internals the front-ends rely on (the only ones):
+
+- Linen (:mod:`delora_jax._linen`): ``Scope._collection``/``Scope._variables`` to let a
+  module's scope read placeholder arrays in place of its params (flax has no public hook
+  for this), and ``Scope.root.mutable_variables()`` (the live collection dicts) to carry the
+  state a traced method writes out of the trace;
+- NNX (:mod:`delora_jax._nnx`): ``__class__`` reassignment of a live module to a subclass
+  (flax's own ``LoRALinear`` subclasses statically), ``Variable.get_raw_value``/
+  ``set_raw_value`` (checked writes of the state a traced call changed), and
+  ``nnx.iter_graph`` to find every holder of a tied Variable.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ returned by the trace and written back after the evaluation, so no tracer
 leaks into the state. A read of a kernel anywhere else gets the merged kernel
 ``w + ΔW`` and is reported (:mod:`delora_jax._report`).
 
-flax internals it relies on: ``Scope._collection``/``Scope._variables`` to let a
-module's scope read placeholder arrays in place of its params (flax has no
-public hook for this), and ``Scope.root.mutable_variables()`` (the live
-collection dicts) to thread the state a traced method writes.
+A module that only returns its kernel (a weight holder, as gemma 4's MoE keeps
+its experts) escalates: the enclosing method, where the kernel is used, is
+traced with it instead. The flax internals this relies on are listed in
+:mod:`delora_jax._interpret`.
 """
 
 from __future__ import annotations
