@@ -194,7 +194,7 @@ def resolve(path: str, shape: tuple[int, ...], rule: Rule, uses: Uses) -> Rule:
       f"{path}: the model contracts every axis {contracted} of this kernel; it has no output axis to adapt."
     )
   if rule.in_axes is not None or rule.out_axes is not None:
-    declared_in, _, _ = dataclasses.replace(rule, stack_axes=stack).layout(path, shape)
+    declared_in, _ = dataclasses.replace(rule, stack_axes=stack).layout(path, shape)
     declared = tuple(sorted(a % len(shape) for a in declared_in))
     if declared != contracted:
       raise ValueError(
