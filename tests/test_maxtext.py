@@ -191,7 +191,7 @@ def test_adapter_gradients_equal_gradients_through_merge(case):
   graphdef, lora, rest = nnx.split(adapted, delora_jax.nnx.DeloraParam, ...)
 
   def loss(lora, merged):
-    m = fresh(nnx.merge(graphdef, lora, rest))
+    m = fresh(nnx.merge(graphdef, lora, rest, copy=True))
     if merged:
       m = fresh(delora_jax.nnx.merge(m))
     return jnp.mean(call(m, args) ** 2)
@@ -216,7 +216,9 @@ def train_step_fn(graphdef, rest, opt, args):
 
   def step(lora, opt_state):
     def loss(lora):
-      logits = call(fresh(nnx.merge(graphdef, lora, rest)), args)
+      # copy=True: MaxText's scan writes its non-Param state (the frozen w_norm among it) back into
+      # the model it runs; a merge sharing `rest`'s Variables would leak the grad trace's values.
+      logits = call(fresh(nnx.merge(graphdef, lora, rest, copy=True)), args)
       return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tok[:, 1:]).mean()
 
     value, g = jax.value_and_grad(loss)(lora)

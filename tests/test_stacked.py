@@ -410,6 +410,37 @@ def _get(tree, path):
   return tree
 
 
+@pytest.mark.parametrize(
+  "rule, want",
+  [
+    (dict(in_axes=0), ((1,), (0,), (2, 3))),  # the stacked axis is inferred, the declared inputs checked
+    (dict(in_axes=0, stack_axes=(1,)), ((1,), (0,), (2, 3))),
+    (dict(out_axes=(2, 3)), ((1,), (0,), (2, 3))),
+    (
+      dict(in_axes=2),
+      r"layers/proj: the declared layout has input axes \(2,\) .* model contracts axes \(0,\) .*"
+      r"Rule\(r, in_axes=\(0,\), stack_axes=\(1,\)\)",
+    ),
+    (
+      dict(stack_axes=(2,)),
+      r"layers/proj: the model sees this kernel of stored shape \(8, 4, 2, 3\) with shape "
+      r"\(8, 2, 3\), which is not the stored shape without its first 1 stacked axes \(stack_axes=\(2,\)",
+    ),
+  ],
+  ids=["in-declared", "in-and-stack-declared", "out-declared", "in-contradicted", "stack-contradicted"],
+)
+def test_linen_scan_like_checks_declared_parts(rule, want):
+  model, x = Scanned(1), jnp.ones((3, 6))
+  params = model.init(jax.random.key(0), x)["params"]
+  rules = {"layers/proj": delora_jax.Rule(2, **rule)}
+  if isinstance(want, str):
+    with pytest.raises(ValueError, match=want):
+      delora_jax.wrap(params, rules, like=(model, x))
+    return
+  k = delora_jax.wrap(params, rules, like=(model, x))["layers"]["proj"]
+  assert (k.stack, k.in_axes, k.out_axes) == want
+
+
 def test_linen_scan_identity_at_init():
   model, x = Scanned(1), jax.random.normal(jax.random.key(1), (3, 6))
   params = model.init(jax.random.key(0), x)["params"]
