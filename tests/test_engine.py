@@ -251,6 +251,19 @@ class RaggedMoE(nn.Module):
     return jax.nn.gelu(lax.ragged_dot(x, w, group_sizes))
 
 
+def moe_grads_equal(model, tree, x, gs):
+  """Asserts the factorised gradients of a, b, lam equal those through the merged weights; returns them."""
+  trainable, frozen = delora_jax.split(tree)
+  g_f = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, gs) ** 2))(
+    trainable
+  )
+  g_m = jax.grad(
+    lambda t: jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x, gs) ** 2)
+  )(trainable)
+  assert_grads_equal(g_f, g_m)
+  return g_f
+
+
 def _moe_inputs():
   return jax.random.normal(jax.random.key(2), (9, 6)), jnp.array([2, 0, 7], jnp.int32)
 
@@ -268,14 +281,7 @@ def test_ragged_dot_experts_are_adapted_per_expert_and_factorised(declared):
   y_f = delora_jax.apply(model, {"params": tree}, x, gs, strict=True)
   assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x, gs)) < REL
   assert delora_jax.explain(model, {"params": tree}, x, gs)["factorised"] == ["experts"]
-  trainable, frozen = delora_jax.split(tree)
-  g_f = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, gs) ** 2))(
-    trainable
-  )
-  g_m = jax.grad(
-    lambda t: jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x, gs) ** 2)
-  )(trainable)
-  assert_grads_equal(g_f, g_m)
+  g_f = moe_grads_equal(model, tree, x, gs)
   # An expert that gets no token gets no gradient.
   assert not np.any(np.asarray(delora_jax.adapters(g_f)["experts"]["b"][1]))
 
@@ -402,11 +408,4 @@ def test_kernels_returned_by_weight_holders_are_factorised_where_the_parent_uses
   }
   y_f = delora_jax.apply(model, {"params": tree}, x, gs, strict=True)
   assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x, gs)) < REL
-  trainable, frozen = delora_jax.split(tree)
-  g_f = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, gs) ** 2))(
-    trainable
-  )
-  g_m = jax.grad(
-    lambda t: jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x, gs) ** 2)
-  )(trainable)
-  assert_grads_equal(g_f, g_m)
+  g_f = moe_grads_equal(model, tree, x, gs)
