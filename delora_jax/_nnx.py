@@ -163,7 +163,8 @@ def _functional(self, names, base_call, args, kwargs, run):
     return path in kpaths
 
   def is_ref(_, var):  # a Variable holding a mutable array reference: written in place, not returned
-    return bool(getattr(var, "ref", False))
+    # (the raw value's type, not ref=True: flax 0.12.1 records ref=True but holds a plain array)
+    return isinstance(var.get_raw_value(), getattr(jax, "Ref", ()))
 
   graphdef, kstate, rstate, state = nnx.split(self, is_kernel, is_ref, ...)
   kflat = list(nnx.to_flat_state(kstate))

@@ -294,7 +294,7 @@ class InNnxList(InList):
 
 ERRORS = {
   "held_in_a_plain_list": (InList, r"^layer/kernel: this kernel's Variable is held at 'layer/kernel', 'z/0'"),
-  "held_in_an_nnx_list": (InNnxList, r"^layer/kernel: this kernel is held by a List \(at 'z/0'\), which has no"),
+  "held_in_an_nnx_list": (InNnxList, r"^layer/kernel: this kernel is held by a List \(at 'z(/0)?'\), which has no"),
 }
 
 
