@@ -76,8 +76,8 @@ def maxtext_rows(scan: bool) -> dict:
     graphdef, train, rest = nnx.split(model, wrt, ...)
 
     def step(train, opt_state):
-      def loss(train):
-        return xent(tm.call(tm.fresh(nnx.merge(graphdef, train, rest)), args), tok)
+      def loss(train):  # copy=True on both sides: MaxText's scan writes non-Param state back
+        return xent(tm.call(tm.fresh(nnx.merge(graphdef, train, rest, copy=True)), args), tok)
 
       value, g = jax.value_and_grad(loss)(train)
       upd, opt_state = opt.update(g, opt_state, train)
