@@ -160,8 +160,8 @@ def linen_vs_nnx() -> dict:
   }
 
 
-def moe() -> dict:
-  experts, d, f, tokens = 8, 256, 512, 1024
+def moe(experts: int = 8, d: int = 256, f: int = 512, tokens: int = 1024) -> dict:
+  """One MoE layer pair (gelu between two ragged_dots) at the given widths, rank RANK."""
 
   class MoE(nn.Module):
     @nn.compact
@@ -197,6 +197,8 @@ def main() -> None:
     out["package"][args.against] = package_shape(args.against)
   out["linen_vs_nnx"] = linen_vs_nnx()
   out["moe_ragged_dot"] = moe()
+  # gemma 4 26B-A4B-like widths (embed 2816, expert hidden 704), 8 of its experts, 512 tokens.
+  out["moe_ragged_dot_26b_widths"] = moe(experts=8, d=2816, f=704, tokens=512)
   print(json.dumps(out, indent=2))
   print()
   for name, shape in out["package"].items():
@@ -210,8 +212,11 @@ def main() -> None:
     f"{lv['linen_dense']['temp_bytes']} B | NNX Linear {lv['nnx_linear']['flops']:.4g} flops "
     f"{lv['nnx_linear']['temp_bytes']} B | ratio flops {lv['flops_ratio']:.4f}, temp {lv['temp_ratio']:.4f}"
   )
-  m = out["moe_ragged_dot"]
-  print(f"MoE (ragged_dot, 8 experts) DeLoRA on experts / frozen step flops: {m['flops_over_frozen']:.4f}")
+  for name, widths in (("moe_ragged_dot", "d=256, f=512"), ("moe_ragged_dot_26b_widths", "d=2816, f=704")):
+    print(
+      f"MoE (ragged_dot, 8 experts, {widths}) DeLoRA on experts / frozen step flops: "
+      f"{out[name]['flops_over_frozen']:.4f}"
+    )
 
 
 if __name__ == "__main__":
