@@ -448,8 +448,12 @@ _SCAN_IDENTITY = (
   "rounds differently; plain lax.scan over tanh(x @ w) vs tanh(x @ w + x @ zeros) differs the same way"
 )
 XFAIL: dict[tuple[str, str, str], str] = {}
-# Kinds whose identity at init holds to one ulp rather than bit for bit (_SCAN_IDENTITY says why).
-ONE_ULP = {"scan", "nn_scan_einsum", "nn_scan_reads_kernel_ndim"}
+# Scanned kinds (_SCAN_IDENTITY says why they are not bit for bit): their base contraction over
+# K = 4 inputs, summed in another order, rounds at most K - 1 times differently, and tanh once
+# more: K ulps of the outputs' scale. Measured: 1 ulp of each output on jax 0.8.1 and 0.10.2
+# (up to ~16 ulps of the smallest outputs, hence the outputs' scale), 0 on jax 0.12.
+SCANNED = {"scan", "nn_scan_einsum", "nn_scan_reads_kernel_ndim"}
+SCAN_ULPS = 4
 
 
 def cases(invariant: str):
@@ -481,8 +485,9 @@ def test_identity_at_init(fe, kind_name):
   joined single-device CPU form rounds differently; tests/test_apply.py covers it)."""
   base, calls = FRONTENDS[fe](KINDS[kind_name], init="peft").identity_calls()
   for got in calls:
-    if kind_name in ONE_ULP:
-      np.testing.assert_array_max_ulp(np.asarray(got), np.asarray(base), maxulp=1)
+    if kind_name in SCANNED:
+      ulp = np.spacing(np.abs(np.asarray(base)).max())
+      np.testing.assert_allclose(got, base, rtol=0, atol=SCAN_ULPS * ulp)
     else:
       np.testing.assert_array_equal(got, base)
 
