@@ -148,7 +148,7 @@ def test_gemma_train_step_lowers_loss_and_eager_calls_do_not_retrace(gemma, monk
   # (the factorised evaluator runs only while tracing).
   traces = []
   real = _interpret.run
-  monkeypatch.setattr(_interpret, "run", lambda *a: traces.append(1) or real(*a))
+  monkeypatch.setattr(_interpret, "run", lambda *a, **k: traces.append(1) or real(*a, **k))
   full = delora_jax.combine(trainable, frozen)
   tok2 = tokens(1, 5)  # a shape no earlier call used: the first call traces
   first = delora_jax.apply(model, {"params": full}, tok2).logits
