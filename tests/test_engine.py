@@ -46,6 +46,18 @@ def grads_both(model, variables, tree, x, **kw):
   return jax.grad(fact)(trainable), jax.grad(merged)(trainable)
 
 
+def merged_fallback_grads(model, x):
+  """Checks a model whose kernel use falls back to w + ΔW: warned, reported merged, output equal to
+  the merged model's; returns the adapted tree and the factorised and through-merge gradients."""
+  variables, tree = setup(model, x, {"kernel": delora_jax.Rule(2, init="random")})
+  with pytest.warns(delora_jax.FallbackWarning, match="kernel"):
+    y_f = delora_jax.apply(model, {"params": tree}, x)
+  assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x)) < REL
+  assert delora_jax.explain(model, {"params": tree}, x)["merged"] == ["kernel"]
+  with pytest.warns(delora_jax.FallbackWarning):
+    return tree, *grads_both(model, variables, tree, x)
+
+
 def assert_grads_equal(g_fact, g_merged):
   for path, f in delora_jax.adapters(g_fact).items():
     m = delora_jax.adapters(g_merged)[path]
@@ -190,13 +202,7 @@ CUSTOM = {"ste_quantiser": _ste_round, "half_derivative": _half_grad, "custom_vj
 @pytest.mark.parametrize("name", list(CUSTOM), ids=list(CUSTOM))
 def test_custom_derivative_rules_are_kept(name):
   model, x = CustomRule(CUSTOM[name]), jax.random.normal(jax.random.key(2), (4, 6))
-  variables, tree = setup(model, x, {"kernel": delora_jax.Rule(2, init="random")})
-  with pytest.warns(delora_jax.FallbackWarning, match="kernel"):
-    y_f = delora_jax.apply(model, {"params": tree}, x)
-  assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x)) < REL
-  assert delora_jax.explain(model, {"params": tree}, x)["merged"] == ["kernel"]
-  with pytest.warns(delora_jax.FallbackWarning):
-    g_f, g_m = grads_both(model, variables, tree, x)
+  tree, g_f, g_m = merged_fallback_grads(model, x)
   assert_grads_equal(g_f, g_m)
   g = delora_jax.adapters(g_f)["kernel"]
   assert np.abs(np.asarray(g["a"])).max() > 0  # the straight-through rule lets gradients through
@@ -312,14 +318,8 @@ class FullContraction(nn.Module):
 
 
 def test_full_contraction_falls_back_to_the_merged_kernel_with_a_warning():
-  model, x = FullContraction(), jax.random.normal(jax.random.key(2), (4, 6))
-  variables, tree = setup(model, x, {"kernel": delora_jax.Rule(2, init="random")})
-  with pytest.warns(delora_jax.FallbackWarning, match="kernel"):
-    y_f = delora_jax.apply(model, {"params": tree}, x)
-  assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x)) < REL
-  assert delora_jax.explain(model, {"params": tree}, x)["merged"] == ["kernel"]
-  with pytest.warns(delora_jax.FallbackWarning):
-    assert_grads_equal(*grads_both(model, variables, tree, x))
+  _, g_f, g_m = merged_fallback_grads(FullContraction(), jax.random.normal(jax.random.key(2), (4, 6)))
+  assert_grads_equal(g_f, g_m)
 
 
 class Reshaped(nn.Module):
