@@ -57,6 +57,7 @@ from jax import lax
 
 from delora_jax import _kernel, _ops
 from delora_jax._kernel import DeloraKernel
+from delora_jax import _report
 from delora_jax._report import LayoutError, strict_error
 
 
@@ -88,6 +89,7 @@ class Source:
   dropout: float = 0.0
   uses: Uses | None = None  # layout inference: record contractions instead of computing them
   tied: bool = False  # shared by several layers (NNX tied weights): other contractions are merged, not errors
+  defer: bool = False  # other contractions are merged and reported as misfits, raised after the call (Linen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +285,8 @@ def _layout_use(lz: Lazy, contracted: tuple[int, ...], op: str) -> str:
   """How ``op`` contracting view axes ``contracted`` of ``lz`` is computed: ``"in"`` (the
   layer form) or ``"merged"`` (no output axis would be left: a full contraction such as a
   regulariser; or a tied kernel that another of its holders reads otherwise). Any other
-  contraction contradicts the declared layout: a :class:`LayoutError`."""
+  contraction contradicts the declared layout: a :class:`LayoutError`, raised at once, or
+  (``src.defer``) after the call unless another use of the kernel fits it."""
   got = set(contracted)
   if got == set(lz.ins):
     return "in"
@@ -291,12 +294,16 @@ def _layout_use(lz: Lazy, contracted: tuple[int, ...], op: str) -> str:
     return "merged"  # a full contraction, or a tied kernel read otherwise by another holder
   src = lz.src
   stored = tuple(sorted({a for p in contracted for a in lz.axes[p]}))
-  raise LayoutError(
+  err = LayoutError(
     f"{src.path}: the model contracts this kernel over its axes {stored} (in `{op}`), but its "
     f"layout declares input axes {tuple(sorted(src.in_axes))}. Declare the axes the model "
     f"contracts, e.g. Rule(r, in_axes={stored}, ...), or leave the layout out and let "
     "delora_jax infer it: wrap(params, rules, like=(model, *example_args))."
   )
+  if not src.defer or src.strict:
+    raise err
+  _report.misfit(src.path, err)  # merged; an error after the call unless another use fits (tied)
+  return "merged"
 
 
 def _dot_general(eqn, invals):

@@ -228,6 +228,7 @@ def _values(mod: nn.Module, ks: list[_Tracked]) -> list[_interpret.Lazy]:
       lead=k.stored_ndim - k.w.ndim,
       strict=k.mode.strict,
       dropout=k.dropout,
+      defer=True,
     )
     out.append(_interpret.from_kernel(k, lax.stop_gradient(k.w), src, _dropout_key(mod, k)))
   return out
@@ -404,6 +405,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], *args: Any, strict: bo
   _check_variables(variables, "apply", model)
   with _report.recording() as rec:
     out = _run(model, variables, args, kwargs, _Mode(bool(strict)))
+  rec.check()
   _report.warn_merged(
     "delora_jax.apply",
     rec.merged,
@@ -425,6 +427,7 @@ def _explain(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> di
 
   with _report.recording() as rec:
     live = _report.reached(call, {p: (k.a, k.b, k.lam) for p, k in ks.items()})
+  rec.check()
   return _report.summary(list(ks), rec, live)
 
 

@@ -41,13 +41,25 @@ def strict_error(path: str, why: str = "outside a layer delora_jax can factorise
 
 @dataclasses.dataclass(eq=False)
 class Record:
-  """The paths one call computed factorised and merged."""
+  """The paths one call computed factorised and merged, and the contractions that did not fit
+  a kernel's layout (``misfits``: raised by :meth:`check` unless another use of it fits)."""
 
   factorised: set = dataclasses.field(default_factory=set)
   merged: set = dataclasses.field(default_factory=set)
+  misfits: dict = dataclasses.field(default_factory=dict)
 
   def note(self, path: str, kind: str) -> None:
     getattr(self, kind).add(path)
+
+  def check(self) -> None:
+    """Raises the :class:`LayoutError` of a kernel that no use contracted over its input axes.
+
+    A kernel that one layer contracts over its inputs and another over other axes is tied (a
+    Linen ``nn.share_scope``, an embedding read transposed): the other use was merged. A kernel
+    only ever contracted otherwise has a wrong layout."""
+    for path, err in self.misfits.items():
+      if path not in self.factorised:
+        raise err
 
 
 _OPEN: contextvars.ContextVar[tuple[Record, ...]] = contextvars.ContextVar("delora_records", default=())
@@ -73,6 +85,12 @@ def note(path: str, kind: str) -> None:
   """Records that ``path`` ran ``kind`` (``"factorised"`` or ``"merged"``) in every open record."""
   for rec in _OPEN.get():
     rec.note(path, kind)
+
+
+def misfit(path: str, err: LayoutError) -> None:
+  """Records a contraction of ``path`` that does not fit its layout in every open record."""
+  for rec in _OPEN.get():
+    rec.misfits.setdefault(path, err)
 
 
 def warn_merged(who: str, paths: set, hint: str, stacklevel: int = 3) -> None:

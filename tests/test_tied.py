@@ -375,16 +375,15 @@ def test_linen_reused_kernel_equals_merged(name):
     assert rel(g[f], want[f]) <= REL, f
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=ValueError,  # delora_jax._report.LayoutError
-  reason="Linen front-end (delora_jax/_linen.py): a kernel tied through nn.share_scope and contracted "
-  "transposed by the other module raises LayoutError; the NNX front-end merges that use (FallbackWarning).",
-)
 def test_linen_shared_scope_transposed_use_is_merged():
+  """The Dense contracts the shared kernel over its inputs (factorised), the reader over its
+  outputs: that use is merged and reported, as for NNX tied weights; strict=True refuses it."""
   model = SharedScopeTied(transpose=True)
   params = model.init(jax.random.key(0), _x)["params"]
   tree = delora_jax.wrap(params, {"kernel": R()}, key=jax.random.key(1))
+  with pytest.raises(ValueError, match=r"^kernel: the model contracts this kernel over its axes \(1,\)"):
+    delora_jax.apply(model, {"params": tree}, _x, strict=True)
+  assert delora_jax.explain(model, {"params": tree}, _x) == {"factorised": [], "merged": ["kernel"], "unused": []}
   with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
     got = delora_jax.apply(model, {"params": tree}, _x)
