@@ -55,9 +55,8 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax
 
-from delora_jax import _kernel, _ops
+from delora_jax import _kernel, _ops, _report
 from delora_jax._kernel import DeloraKernel
-from delora_jax import _report
 from delora_jax._report import LayoutError, strict_error
 
 

@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -194,6 +194,48 @@ def _state_entries(mod: nn.Module) -> list[tuple[dict, str, Any]]:
   return out
 
 
+def _snapshot(mod: nn.Module) -> Callable[[], None]:
+  """A function that puts the call's mutable collections back as they are now, so that a method
+  traced again (a weight holder escalated) does not write its state twice: changed values are
+  restored, variables the method created in its own scope removed (with flax's reservation of
+  their names). A variable the method created in a child's scope cannot be removed: TypeError."""
+
+  def leaves() -> dict:
+    out = {}
+
+    def walk(d, path):
+      for k, v in d.items():
+        if isinstance(v, dict):
+          walk(v, (*path, k))
+        else:
+          out[(*path, k)] = (d, v)
+
+    for col, d in mod.scope.root.mutable_variables().items():
+      if col != "params" and isinstance(d, dict):
+        walk(d, (col,))
+    return out
+
+  saved = leaves()
+  own = tuple(mod.scope.path)
+
+  def restore() -> None:
+    for path, (d, _) in leaves().items():
+      if path in saved:
+        saved[path][0][path[-1]] = saved[path][1]
+      elif tuple(path[1:-1]) == own:
+        del d[path[-1]]
+        mod.scope.reservations[path[-1]].discard(path[0])  # flax has no public way to undo a variable
+      else:
+        raise TypeError(
+          f"{mod.scope.path_text}: this method creates the variable {'/'.join(map(str, path))} in a child "
+          "module before a child returns an adapted kernel to it; delora_jax traces the method again to "
+          "compute that kernel factorised and cannot undo the child's first write. Create the variable "
+          "after the kernel is read, or in the method's own scope."
+        )
+
+  return restore
+
+
 def _functional(mod: nn.Module, owned: list[tuple[nn.Module, str, Any]], next_fun, args, kwargs, written: list):
   """``next_fun`` (a method of ``mod``) as a pure function of one placeholder per kernel of
   ``owned`` (``(module, name, kernel)``, in ``mod`` or a child): returns ``(out, new values)``
@@ -268,6 +310,7 @@ def _enclosing(next_fun, args, kwargs, as_: type[_Escalate]):
 def _generic(mod: nn.Module, owned: list[tuple[nn.Module, str, _Tracked]], next_fun, args, kwargs):
   """Any method of any module: traced with each kernel as a placeholder, then evaluated
   with the low-rank form (or, for layout inference, a probe) bound to it."""
+  restore = _snapshot(mod)
   while True:
     ks = [k for _, _, k in owned]
     written: list = []
@@ -283,6 +326,7 @@ def _generic(mod: nn.Module, owned: list[tuple[nn.Module, str, _Tracked]], next_
       raise _Escalate(owned) from None
     except _Retry as e:
       owned = owned + e.owned
+      restore()
       continue
     for (c, k), v in zip(written, new):
       c[k] = v
@@ -292,9 +336,11 @@ def _generic(mod: nn.Module, owned: list[tuple[nn.Module, str, _Tracked]], next_
 def _passing(mod: nn.Module, next_fun, args, kwargs):
   """A method that reads no adapted kernel of its own runs as it is; if a child returns its
   kernel to it (:class:`_Escalate`), this method is traced with that kernel instead."""
+  restore = _snapshot(mod)
   try:
     return _enclosing(next_fun, args, kwargs, _Retry)
   except _Retry as e:
+    restore()
     return _generic(mod, e.owned, next_fun, args, kwargs)
 
 

@@ -409,3 +409,24 @@ def test_kernels_returned_by_weight_holders_are_factorised_where_the_parent_uses
   y_f = delora_jax.apply(model, {"params": tree}, x, gs, strict=True)
   assert rel(y_f, model.apply({"params": delora_jax.merge(tree)}, x, gs)) < REL
   moe_grads_equal(model, tree, x, gs)
+
+
+class SowingHeldMoE(HeldMoE):
+  """Writes state before its weight holders return their kernels (traced again on escalation)."""
+
+  def __call__(self, x, sizes):
+    self.sow("intermediates", "x_sum", jnp.sum(x))
+    w = jnp.transpose(self.gating(), (0, 3, 1, 2)).reshape(3, 6, 8)
+    h = lax.ragged_dot(x, w, sizes).reshape(x.shape[0], 2, 4)
+    return lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], self.linear(), sizes)
+
+
+def test_state_written_before_a_holder_escalates_is_written_once():
+  model, (x, gs) = SowingHeldMoE(), _moe_inputs()
+  params = model.init(jax.random.key(0), x, gs)["params"]
+  tree = delora_jax.wrap(params, {".*/w": delora_jax.Rule(2, init="random")}, like=(model, x, gs))
+  y, state = delora_jax.apply(model, {"params": tree}, x, gs, strict=True, mutable=["intermediates"])
+  y_m, state_m = model.apply({"params": delora_jax.merge(tree)}, x, gs, mutable=["intermediates"])
+  assert jax.tree.structure(state) == jax.tree.structure(state_m)
+  assert len(state["intermediates"]["x_sum"]) == 1
+  assert rel(y, y_m) < REL
