@@ -381,6 +381,13 @@ class _Weight(nn.Module):
     return self.param("w", INIT, self.shape)
 
 
+def _held_moe(mod, x, sizes):
+  """The MoE body (a plain function, so it runs inside the calling method)."""
+  w = jnp.transpose(mod.gating(), (0, 3, 1, 2)).reshape(3, 6, 8)
+  h = lax.ragged_dot(x, w, sizes).reshape(x.shape[0], 2, 4)
+  return lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], mod.linear(), sizes)
+
+
 class HeldMoE(nn.Module):
   """gemma 4's MoERagged pattern: expert kernels held by child modules, used by the parent."""
 
@@ -389,9 +396,7 @@ class HeldMoE(nn.Module):
     self.linear = _Weight((3, 4, 6))  # (E, H, F)
 
   def __call__(self, x, sizes):
-    w = jnp.transpose(self.gating(), (0, 3, 1, 2)).reshape(3, 6, 8)
-    h = lax.ragged_dot(x, w, sizes).reshape(x.shape[0], 2, 4)
-    return lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], self.linear(), sizes)
+    return _held_moe(self, x, sizes)
 
 
 def test_kernels_returned_by_weight_holders_are_factorised_where_the_parent_uses_them():
@@ -416,9 +421,7 @@ class SowingHeldMoE(HeldMoE):
 
   def __call__(self, x, sizes):
     self.sow("intermediates", "x_sum", jnp.sum(x))
-    w = jnp.transpose(self.gating(), (0, 3, 1, 2)).reshape(3, 6, 8)
-    h = lax.ragged_dot(x, w, sizes).reshape(x.shape[0], 2, 4)
-    return lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], self.linear(), sizes)
+    return _held_moe(self, x, sizes)
 
 
 def test_state_written_before_a_holder_escalates_is_written_once():
@@ -430,3 +433,30 @@ def test_state_written_before_a_holder_escalates_is_written_once():
   assert jax.tree.structure(state) == jax.tree.structure(state_m)
   assert len(state["intermediates"]["x_sum"]) == 1
   assert rel(y, y_m) < REL
+
+
+class _Tap(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    self.sow("intermediates", "s", jnp.sum(x))
+    return x
+
+
+class ChildSowingHeldMoE(HeldMoE):
+  """A child creates a variable before the weight holders return their kernels."""
+
+  def setup(self):
+    super().setup()
+    self.tap = _Tap()
+
+  def __call__(self, x, sizes):
+    x = self.tap(x)
+    return _held_moe(self, x, sizes)
+
+
+def test_a_child_variable_created_before_a_holder_escalates_is_a_type_error():
+  model, (x, gs) = ChildSowingHeldMoE(), _moe_inputs()
+  params = model.init(jax.random.key(0), x, gs)["params"]
+  tree = delora_jax.wrap(params, {".*/w": delora_jax.Rule(2, init="random")}, like=(model, x, gs))
+  with pytest.raises(TypeError, match=r"creates the variable intermediates/tap/s in a child module"):
+    delora_jax.apply(model, {"params": tree}, x, gs, mutable=["intermediates"])
