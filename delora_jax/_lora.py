@@ -65,7 +65,7 @@ def _mismatch(w, stored, *, in_axes, out_axes, stack, rtol):
   got = _kernel.lead(stored, stack, "w_norm").astype(jnp.float32)
   atol = 1e-6 * jnp.max(jnp.abs(want), initial=0.0)
   err = jnp.abs(got - want)
-  n_bad = jnp.sum(err > atol + rtol * jnp.abs(want))
+  n_bad = jnp.sum(~(err <= atol + rtol * jnp.abs(want)))  # NaN anywhere is a mismatch
   rel = jnp.max(err / jnp.maximum(jnp.abs(want), jnp.maximum(atol, 1e-30)), initial=0.0)
   return n_bad, rel
 
@@ -116,3 +116,23 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
       f"tolerance {rtol:g}). Load the adapters into the same pretrained weights they were "
       "trained on (pass check_base=False only if you know the bases match)."
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _nonfinite_fn(out_shardings):
+  return jax.jit(lambda xs: {f: jnp.sum(~jnp.isfinite(x)) for f, x in xs.items()}, out_shardings=out_shardings)
+
+
+def check_finite(path: str, fields: dict[str, Any], source: str) -> None:
+  """Raises ``ValueError`` naming the field if an adapter array read from ``source`` holds NaN or inf.
+
+  Counted in one jit with replicated results, like :func:`check_base_norms`.
+  """
+  sh = getattr(next(iter(fields.values())), "sharding", None)
+  out = NamedSharding(sh.mesh, PartitionSpec()) if isinstance(sh, NamedSharding) else None
+  for f, n in _nonfinite_fn(out)(fields).items():
+    if int(n):
+      raise ValueError(
+        f"{path}: `{f}` in {source} has {int(n)} NaN or inf entries of {math.prod(fields[f].shape)}: the "
+        "adapters had diverged when they were saved, or the file was altered. Load an earlier checkpoint."
+      )
