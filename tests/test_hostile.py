@@ -257,8 +257,9 @@ def test_ranks_that_disagree_with_the_tensors_are_refused_before_allocation(tmp_
     ({"r": 10**300}, r"`r` must be a positive integer; got 10{300}\. Write e.g. \"r\": 8 \(at most 2147483647\)"),
     ({"rank_pattern": {"lin0": 2**31}}, r"`rank_pattern\['lin0'\]` must be a positive integer; got 2147483648"),
     ({"r": 10**9}, r"lin0/kernel: .* rank 1000000000, above min\(in, out\) = 6 of its kernel of shape \(8, 6\)"),
+    ({"delora_lambda": 10**400}, r"`delora_lambda` must be a finite number; got 10{400}"),
   ],
-  ids=["r_1e300", "pattern_2_31", "r_1e9"],
+  ids=["r_1e300", "pattern_2_31", "r_1e9", "lambda_400_digits"],
 )
 def test_astronomic_ranks_are_refused_by_rules(config, msg):
   with pytest.raises(ValueError, match=msg):

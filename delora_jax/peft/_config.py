@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -196,7 +195,7 @@ def linear(regex: str, source: str = "", key: str = "", shown: str | None = None
     "Config patterns run on RE2 so that a downloaded config cannot hang the loader (Python's re, and PEFT, can "
     "take exponential time); RE2 has no backreferences, lookaround ((?=, (?!, (?<=, (?<!), atomic groups, "
     "possessive repeats (a++), \\Z (write $) or repeats over 1000. Rewrite the pattern without them (write "
-    "{0,n} for {,n}; \\{\\, or \\[\\: for those characters), or list the module names instead."
+    "{0,n} for {,n}, and \\: for a ':' after '['), or list the module names instead."
   )
 
 
@@ -226,15 +225,17 @@ def _names(source: str, key: str, value: Any, *, regex_ok: bool = True, template
     return
   if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
     raise _bad(source, key, "null, a regex string or a list of module names", value)
-  for i, v in enumerate(value if template else ()):
-    _regex(source, f"{key}[{i}]", v, template)
+  for i, v in enumerate(value):
+    if template:
+      _regex(source, f"{key}[{i}]", v, template)
 
 
 def _number(source: str, key: str, value: Any, *, integer: bool = False) -> None:
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  # finite, and no OverflowError from float() of a 400-digit JSON integer
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
   if ok and integer:
     ok = 0 < value <= MAX_RANK and float(value).is_integer()
-  if not ok or not math.isfinite(float(value)):
+  if not ok:
     want = "a positive integer" if integer else "a finite number"
     fix = f'Write e.g. "{key}": 8 (at most {MAX_RANK}).' if integer else f'Write e.g. "{key}": 15.'
     raise _bad(source, key, want, value, fix)

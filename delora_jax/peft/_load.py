@@ -194,7 +194,8 @@ def load(
   ``module_names`` gives for ``tree``'s adapted kernels (adapted slices only,
   see ``Rule.slices``) is in the file and targeted by the config, and the file
   holds no other module; each module's rank (``r``, or its ``rank_pattern``
-  entry) equals the tree's; tensor shapes fit the kernels; λ is finite;
+  entry) equals its tensors' (before anything is allocated) and the tree's;
+  tensor shapes fit the kernels; every tensor is a float tensor without NaN or inf;
   ``delora_w_norm`` matches the norms of ``tree``'s base kernels (a different
   base model is an error; a norm PEFT rounded to a bf16/fp16 base's dtype is
   accepted); every other tensor (``modules_to_save`` modules, ``bias="all"`` /

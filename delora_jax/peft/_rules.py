@@ -68,6 +68,9 @@ def rules(
   ``lambda_pattern``, ``module_dropout`` and ``init_weights`` (``True`` ->
   ``init="peft"``, ``False`` -> ``"random"``). A stacked (scanned) kernel
   whose module names PEFT adapts only in part gets ``Rule(slices=...)``.
+  The config's regexes run on RE2, in time linear in the module name (a
+  downloaded config cannot hang it); a construct RE2 lacks (backreferences,
+  lookaround) is a ``ValueError`` naming the key and the fix.
 
   Args:
     config: a PEFT adapter folder, its ``adapter_config.json``, a dict or a
@@ -86,8 +89,9 @@ def rules(
 
   Raises:
     ValueError: a malformed config (naming its file and key), no module
-      targeted, or one stacked kernel whose slices PEFT gives different ranks
-      or λ.
+      targeted, one stacked kernel whose slices PEFT gives different ranks
+      or λ, or a rank above ``min(in, out)`` whose factors would hold more
+      than 2^24 numbers.
 
   Example:
     >>> import jax.numpy as jnp, delora_jax
