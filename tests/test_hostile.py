@@ -302,12 +302,20 @@ def test_low_precision_adapters_load_back_from_their_own_export(tmp_path, dtype)
     delora_jax.peft.load(folder, other, module_names=NAMES)  # a 10% different row is still caught
 
 
-def test_load_adapters_refuses_nonfinite_adapters_by_name(tmp_path):
+def test_load_adapters_refuses_nonfinite_or_int_adapters_by_name(tmp_path):
   tree = delora_jax.wrap(_params(), {"lin0/kernel": delora_jax.Rule(4, init="random")})
   ads = delora_jax.adapters(tree)
   ads["lin0/kernel"]["b"] = ads["lin0/kernel"]["b"].at[0, 1].set(jnp.inf)
-  bad = delora_jax.with_adapters(tree, ads)
-  path = delora_jax.save_adapters(tmp_path / "ckpt", bad)
+  path = delora_jax.save_adapters(tmp_path / "ckpt", delora_jax.with_adapters(tree, ads))
   with pytest.raises(ValueError, match=r"lin0/kernel: `b` in the checkpoint .* has 1 NaN or inf entries of 24"):
     delora_jax.load_adapters(path, tree)
-  delora_jax.load_adapters(delora_jax.save_adapters(tmp_path / "ok", tree), tree)
+  ok = delora_jax.save_adapters(tmp_path / "ok", tree)
+  delora_jax.load_adapters(ok, tree)
+  meta_file = next((tmp_path / "ok" / "delora_meta").glob("metadata*"))
+  meta = json.loads(meta_file.read_text())
+  meta["kernels"]["lin0/kernel"]["fields"]["a"]["dtype"] = "int32"
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(
+    ValueError, match=r"lin0/kernel.*a.*int32\(8, 4\) in the checkpoint, float32\(8, 4\) in the target"
+  ):
+    delora_jax.load_adapters(ok, tree)
