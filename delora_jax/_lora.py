@@ -79,12 +79,13 @@ def _mismatch_fn(in_axes, out_axes, stack, rtol: float, out_shardings):
   )
 
 
-def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> None:
+def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str, kept_in: Any = None) -> None:
   """Raises ``ValueError`` if ``stored`` w_norm does not belong to ``k``'s base kernel.
 
   ``stored`` is compared with the norms recomputed from ``k.w`` (rtol 1e-3, or
   a few ulps of the stored dtype if coarser, or one ulp of a low-precision base
-  kernel's dtype, in which PEFT computes the norm; atol 1e-6 of the largest norm).
+  kernel's dtype, in which PEFT computes the norm, or of ``kept_in``, the dtype
+  the stored values were rounded to; atol 1e-6 of the largest norm). NaN is a mismatch.
   The comparison runs in one jit whose two scalar results are replicated, so
   kernels sharded over devices of several processes are checked in place and
   every process reads the same verdict.
@@ -99,8 +100,8 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
       f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
       f"{want_shape} for the base kernel of shape {tuple(k.w.shape)}."
     )
-  # A norm PEFT computed in a bf16/fp16 base's dtype is rounded by up to eps/2 of that dtype.
-  rtol = max(norm_tolerance(stored.dtype), float(jnp.finfo(k.w.dtype).eps))
+  # A norm rounded to bf16/fp16 (PEFT's on such a base, or low-precision adapters' `kept_in`) is off by <= eps/2.
+  rtol = max(norm_tolerance(stored.dtype), *(float(jnp.finfo(d).eps) for d in (k.w.dtype, kept_in) if d is not None))
   sh = getattr(k.w, "sharding", None)
   out = None
   if isinstance(sh, NamedSharding):

@@ -155,25 +155,24 @@ def _arrays(k: Any, per: list[dict | None]) -> dict[str, Any]:
   }
 
 
-def _as_written(x: np.ndarray) -> np.ndarray:
-  """``x`` in the coarsest of bfloat16 / float16 that holds it exactly, else as it is: a norm of
-  low-precision adapters, written as float32, is then compared at the precision it was kept in."""
+def _kept_in(x: np.ndarray) -> Any:
+  """The coarsest of bfloat16 / float16 that holds ``x`` exactly, else None: low-precision
+  adapters keep their norm in that dtype, and export writes it as float32."""
   for dtype in (jnp.bfloat16, jnp.float16):
-    y = x.astype(dtype)
-    if np.array_equal(y.astype(x.dtype), x):
-      return y
-  return x
+    if np.array_equal(x.astype(dtype).astype(x.dtype), x):
+      return dtype
+  return None
 
 
 def _check_base(p: str, k: Any, per: list[dict | None], source: str) -> None:
   on = [m is not None for m in per]
-  stored = _as_written(np.stack([m["delora_w_norm"] for m in per if m is not None]))
+  stored = np.stack([m["delora_w_norm"] for m in per if m is not None])
   if all(on):
-    check_base_norms(p, k, stored.reshape(tuple(k.w_norm.shape)), source)
+    check_base_norms(p, k, stored.reshape(tuple(k.w_norm.shape)), source, kept_in=_kept_in(stored))
     return
   n_stack = k.w.ndim - len(k.in_axes) - len(k.out_axes)
   w = jnp.asarray(k.w).reshape((-1,) + tuple(k.w.shape[n_stack:]))[np.asarray(on)]
-  check_base_norms(p, k.replace(w=w), stored, source)
+  check_base_norms(p, k.replace(w=w), stored, source, kept_in=_kept_in(stored))
 
 
 def load(
