@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from delora_jax import _atomic, _tree
 from delora_jax import _ckpt_meta as meta_lib
 from delora_jax._kernel import is_kernel
-from delora_jax._lora import check_base_norms
+from delora_jax._lora import check_base_norms, check_finite
 from delora_jax._split import _extra_matcher
 from delora_jax._wrap import adapters as _adapters
 from delora_jax._wrap import with_adapters
@@ -375,6 +375,8 @@ def _read(path: str, tree: Any, ks: dict, opt_state: Any, shardings: Any, check_
   restored = got[ADAPTERS]
   extras = dict(got[EXTRA]) if EXTRA in items else {}
   meta_lib.verify_checksums(meta, restored, got[OPT] if OPT in items else [], path, extras)
+  for p, fields in restored.items():
+    check_finite(p, fields, f"the checkpoint {path!r}")
   if check_base:
     for p, k in ks.items():
       check_base_norms(p, k, restored[p]["w_norm"], f"the checkpoint {path!r}")

@@ -65,7 +65,7 @@ def _mismatch(w, stored, *, in_axes, out_axes, stack, rtol):
   got = _kernel.lead(stored, stack, "w_norm").astype(jnp.float32)
   atol = 1e-6 * jnp.max(jnp.abs(want), initial=0.0)
   err = jnp.abs(got - want)
-  n_bad = jnp.sum(err > atol + rtol * jnp.abs(want))
+  n_bad = jnp.sum(~(err <= atol + rtol * jnp.abs(want)))  # NaN anywhere is a mismatch
   rel = jnp.max(err / jnp.maximum(jnp.abs(want), jnp.maximum(atol, 1e-30)), initial=0.0)
   return n_bad, rel
 
@@ -79,12 +79,13 @@ def _mismatch_fn(in_axes, out_axes, stack, rtol: float, out_shardings):
   )
 
 
-def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> None:
+def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str, kept_in: Any = None) -> None:
   """Raises ``ValueError`` if ``stored`` w_norm does not belong to ``k``'s base kernel.
 
   ``stored`` is compared with the norms recomputed from ``k.w`` (rtol 1e-3, or
   a few ulps of the stored dtype if coarser, or one ulp of a low-precision base
-  kernel's dtype, in which PEFT computes the norm; atol 1e-6 of the largest norm).
+  kernel's dtype, in which PEFT computes the norm, or of ``kept_in``, the dtype
+  the stored values were rounded to; atol 1e-6 of the largest norm). NaN is a mismatch.
   The comparison runs in one jit whose two scalar results are replicated, so
   kernels sharded over devices of several processes are checked in place and
   every process reads the same verdict.
@@ -99,8 +100,8 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
       f"{path}: {source} has w_norm of shape {tuple(stored.shape)}, expected "
       f"{want_shape} for the base kernel of shape {tuple(k.w.shape)}."
     )
-  # A norm PEFT computed in a bf16/fp16 base's dtype is rounded by up to eps/2 of that dtype.
-  rtol = max(norm_tolerance(stored.dtype), float(jnp.finfo(k.w.dtype).eps))
+  # A norm rounded to bf16/fp16 (PEFT's on such a base, or low-precision adapters' `kept_in`) is off by <= eps/2.
+  rtol = max(norm_tolerance(stored.dtype), *(float(jnp.finfo(d).eps) for d in (k.w.dtype, kept_in) if d is not None))
   sh = getattr(k.w, "sharding", None)
   out = None
   if isinstance(sh, NamedSharding):
@@ -116,3 +117,23 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str) -> No
       f"tolerance {rtol:g}). Load the adapters into the same pretrained weights they were "
       "trained on (pass check_base=False only if you know the bases match)."
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _nonfinite_fn(out_shardings):
+  return jax.jit(lambda xs: {f: jnp.sum(~jnp.isfinite(x)) for f, x in xs.items()}, out_shardings=out_shardings)
+
+
+def check_finite(path: str, fields: dict[str, Any], source: str) -> None:
+  """Raises ``ValueError`` naming the field if an adapter array read from ``source`` holds NaN or inf.
+
+  Counted in one jit with replicated results, like :func:`check_base_norms`.
+  """
+  sh = getattr(next(iter(fields.values())), "sharding", None)
+  out = NamedSharding(sh.mesh, PartitionSpec()) if isinstance(sh, NamedSharding) else None
+  for f, n in _nonfinite_fn(out)(fields).items():
+    if int(n):
+      raise ValueError(
+        f"{path}: `{f}` in {source} has {int(n)} NaN or inf entries of {math.prod(fields[f].shape)}: the "
+        "adapters had diverged when they were saved, or the file was altered. Load an earlier checkpoint."
+      )

@@ -482,7 +482,7 @@ BAD = {
   ),
   "rank_vs_config": (
     dict(config=lambda c: c.update(r=4)),
-    r"lin0.delora_A: shape \(8, 10\) in the file, expected \(4, 10\) \(rank 4",
+    r"lin0: rank 4 in adapter_config.json \(`r` or its rank_pattern entry\), but delora_A \(8, 10\), delora_B",
   ),
   "head_not_in_tree": (
     dict(tensors=lambda t: t.update({"base_model.model.head.weight": np.ones((3, 2), np.float32)})),

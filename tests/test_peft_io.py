@@ -350,7 +350,7 @@ def _tamper(src, dst, *, config=None, tensors=None):
   return dst
 
 
-K = "base_model.model.lin2.delora_"
+K, K1 = "base_model.model.lin2.delora_", "base_model.model.lin1.delora_"
 LOAD_ERRORS = {
   "peft_type": (dict(config=lambda c: c.update(peft_type="LORA")), "expected 'DELORA'"),
   "r_type": (dict(config=lambda c: c.update(r="4")), "adapter_config.json: `r` must be a positive integer; got '4'"),
@@ -366,10 +366,23 @@ LOAD_ERRORS = {
     dict(tensors=lambda t: t.update({"base_model.model.lin9.delora_A": t[K + "A"]})),
     "lin9: in the file, not adapted",
   ),
-  "rank": (dict(config=lambda c: c.update(rank_pattern={})), "rank 4 in adapter_config.json, 2 in the target"),
+  "rank": (
+    dict(
+      config=lambda c: c.update(rank_pattern={}),
+      tensors=lambda t: t.update({K1 + "A": np.ones((4, 32), np.float32), K1 + "B": np.ones((24, 4), np.float32)}),
+    ),
+    "rank 4 in adapter_config.json, 2 in the target",
+  ),
+  "rank_vs_tensors": (
+    dict(config=lambda c: c.update(rank_pattern={})),
+    r"lin1: rank 4 in adapter_config.json \(`r` or its rank_pattern entry\), but delora_A \(2, 32\)",
+  ),
   "shape": (dict(tensors=lambda t: t.update({K + "B": np.ones((5, 4), np.float32)})), "shape \\(5, 4\\)"),
   "missing_tensor": (dict(tensors=lambda t: t.pop(K + "B")), "tensors \\['delora_B'\\] missing"),
-  "lam_nan": (dict(tensors=lambda t: t.update({K + "lambda": np.full(1, np.nan, np.float32)})), "not finite"),
+  "lam_nan": (
+    dict(tensors=lambda t: t.update({K + "lambda": np.full(1, np.nan, np.float32)})),
+    r"lin2.delora_lambda: 1 of 1 entries are NaN or inf",
+  ),
   "not_targeted": (dict(config=lambda c: c.update(target_modules=["lin0", "lin1"])), "not selected by"),
   "other_base": (dict(tensors=lambda t: t.update({K + "w_norm": t[K + "w_norm"] * 1.1})), "base kernel differs"),
 }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import re2
 
 from delora_jax.peft._names import CONFIG
 
@@ -51,6 +53,11 @@ DEFAULTS: dict[str, Any] = {
   "modules_to_save": None,
 }
 BIASES = ("none", "all", "delora_only")
+#: The largest ``r`` / ``rank_pattern`` value a config may hold (XLA indexes array dimensions with int32).
+MAX_RANK = 2**31 - 1
+#: How PEFT runs a ``rank_pattern``/``lambda_pattern`` key, a ``modules_to_save`` name and a
+#: ``layers_pattern`` (``{}``: the config's string), here on RE2 (:func:`linear`).
+KEY, SAVED, LAYER = r"(.*\.)?({})$", r"(^|.*\.){}($|\..*)", r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
 #: PEFT's heads of sequence-classification models, kept out of ``all-linear`` for SEQ_CLS.
 SEQ_CLS_HEADS = ("score", "classifier")
 
@@ -111,6 +118,17 @@ def _plain(x: Any) -> Any:
   return value if isinstance(value, str) and not isinstance(x, str) else x
 
 
+def plain(cfg: dict, source: str) -> dict:
+  """:func:`_plain` of a whole config; a ValueError (not a RecursionError) for one nested too deeply."""
+  try:
+    return _plain(cfg)
+  except RecursionError:
+    raise ValueError(
+      f"{source} nests its values too deeply to read; a DeloraConfig's values are numbers, "
+      "strings, lists of strings and {pattern: number} objects."
+    ) from None
+
+
 def read(config: Any) -> tuple[dict, str]:
   """``(config dict, where it came from)`` of a folder, a json file, a dict or a DeloraConfig."""
   if isinstance(config, (str, os.PathLike)):
@@ -123,7 +141,7 @@ def read(config: Any) -> tuple[dict, str]:
     try:
       with open(file) as fh:
         cfg = json.load(fh)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
       raise ValueError(
         f"{file!r} is unreadable ({type(e).__name__}: {e}); write it with "
         "PeftModel.save_pretrained or delora_jax.peft.export."
@@ -140,43 +158,87 @@ def read(config: Any) -> tuple[dict, str]:
     )
   if not isinstance(cfg, Mapping):
     raise ValueError(f"{source} holds a {type(cfg).__name__}, expected a JSON object of DeloraConfig fields.")
-  return check(_plain(dict(cfg)), source), source
+  return check(plain(dict(cfg), source), source), source
 
 
 def _bad(source: str, key: str, want: str, got: Any, fix: str = "") -> ValueError:
   return ValueError(f"{source}: `{key}` must be {want}; got {got!r}.{' ' + fix if fix else ''}")
 
 
-def _regex(source: str, key: str, pattern: Any) -> None:
+_RE2 = re2.Options()
+_RE2.log_errors = False
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(regex: str) -> Any:
+  return re2.compile(regex, _RE2)
+
+
+def linear(regex: str, source: str = "", key: str = "", shown: str | None = None) -> Any:
+  """``regex`` compiled by RE2, which matches in time linear in the module name.
+
+  Config patterns come from downloaded files, and Python's ``re`` (which PEFT
+  uses) backtracks: ``(.|.)*Z`` takes ~2^n steps on an n-character name. RE2
+  reads Python's syntax the same way, except for what it refuses (a
+  ``ValueError`` naming ``source``, ``key`` and the pattern ``shown``) and two
+  constructs it reads differently, ``{,n}`` and ``[:name:]``, refused too.
+  """
+  if "{," in regex or "[:" in regex:
+    why = "RE2 reads `{,n}` and `[:name:]` differently from Python's re"
+  else:
+    try:
+      return _compiled(regex)
+    except re2.error as e:
+      why = f"RE2 cannot compile it ({e.args[0].decode() if isinstance(e.args[0], bytes) else e})"
+  raise ValueError(
+    f"{source}: `{key}` holds the regex {shown or regex!r}, which delora_jax refuses: {why}. "
+    "Config patterns run on RE2 so that a downloaded config cannot hang the loader (Python's re, and PEFT, can "
+    "take exponential time); RE2 has no backreferences, lookaround ((?=, (?!, (?<=, (?<!), atomic groups, "
+    "possessive repeats (a++), \\Z (write $) or repeats over 1000. Rewrite the pattern without them (write "
+    "{0,n} for {,n}, and \\: for a ':' after '['), or list the module names instead."
+  )
+
+
+def _regex(source: str, key: str, pattern: Any, template: str = "{}") -> None:
+  """Checks a config regex, run as ``template`` with the pattern in place of ``{}``."""
   if not isinstance(pattern, str):
     raise _bad(source, key, "a regex string", pattern)
+  regex = template.replace("{}", pattern)
   try:
-    re.compile(pattern)
+    if "{," not in regex and "[:" not in regex:  # those are refused below (Python warns on "[:")
+      re.compile(regex)
   except re.error as e:
     raise ValueError(
       f"{source}: `{key}` holds {pattern!r}, which is not a valid regular "
       f"expression ({e}). Fix the pattern (PEFT would fail on it too)."
     ) from None
+  linear(regex, source, key, pattern)
 
 
-def _names(source: str, key: str, value: Any, *, regex_ok: bool = True) -> None:
+def _names(source: str, key: str, value: Any, *, regex_ok: bool = True, template: str | None = None) -> None:
+  """Checks a module list; a str is a regex (``regex_ok``), a list holds regexes run as ``template``."""
   if value is None:
     return
   if isinstance(value, str):
     if regex_ok and value != "all-linear":
-      _regex(source, key, value)
+      _regex(source, key, value, template or "{}")
     return
   if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
     raise _bad(source, key, "null, a regex string or a list of module names", value)
+  for i, v in enumerate(value):
+    if template:
+      _regex(source, f"{key}[{i}]", v, template)
 
 
 def _number(source: str, key: str, value: Any, *, integer: bool = False) -> None:
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  # finite, and no OverflowError from float() of a 400-digit JSON integer
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
   if ok and integer:
-    ok = float(value).is_integer() and value > 0
-  if not ok or not math.isfinite(float(value)):
+    ok = 0 < value <= MAX_RANK and float(value).is_integer()
+  if not ok:
     want = "a positive integer" if integer else "a finite number"
-    raise _bad(source, key, want, value, f'Write e.g. "{key}": {8 if integer else 15}.')
+    fix = f'Write e.g. "{key}": 8 (at most {MAX_RANK}).' if integer else f'Write e.g. "{key}": 15.'
+    raise _bad(source, key, want, value, fix)
 
 
 def check(cfg: dict, source: str) -> dict:
@@ -201,7 +263,7 @@ def check(cfg: dict, source: str) -> dict:
     raise _bad(source, "module_dropout", "a probability in [0, 1)", cfg["module_dropout"])
   _names(source, "target_modules", cfg["target_modules"])
   _names(source, "exclude_modules", cfg["exclude_modules"])
-  _names(source, "modules_to_save", cfg["modules_to_save"], regex_ok=False)
+  _names(source, "modules_to_save", cfg["modules_to_save"], regex_ok=False, template=SAVED)
   if isinstance(cfg["modules_to_save"], str):
     raise _bad(source, "modules_to_save", "null or a list of module names", cfg["modules_to_save"])
   if cfg["bias"] not in BIASES:
@@ -223,7 +285,7 @@ def _check_layers(cfg: dict, source: str) -> None:
     and not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
   ):
     raise _bad(source, "layers_to_transform", "null, a layer index or a list of them", layers)
-  _names(source, "layers_pattern", cfg["layers_pattern"])
+  _names(source, "layers_pattern", cfg["layers_pattern"], template=LAYER)
   if isinstance(cfg["target_modules"], str) and layers is not None:
     raise ValueError(
       f"{source}: `layers_to_transform` cannot be used with a regex string "
@@ -246,14 +308,14 @@ def _check_patterns(cfg: dict, source: str) -> None:
         f'Write e.g. "{key}": {{"q_proj": {8 if integer else 15}}}.',
       )
     for pat, value in cfg[key].items():
-      _regex(source, f"{key}[{pat!r}]", pat)
+      _regex(source, f"{key}[{pat!r}]", pat, KEY)
       _number(source, f"{key}[{pat!r}]", value, integer=integer)
 
 
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
   """The value PEFT picks for module ``name``: the first key with ``(.*\\.)?(key)$`` matching."""
   for key, value in patterns.items():
-    if re.match(rf"(.*\.)?({key})$", name):
+    if linear(KEY.replace("{}", key)).match(name):
       return value
   return default
 
@@ -269,20 +331,20 @@ def _layer_index(cfg: dict, name: str) -> int | None:
   else:
     m = None
     for p in [patterns] if isinstance(patterns, str) else patterns:
-      if m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name):
+      if m := linear(LAYER.replace("{}", p)).match(name):
         break
-  return int(m["idx"]) if m else None
+  return int(m.group("idx")) if m else None
 
 
 def targeted(cfg: dict, name: str, targets: Any) -> bool:
   """Whether PEFT adapts module ``name`` (``targets``: the resolved ``target_modules``)."""
   ex = cfg["exclude_modules"]
-  if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _listed(ex, name)):
+  if ex and (linear(ex).fullmatch(name) if isinstance(ex, str) else _listed(ex, name)):
     return False
-  if cfg["modules_to_save"] and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg["modules_to_save"]):
+  if cfg["modules_to_save"] and any(linear(SAVED.replace("{}", m)).match(name) for m in cfg["modules_to_save"]):
     return False
   if isinstance(targets, str):
-    return re.fullmatch(targets, name) is not None
+    return linear(targets).fullmatch(name) is not None
   if name in targets:
     return True
   if not any(name.endswith("." + t) for t in targets):

@@ -133,7 +133,12 @@ def load_extras(tensors: dict[str, np.ndarray], tree: Any, module_names: Any) ->
         f"{tuple(want.shape)}{' (transposed)' if p.endswith('kernel') else ''}"
       )
       continue
-    out[p] = jnp.asarray(got).astype(want.dtype)
+    if jnp.issubdtype(want.dtype, jnp.floating) and not jnp.issubdtype(got.dtype, jnp.floating):
+      problems.append(f"{raw}: dtype {got.dtype} in the file, the tree's {p} is {want.dtype}")
+    elif jnp.issubdtype(got.dtype, jnp.floating) and not np.isfinite(got).all():
+      problems.append(f"{raw}: {got.size - np.count_nonzero(np.isfinite(got))} of {got.size} entries are NaN or inf")
+    else:
+      out[p] = jnp.asarray(got).astype(want.dtype)
   return out, problems
 
 

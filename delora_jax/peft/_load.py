@@ -20,7 +20,8 @@ from delora_jax.peft._extras import load_extras
 from delora_jax.peft._names import CONFIG, PREFIX, WEIGHTS, check_linear, resolve_all, safetensors_numpy
 from delora_jax.peft._rules import rules as config_rules
 
-_KEY = re.compile(re.escape(PREFIX) + r"(.+)\.(delora_A|delora_B|delora_lambda|delora_w_norm)")
+FIELDS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+_KEY = re.compile(re.escape(PREFIX) + r"(.+)\.(" + "|".join(FIELDS) + ")")
 
 
 def _read(directory: str | os.PathLike) -> tuple[str, dict, dict]:
@@ -44,7 +45,7 @@ def _read(directory: str | os.PathLike) -> tuple[str, dict, dict]:
       "object of DeloraConfig fields (peft_type 'DELORA')."
     )
   try:
-    config = _peft_config.check(_peft_config._plain(config), cfg_file)
+    config = _peft_config.check(_peft_config.plain(config, cfg_file), cfg_file)
   except ValueError as e:
     raise ValueError(f"peft.load: {e}") from None
   return path, config, tensors
@@ -62,6 +63,22 @@ def _group(tensors: dict) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, n
   return modules, others
 
 
+def _own(name: str, got: dict, rank: int) -> list[str]:
+  """Problems of one module's tensors on their own: dtypes, NaN/inf, the config's ``rank``."""
+  out = []
+  for field in FIELDS:
+    x = got.get(field)
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+      out.append(f"{name}.{field}: dtype {x.dtype} in the file, where PEFT writes a float tensor")
+    elif x is not None and not np.isfinite(x).all():
+      out.append(f"{name}.{field}: {x.size - np.count_nonzero(np.isfinite(x))} of {x.size} entries are NaN or inf")
+  a, b = got.get("delora_A"), got.get("delora_B")
+  if (a is not None and a.shape[:1] != (rank,)) or (b is not None and b.shape[-1:] != (rank,)):
+    shapes = ", ".join(f"{f} {tuple(got[f].shape)}" for f in ("delora_A", "delora_B") if f in got)
+    out.append(f"{name}: rank {rank} in adapter_config.json (`r` or its rank_pattern entry), but {shapes} in the file")
+  return out
+
+
 def _module(name: str, got: dict, config: dict, targets: Any, k: Any, path: str) -> list[str]:
   """Problems of one module's tensors against the config and the target kernel."""
   n_in, n_out = k.a.shape[-2], k.b.shape[-1]
@@ -71,7 +88,7 @@ def _module(name: str, got: dict, config: dict, targets: Any, k: Any, path: str)
     out.append(f"{name}: not selected by target_modules={config.get('target_modules')!r}")
   if r_cfg != k.rank:
     out.append(f"{name} ({path}): rank {r_cfg} in adapter_config.json, {k.rank} in the target tree")
-  missing = sorted({"delora_A", "delora_B", "delora_lambda", "delora_w_norm"} - set(got))
+  missing = sorted(set(FIELDS) - set(got))
   if missing:
     return out + [f"{name}: tensors {missing} missing"]
   want = {"delora_A": (r_cfg, n_in), "delora_B": (n_out, r_cfg), "delora_lambda": (1,), "delora_w_norm": (n_in,)}
@@ -81,9 +98,6 @@ def _module(name: str, got: dict, config: dict, targets: Any, k: Any, path: str)
         f"{name}.{field}: shape {tuple(got[field].shape)} in the file, expected {shape} "
         f"(rank {r_cfg}, kernel {path} viewed as ({n_in}, {n_out}))"
       )
-  lam = got["delora_lambda"]
-  if lam.size and not np.all(np.isfinite(lam.astype(np.float64))):
-    out.append(f"{name}.delora_lambda: {lam.tolist()} is not finite")
   return out
 
 
@@ -117,6 +131,12 @@ def _problems(
   return problems
 
 
+def _unfit(path: str, problems: list[str], fix: str, what: str = "is not loadable") -> ValueError:
+  shown = "\n  ".join(problems[:8])
+  more = f"\n  ... ({len(problems)} problems in all)" if len(problems) > 8 else ""
+  return ValueError(f"peft.load: the adapter in {path!r} {what}:\n  {shown}{more}\n{fix} Nothing was loaded.")
+
+
 def _arrays(k: Any, per: list[dict | None]) -> dict[str, Any]:
   """The kernel's new adapter arrays; slices that are not adapted (None) stay zero."""
   n_in, n_out, r = k.a.shape[-2], k.b.shape[-1], k.rank
@@ -135,15 +155,24 @@ def _arrays(k: Any, per: list[dict | None]) -> dict[str, Any]:
   }
 
 
+def _kept_in(x: np.ndarray) -> Any:
+  """The coarsest of bfloat16 / float16 that holds ``x`` exactly, else None: low-precision
+  adapters keep their norm in that dtype, and export writes it as float32."""
+  for dtype in (jnp.bfloat16, jnp.float16):
+    if np.array_equal(x.astype(dtype).astype(x.dtype), x):
+      return dtype
+  return None
+
+
 def _check_base(p: str, k: Any, per: list[dict | None], source: str) -> None:
   on = [m is not None for m in per]
   stored = np.stack([m["delora_w_norm"] for m in per if m is not None])
   if all(on):
-    check_base_norms(p, k, stored.reshape(tuple(k.w_norm.shape)), source)
+    check_base_norms(p, k, stored.reshape(tuple(k.w_norm.shape)), source, kept_in=_kept_in(stored))
     return
   n_stack = k.w.ndim - len(k.in_axes) - len(k.out_axes)
   w = jnp.asarray(k.w).reshape((-1,) + tuple(k.w.shape[n_stack:]))[np.asarray(on)]
-  check_base_norms(p, k.replace(w=w), stored, source)
+  check_base_norms(p, k.replace(w=w), stored, source, kept_in=_kept_in(stored))
 
 
 def load(
@@ -164,7 +193,8 @@ def load(
   ``module_names`` gives for ``tree``'s adapted kernels (adapted slices only,
   see ``Rule.slices``) is in the file and targeted by the config, and the file
   holds no other module; each module's rank (``r``, or its ``rank_pattern``
-  entry) equals the tree's; tensor shapes fit the kernels; λ is finite;
+  entry) equals its tensors' (before anything is allocated) and the tree's;
+  tensor shapes fit the kernels; every tensor is a float tensor without NaN or inf;
   ``delora_w_norm`` matches the norms of ``tree``'s base kernels (a different
   base model is an error; a norm PEFT rounded to a bf16/fp16 base's dtype is
   accepted); every other tensor (``modules_to_save`` modules, ``bias="all"`` /
@@ -198,6 +228,14 @@ def load(
     True
   """
   path, config, tensors = _read(directory)
+  modules, others = _group(tensors)
+  broken = [
+    problem
+    for n, got in modules.items()
+    for problem in _own(n, got, pattern_value(config["rank_pattern"], n, config["r"]))
+  ]
+  if broken:  # before anything is allocated for the config's ranks
+    raise _unfit(path, broken, "The folder is damaged or was not written by PEFT's DeLoRA; export it again.")
   if not _tree.kernels(tree):
     try:
       tree = wrap(
@@ -210,17 +248,15 @@ def load(
     check_linear(p, k, flatten_nd, "peft.load")
   names = resolve_all(module_names, ks)
   live = {p: live_slices(k).tolist() if k.lam.ndim else [True] for p, k in ks.items()}
-  modules, others = _group(tensors)
   problems = _problems(config, os.path.join(path, CONFIG), model_type, modules, names, ks, live)
   extras, extra_problems = load_extras(others, tree, module_names)
   problems += extra_problems
   if problems:
-    shown = "\n  ".join(problems[:8])
-    more = f"\n  ... ({len(problems)} problems in all)" if len(problems) > 8 else ""
-    raise ValueError(
-      f"peft.load: the adapter in {path!r} does not fit the target tree:\n  {shown}"
-      f"{more}\nWrap the tree with the adapter's ranks and targets (or pass plain "
-      "params) and check `module_names`. Nothing was loaded."
+    raise _unfit(
+      path,
+      problems,
+      "Wrap the tree with the adapter's ranks and targets (or pass plain params) and check `module_names`.",
+      "does not fit the target tree",
     )
   new = {}
   for p, k in ks.items():

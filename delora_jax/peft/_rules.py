@@ -15,6 +15,10 @@ from delora_jax._rule import Rule
 from delora_jax.peft._config import pattern_value, read, resolve_targets, targeted
 from delora_jax.peft._names import lookup
 
+#: Above min(in, out), a rank adds nothing but memory; ranks whose factors would hold more numbers
+#: than this are refused (below min(in, out) the factors hold at most twice the kernel's numbers).
+MAX_FACTORS = 2**24
+
 
 def names_of(module_names: Any, path: str, shape: tuple[int, ...]) -> tuple[list[str], int] | None:
   """``(torch module names, stack_axes)`` of the kernel at ``path``; None if it has none."""
@@ -36,8 +40,8 @@ def names_of(module_names: Any, path: str, shape: tuple[int, ...]) -> tuple[list
   raise TypeError(f"{path}: `module_names` must give a str or a sequence of str; got {got!r}.")
 
 
-def candidates(params: Any, module_names: Any) -> dict[str, tuple[list[str], int]]:
-  """Every floating >= 2-D leaf that ``module_names`` names: ``{path: (names, stack_axes)}``."""
+def candidates(params: Any, module_names: Any) -> dict[str, tuple[list[str], int, tuple[int, ...]]]:
+  """Every floating >= 2-D leaf that ``module_names`` names: ``{path: (names, stack_axes, shape)}``."""
   paths, leaves, _ = _tree.flatten(params)
   out = {}
   for p, x in zip(paths, leaves):
@@ -46,7 +50,7 @@ def candidates(params: Any, module_names: Any) -> dict[str, tuple[list[str], int
       continue
     got = names_of(module_names, p, tuple(x.shape))
     if got is not None:
-      out[p] = got
+      out[p] = (*got, tuple(x.shape))
   return out
 
 
@@ -64,6 +68,9 @@ def rules(
   ``lambda_pattern``, ``module_dropout`` and ``init_weights`` (``True`` ->
   ``init="peft"``, ``False`` -> ``"random"``). A stacked (scanned) kernel
   whose module names PEFT adapts only in part gets ``Rule(slices=...)``.
+  The config's regexes run on RE2, in time linear in the module name (a
+  downloaded config cannot hang it); a construct RE2 lacks (backreferences,
+  lookaround) is a ``ValueError`` naming the key and the fix.
 
   Args:
     config: a PEFT adapter folder, its ``adapter_config.json``, a dict or a
@@ -82,8 +89,9 @@ def rules(
 
   Raises:
     ValueError: a malformed config (naming its file and key), no module
-      targeted, or one stacked kernel whose slices PEFT gives different ranks
-      or λ.
+      targeted, one stacked kernel whose slices PEFT gives different ranks
+      or λ, or a rank above ``min(in, out)`` whose factors would hold more
+      than 2^24 numbers.
 
   Example:
     >>> import jax.numpy as jnp, delora_jax
@@ -102,10 +110,10 @@ def by_path(
 ) -> dict[str, Rule]:
   """:func:`rules` of a checked config, keyed by the plain kernel path."""
   found = candidates(params, module_names)
-  all_names = [n for ns, _ in found.values() for n in ns]
+  all_names = [n for ns, _, _ in found.values() for n in ns]
   targets = resolve_targets(cfg, source, all_names, model_type)
   out = {}
-  for path, (names, stack_axes) in found.items():
+  for path, (names, stack_axes, shape) in found.items():
     live = [i for i, n in enumerate(names) if targeted(cfg, n, targets)]
     if not live:
       continue
@@ -117,9 +125,17 @@ def by_path(
         f"{sorted(ranks)} or λ {sorted(lams)}; one stacked kernel has one rank and "
         "one initial λ. Unstack the layers or make the patterns agree."
       )
+    rank, n_in, n_out = ranks.pop(), math.prod(shape[stack_axes:-1]), shape[-1]
+    if rank > min(n_in, n_out) and rank * (n_in + n_out) > MAX_FACTORS:
+      raise ValueError(
+        f"{path}: {source} gives module {names[live[0]]!r} rank {rank}, above min(in, out) = "
+        f"{min(n_in, n_out)} of its kernel of shape {shape}: the update has rank at most that, and the "
+        f"factors would hold {rank} x (in + out) = {rank * (n_in + n_out)} numbers. Lower `r` or the "
+        "module's rank_pattern entry."
+      )
     slices = tuple(live) if stack_axes and len(live) < len(names) else None
     out[path] = Rule(
-      ranks.pop(),
+      rank,
       lams.pop(),
       init="peft" if cfg["init_weights"] else "random",
       dropout=cfg["module_dropout"],
