@@ -137,9 +137,11 @@ def train(model, tree, data, args) -> tuple[dict, list[float]]:
   bar = tqdm(total=args.steps, desc="compiling the train step", unit="step", mininterval=1.0)
   # Compiled before the first step, so that the bar's rate and ETA count only training steps.
   first = slice(0, args.batch)
-  step = make_train_step(model, opt).lower(
-    trainable, opt_state, frozen, data.ids[first], data.mask[first], data.y[first]
-  ).compile()
+  step = (
+    make_train_step(model, opt)
+    .lower(trainable, opt_state, frozen, data.ids[first], data.mask[first], data.y[first])
+    .compile()
+  )
   bar.set_description("DeLoRA fine-tuning", refresh=False)
   bar.reset()
   for t in range(args.steps):
