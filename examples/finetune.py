@@ -136,10 +136,10 @@ def train(model, tree, data, args) -> tuple[dict, list[float]]:
   losses, history = [], {"step": [], "kernels": {}}
   bar = tqdm(total=args.steps, desc="compiling the train step", unit="step", mininterval=1.0)
   # Compiled before the first step, so that the bar's rate and ETA count only training steps.
-  first = slice(0, args.batch)
+  like = np.zeros(args.batch, int)  # a batch's shapes (the batches below draw with replacement)
   step = (
     make_train_step(model, opt)
-    .lower(trainable, opt_state, frozen, data.ids[first], data.mask[first], data.y[first])
+    .lower(trainable, opt_state, frozen, data.ids[like], data.mask[like], data.y[like])
     .compile()
   )
   bar.set_description("DeLoRA fine-tuning", refresh=False)
