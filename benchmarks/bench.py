@@ -43,7 +43,7 @@ from delora_jax.models import Llama, LlamaConfig  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("full", "frozen", "lora", "lora_plain", "delora_merged", "delora")
 LR, WEIGHT_DECAY = 1e-4, 0.01  # torch.optim.AdamW's default decay, as in the PEFT anchors
-PEER_CPU = "shared/bench/peer_peft_cpu.py"
+PEER_CPU = "peer_peft_cpu.py"  # PEFT's CPU anchor, next to this file
 
 
 def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -294,10 +294,7 @@ def table(res: dict, rat: dict) -> str:
 
 
 def peer_path(name: str) -> Path:
-  for cand in (REPO.parent / name, REPO / name):
-    if cand.exists():
-      return cand
-  raise SystemExit(f"bench: cannot find ../{name} (looked next to and inside {REPO}).")
+  return Path(__file__).resolve().parent / name
 
 
 def run_peft_cpu(ours: dict) -> dict:
@@ -354,7 +351,7 @@ def parse(argv=None):
     "--lora-3d", action="store_true", help="lora_plain on (B, T, in) operands instead of flattened 2-D (slow on CPU)"
   )
   p.add_argument("--out", default=None, help="write the JSON results here")
-  p.add_argument("--peft", action="store_true", help="also run ../shared/bench/peer_peft_cpu.py")
+  p.add_argument("--peft", action="store_true", help="also run PEFT's CPU anchor, benchmarks/peer_peft_cpu.py")
   args = p.parse_args(argv)
   args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
   bad = [m for m in args.modes if m not in MODES]

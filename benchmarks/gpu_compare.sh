@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # delora_jax vs PEFT on one GPU, in one call: our bench.py (1B Llama, bf16, batch 4, seq 1024)
-# then the PEFT anchor ../shared/bench/peer_peft_torch.py 1b 4 1024. Both JSONs go to $OUT
+# then the PEFT anchor benchmarks/peer_peft_torch.py 1b 4 1024. Both JSONs go to $OUT
 # (default benchmarks/out). Run from anywhere:  bash benchmarks/gpu_compare.sh
 #
 # DELORA_BENCH_SMOKE=1 runs the tiny config instead (seconds, works on a CPU) and skips the
 # PEFT anchor, saying why; use it to check the wrapper without a GPU.
 # Extra arguments are passed to bench.py (e.g. --modes lora,delora --steps 20);
-# PEER_PEFT_TORCH=/path/to/peer_peft_torch.py if the anchor is not at ../shared/bench/.
+# PEER_PEFT_TORCH=/path/to/peer_peft_torch.py to use another anchor than benchmarks/peer_peft_torch.py.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-$repo/benchmarks/out}"
@@ -24,12 +24,11 @@ else
 fi
 
 peer=""
-for cand in ${PEER_PEFT_TORCH:-} "$repo/../shared/bench/peer_peft_torch.py" \
-            "$repo/shared/bench/peer_peft_torch.py"; do
+for cand in ${PEER_PEFT_TORCH:-} "$repo/benchmarks/peer_peft_torch.py"; do
   if [[ -f "$cand" ]]; then peer="$cand"; break; fi
 done
 if [[ -z "$peer" ]]; then
-  echo "gpu_compare: PEFT anchor not found (../shared/bench/peer_peft_torch.py); skipped." >&2
+  echo "gpu_compare: PEFT anchor not found (benchmarks/peer_peft_torch.py); skipped." >&2
 elif ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_compare: torch sees no CUDA device; skipped the PEFT anchor (it needs a GPU)." >&2
 elif [[ "$size" == tiny ]]; then

@@ -5,6 +5,8 @@ optax optimizer, merge back into plain parameters. Numerically identical to
 Hugging Face PEFT's ``DeloraConfig``.
 """
 
+import importlib.metadata
+
 from delora_jax import nnx as nnx
 from delora_jax import peft as peft
 from delora_jax._checkpoint import CheckpointError as CheckpointError
@@ -30,7 +32,10 @@ from delora_jax._wrap import unwrap as unwrap
 from delora_jax._wrap import with_adapters as with_adapters
 from delora_jax._wrap import wrap as wrap
 
-__version__ = "0.1.0"
+try:
+  __version__ = importlib.metadata.version("delora_jax")  # pyproject.toml's version, as installed
+except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path that was never installed
+  __version__ = "0+unknown"
 
 __all__ = [
   "CheckpointError",

@@ -21,7 +21,7 @@ def to_lora(tree: Any) -> dict[str, dict[str, jax.Array]]:
   ``lora_b = b`` with ``s[k] = λ / r / (max(|a_k|, 1e-4) max(|b_k|, 1e-4))``:
   rank ``r``, no SVD, and ``lora_a @ lora_b`` is exactly the ``ΔW``
   :func:`delora_jax.merge` adds (same factors, same product). Shapes are in
-  the kernel's matrix view (METHOD.md): ``lora_a (*S, in, r)``,
+  the kernel's matrix view (inputs flattened, then outputs): ``lora_a (*S, in, r)``,
   ``lora_b (*S, r, out)``, adapter dtype, stacked axes ``S`` first (also for a
   kernel that stores them elsewhere). Kernels made with ``init="paper"``
   give rank ``2r`` factors (the frozen initial update is subtracted exactly).

@@ -394,7 +394,7 @@ def delta(tree: Any) -> dict[str, jax.Array]:
 def adapters(tree: Any) -> dict[str, dict[str, jax.Array]]:
   """``{path: {"a", "b", "lam", "w_norm"}}`` of every adapted kernel.
 
-  Shapes as in METHOD.md: ``a (*S, in, r)``, ``b (*S, r, out)``, ``lam (*S,)``,
+  Shapes (Flax orientation): ``a (*S, in, r)``, ``b (*S, r, out)``, ``lam (*S,)``,
   ``w_norm (*S, in)``, for a kernel with stacked axes ``S`` leading. A kernel whose
   stacked axes are elsewhere (``Rule(stack_axes=(1,))``) has them at the same
   positions in its adapters: ``a (in, L, r)``, ``b (r, L, out)``, ``lam (1, L)``,

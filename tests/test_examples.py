@@ -85,6 +85,8 @@ def test_finetune_improves_and_reloads(finetune_run):
   with open(r["paths"]["plot"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "bound_max=" in stdout and "rel_mean=" in stdout  # the progress bar shows them
+  # The bar compiles first (no rate, no ETA), then restarts its clock for the training steps.
+  assert "compiling the train step:   0%|" in stdout and "DeLoRA fine-tuning:   0%|" in stdout
 
 
 class TorchValence(torch.nn.Module):

