@@ -82,6 +82,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--mesh", default="256,32x8", help="comma-separated mesh shapes: N = FSDP over N devices, NxM = FSDP N x TP M"
   )
+  p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the config's)")
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument(
     "--batch", type=int, default=None, help="global batch (default: the FSDP axis size, one sequence per FSDP shard)"
@@ -173,9 +174,10 @@ def spec_for(path: str, mesh: Mesh) -> P:
   raise ValueError(f"scale: no sharding rule for parameter {path!r}; add one to SPECS.")
 
 
-def llama(config: str) -> Llama:
+def llama(config: str, layers: int | None = None) -> Llama:
+  shape = dict(CONFIGS[config], **({} if layers is None else {"num_hidden_layers": layers}))
   cfg = LlamaConfig(
-    **CONFIGS[config], scan_layers=True, remat=True, attention="blocked", dtype="bfloat16", param_dtype="bfloat16"
+    **shape, scan_layers=True, remat=True, attention="blocked", dtype="bfloat16", param_dtype="bfloat16"
   )
   return Llama(cfg)
 
@@ -461,7 +463,7 @@ def run(argv=None) -> dict:
     data = json.loads(Path(args.table).read_text())
     print(table(data))
     return data
-  model = llama(args.config)
+  model = llama(args.config, args.layers)
   meta = dict(
     config=args.config,
     model=dataclasses.asdict(model.config),
