@@ -240,10 +240,14 @@ def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMes
   ``w`` keep their sharding; ``a (*S, in, r)`` and ``w_norm (*S, in)`` are
   split along the input axes as ``w`` is, ``b (*S, r, out)`` along the output
   axes, ``lam (*S,)`` only along stacked axes as ``w``; the rank axis is
-  never split. Where ``w`` is split along one side only (FSDP splits the
-  input axis alone), the factor of the other side is split over the same
-  mesh axes (if their size divides it), so no factor and no optimizer moment
-  is replicated over devices that share out ``w``; this needs the mesh sizes.
+  never split. Where ``w`` is split along one side only and over every mesh
+  axis of size > 1 (FSDP), the factor of the other side is split over the
+  same mesh axes (if their size divides it), so no factor and no optimizer
+  moment is replicated over devices that share out ``w``; this needs the mesh
+  sizes. Where ``w`` is replicated over a mesh axis (tensor parallelism beside
+  data parallelism), each factor follows its own side only: its input is
+  replicated over ``w``'s mesh axes there, and a factor split over them would
+  cost activation-sized collectives.
   Use it for ``jax.device_put``, ``jax.jit(in_shardings=..., out_shardings=...)``
   and, through :func:`split`, for the trainable half.
 
