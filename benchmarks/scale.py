@@ -317,8 +317,9 @@ def opt_state_check(compiled, opt_abstract, trainable) -> dict:
 def heap(dump: Path) -> dict:
   """The temp heap of the step dumped to ``dump`` (``--dump``): ``extent`` (the bytes
   ``memory_analysis()`` reports as temp) and ``live_peak``, the most bytes live at one point of
-  the schedule (overlapping buffers counted once). Their difference is what the heap packing
-  leaves unused (fragmentation), not any buffer of the program. Reads XLA:CPU's dump files."""
+  the schedule (overlapping buffers counted once; ``None`` where XLA writes no live ranges).
+  Their difference is what the heap packing leaves unused (fragmentation), not any buffer of
+  the program. Reads XLA:CPU's dump files."""
   ba = next(dump.glob("*jit_step*after_optimizations-buffer-assignment.txt"))
   values, temp, extent = [], False, 0
   for line in ba.read_text().splitlines():
@@ -327,7 +328,10 @@ def heap(dump: Path) -> dict:
       extent = int(re.search(r"size (\d+)", line).group(1)) if temp else extent
     elif temp and (m := re.match(r"\s*value: <\d+ (\S+?)(?:\{\})? @\d+> \(size=(\d+),offset=(\d+)\)", line)):
       values.append((m.group(1), int(m.group(2)), int(m.group(3))))
-  text = ba.with_name(ba.name.replace("buffer-assignment", "live-range")).read_text()
+  ranges_file = ba.with_name(ba.name.replace("buffer-assignment", "live-range"))
+  if not ranges_file.exists():  # older XLA (jax 0.8) writes no live ranges
+    return dict(extent=extent, live_peak=None, values_without_range=len(values))
+  text = ranges_file.read_text()
   ranges = {n: (int(a), int(b)) for n, a, b in re.findall(r"^\s+(\S+?)(?:\{\})?:(\d+)-(\d+)$", text, re.M)}
   live = [(*ranges[n], o, o + size) for n, size, o in values if n in ranges]
   peak = 0
@@ -438,7 +442,7 @@ def compare(res: dict, kshapes: set) -> dict:
         },
         collective_bytes=_ratio(_total(ra), _total(rb)),
       )
-      if "heap" in ra["memory_bytes"] and "heap" in rb["memory_bytes"]:  # --dump: temp as its live peak
+      if all(r["memory_bytes"].get("heap", {}).get("live_peak") for r in (ra, rb)):  # --dump: temp as its live peak
         out[f"{a}/{b}"]["memory_live_peak"] = _live_total(ra) / _live_total(rb)
   checks = {}
   if "delora" in res and "lora" in res:

@@ -79,8 +79,12 @@ def test_heap_live_peak_is_within_the_temp_extent(tiny):
   for mode in scale.MODES:
     mem = entry["results"][mode]["memory_bytes"]
     assert mem["heap"]["extent"] == mem["temp"], mode
+    if mem["heap"]["live_peak"] is None:  # jax 0.8's XLA dumps no live ranges (the lower-bounds stack)
+      assert "memory_live_peak" not in entry["ratios"]["delora/lora"]
+      continue
     assert 0 < mem["heap"]["live_peak"] <= mem["temp"], mode
-  assert 0 < entry["ratios"]["delora/lora"]["memory_live_peak"] < 1.05
+    assert mem["heap"]["values_without_range"] == 0, mode
+    assert 0 < entry["ratios"]["delora/lora"]["memory_live_peak"] < 1.05
 
 
 def test_collectives_in_a_scan_count_its_trip_count():
