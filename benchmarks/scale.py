@@ -82,6 +82,7 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--mesh", default="256,32x8", help="comma-separated mesh shapes: N = FSDP over N devices, NxM = FSDP N x TP M"
   )
+  p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the config's)")
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument(
     "--batch", type=int, default=None, help="global batch (default: the FSDP axis size, one sequence per FSDP shard)"
@@ -90,6 +91,12 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--lam", type=float, default=15.0)
   p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
   p.add_argument("--out", default=None, help="write the JSON results here")
+  p.add_argument(
+    "--dump",
+    default=None,
+    metavar="DIR",
+    help="dump XLA's buffer assignment of each step here and report the temp heap's live peak and fragmentation",
+  )
   p.add_argument(
     "--table",
     default=None,
@@ -173,9 +180,10 @@ def spec_for(path: str, mesh: Mesh) -> P:
   raise ValueError(f"scale: no sharding rule for parameter {path!r}; add one to SPECS.")
 
 
-def llama(config: str) -> Llama:
+def llama(config: str, layers: int | None = None) -> Llama:
+  shape = dict(CONFIGS[config], **({} if layers is None else {"num_hidden_layers": layers}))
   cfg = LlamaConfig(
-    **CONFIGS[config], scan_layers=True, remat=True, attention="blocked", dtype="bfloat16", param_dtype="bfloat16"
+    **shape, scan_layers=True, remat=True, attention="blocked", dtype="bfloat16", param_dtype="bfloat16"
   )
   return Llama(cfg)
 
@@ -306,6 +314,36 @@ def opt_state_check(compiled, opt_abstract, trainable) -> dict:
   return dict(bytes_per_device=per_device, bytes_global=total, moments_replicated_not_split=replicated)
 
 
+def heap(dump: Path) -> dict:
+  """The temp heap of the step dumped to ``dump`` (``--dump``): ``extent`` (the bytes
+  ``memory_analysis()`` reports as temp) and ``live_peak``, the most bytes live at one point of
+  the schedule (overlapping buffers counted once; ``None`` where XLA writes no live ranges).
+  Their difference is what the heap packing leaves unused (fragmentation), not any buffer of
+  the program. Reads XLA:CPU's dump files."""
+  ba = next(dump.glob("*jit_step*after_optimizations-buffer-assignment.txt"))
+  values, temp, extent = [], False, 0
+  for line in ba.read_text().splitlines():
+    if line.startswith("allocation"):
+      temp = "preallocated-temp" in line
+      extent = int(re.search(r"size (\d+)", line).group(1)) if temp else extent
+    elif temp and (m := re.match(r"\s*value: <\d+ (\S+?)(?:\{\})? @\d+> \(size=(\d+),offset=(\d+)\)", line)):
+      values.append((m.group(1), int(m.group(2)), int(m.group(3))))
+  ranges_file = ba.with_name(ba.name.replace("buffer-assignment", "live-range"))
+  if not ranges_file.exists():  # older XLA (jax 0.8) writes no live ranges
+    return dict(extent=extent, live_peak=None, values_without_range=len(values))
+  text = ranges_file.read_text()
+  ranges = {n: (int(a), int(b)) for n, a, b in re.findall(r"^\s+(\S+?)(?:\{\})?:(\d+)-(\d+)$", text, re.M)}
+  live = [(*ranges[n], o, o + size) for n, size, o in values if n in ranges]
+  peak = 0
+  for t in sorted({start for start, *_ in live}):  # the live bytes only grow where a buffer starts
+    total, end = 0, -1
+    for lo, hi in sorted((lo, hi) for a, b, lo, hi in live if a <= t <= b):
+      total += max(0, hi - max(lo, end))
+      end = max(end, hi)
+    peak = max(peak, total)
+  return dict(extent=extent, live_peak=peak, values_without_range=len(values) - len(live))
+
+
 def compile_mode(mode: str, model: Llama, params, args, mesh: Mesh, batch: int) -> dict:
   tokens = jax.ShapeDtypeStruct((batch, args.seq), jnp.int32, sharding=NamedSharding(mesh, P("fsdp")))
   t0 = time.perf_counter()
@@ -323,7 +361,9 @@ def compile_mode(mode: str, model: Llama, params, args, mesh: Mesh, batch: int) 
   )
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    compiled = step.lower((trainable, opt_abstract), frozen, tokens).compile()
+    dump = Path(args.dump, "x".join(map(str, mesh.devices.shape)), mode) if args.dump else None
+    options = dict(xla_dump_to=str(dump), xla_dump_hlo_module_re="jit_step") if dump else None
+    compiled = step.lower((trainable, opt_abstract), frozen, tokens).compile(compiler_options=options)
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
   mem = dict(
@@ -335,6 +375,8 @@ def compile_mode(mode: str, model: Llama, params, args, mesh: Mesh, batch: int) 
   mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
   coll = hlo_collectives.collectives(compiled.as_text())
   n_train = int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)))
+  if dump:
+    mem["heap"] = heap(dump)
   return dict(
     mode=mode,
     memory_bytes=mem,
@@ -400,6 +442,8 @@ def compare(res: dict, kshapes: set) -> dict:
         },
         collective_bytes=_ratio(_total(ra), _total(rb)),
       )
+      if all(r["memory_bytes"].get("heap", {}).get("live_peak") for r in (ra, rb)):  # --dump: temp as its live peak
+        out[f"{a}/{b}"]["memory_live_peak"] = _live_total(ra) / _live_total(rb)
   checks = {}
   if "delora" in res and "lora" in res:
     r = out["delora/lora"]
@@ -418,6 +462,12 @@ def compare(res: dict, kshapes: set) -> dict:
   if "delora" in res:
     checks["delora_opt_state_split_where_params_are"] = not res["delora"]["opt_state"]["moments_replicated_not_split"]
   return dict(ratios=out, checks=checks)
+
+
+def _live_total(r: dict) -> int:
+  """Total memory per device with the temp heap's live peak in place of its extent."""
+  mem = r["memory_bytes"]
+  return mem["total"] - mem["temp"] + mem["heap"]["live_peak"]
 
 
 def _total(r: dict) -> int:
@@ -444,12 +494,18 @@ def table(data: dict) -> str:
         + " | ".join(f"{c[k]['bytes'] / gib:.1f}" for k in kinds)
         + " |"
       )
-  lines += ["", "| mesh | delora/lora memory | delora/lora collective bytes | checks |", "|---|---:|---:|---|"]
+  lines += [
+    "",
+    "| mesh | delora/lora memory | (live peak) | delora/lora collective bytes | checks |",
+    "|---|---:|---:|---:|---|",
+  ]
   for mesh, entry in data["meshes"].items():
     r = entry["ratios"].get("delora/lora", {})
     checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in entry["checks"].items() if isinstance(v, bool))
+    live = f"{r['memory_live_peak']:.4f}" if "memory_live_peak" in r else "-"
     lines.append(
-      f"| {mesh} | {r.get('memory', float('nan')):.4f} | {r.get('collective_bytes') or float('nan'):.4f} | {checks} |"
+      f"| {mesh} | {r.get('memory', float('nan')):.4f} | {live} | {r.get('collective_bytes') or float('nan'):.4f} "
+      f"| {checks} |"
     )
   return "\n".join(lines)
 
@@ -461,7 +517,7 @@ def run(argv=None) -> dict:
     data = json.loads(Path(args.table).read_text())
     print(table(data))
     return data
-  model = llama(args.config)
+  model = llama(args.config, args.layers)
   meta = dict(
     config=args.config,
     model=dataclasses.asdict(model.config),

@@ -142,8 +142,14 @@ def kernel_specs(
   n_out = math.prod(shape[a] for a in outs)
   # A factor whose own axis is not split would be replicated on every device that holds a
   # shard of w (with its gradient and optimizer moments): e.g. b under FSDP, where w is
-  # split along its input axis only. It takes the other side's mesh axes instead.
-  e_in, e_out = _or_other(e_in, e_out, n_in, sizes), _or_other(e_out, e_in, n_out, sizes)
+  # split along its input axis only. Where w is split over every mesh axis (FSDP), the batch
+  # is split over them too and w is gathered for the matmul: the factor takes the other
+  # side's mesh axes, and is gathered with it (factor-sized moves). Where w is replicated over
+  # a mesh axis (data parallel beside tensor parallel), its own axes hold the activations'
+  # features: a factor split there adds activation-sized collectives, so it stays replicated.
+  split = {m for e in entries for m in _mesh_axes(e)}
+  if sizes is not None and all(m in split for m, n in sizes.items() if n > 1):
+    e_in, e_out = _or_other(e_in, e_out, n_in, sizes), _or_other(e_out, e_in, n_out, sizes)
   st_pos = tuple(stack) if stack else ()
   a, b = _placed(st_pos, st, [e_in, None]), _placed(st_pos, st, [None, e_out])
   return {"a": a, "b": b, "lam": _placed(st_pos, st, []), "w_norm": _placed(st_pos, st, [e_in]), "res_a": a, "res_b": b}
@@ -234,10 +240,14 @@ def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMes
   ``w`` keep their sharding; ``a (*S, in, r)`` and ``w_norm (*S, in)`` are
   split along the input axes as ``w`` is, ``b (*S, r, out)`` along the output
   axes, ``lam (*S,)`` only along stacked axes as ``w``; the rank axis is
-  never split. Where ``w`` is split along one side only (FSDP splits the
-  input axis alone), the factor of the other side is split over the same
-  mesh axes (if their size divides it), so no factor and no optimizer moment
-  is replicated over devices that share out ``w``; this needs the mesh sizes.
+  never split. Where ``w`` is split along one side only and over every mesh
+  axis of size > 1 (FSDP), the factor of the other side is split over the
+  same mesh axes (if their size divides it), so no factor and no optimizer
+  moment is replicated over devices that share out ``w``; this needs the mesh
+  sizes. Where ``w`` is replicated over a mesh axis (tensor parallelism beside
+  data parallelism), each factor follows its own side only: its input is
+  replicated over ``w``'s mesh axes there, and a factor split over them would
+  cost activation-sized collectives.
   Use it for ``jax.device_put``, ``jax.jit(in_shardings=..., out_shardings=...)``
   and, through :func:`split`, for the trainable half.
 

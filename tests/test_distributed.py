@@ -5,6 +5,7 @@ compared with the same 5 training steps on one device.
 """
 
 import collections
+import importlib.util
 import math
 import pathlib
 import re
@@ -307,6 +308,33 @@ DERIVATION_CASES = [
     {"data": 8},
     dict(a=P("data", None), b=P(None, None), lam=P(), w_norm=P("data")),
   ),
+  # Tensor parallel beside data parallel: w is replicated over "data", so its "model" axis
+  # holds the activations' features; each factor follows its own side only (issue 21).
+  (
+    "tp-column",
+    (16, 8),
+    P(None, "model"),
+    dj.Rule(2),
+    {"data": 2, "model": 4},
+    dict(a=P(None, None), b=P(None, "model"), lam=P(), w_norm=P(None)),
+  ),
+  (
+    "tp-row",
+    (16, 8),
+    P("model", None),
+    dj.Rule(2),
+    {"data": 2, "model": 4},
+    dict(a=P("model", None), b=P(None, None), lam=P(), w_norm=P("model")),
+  ),
+  # The same kernel split over the whole mesh (the other mesh axis has size 1): FSDP's case.
+  (
+    "tp-column-whole-mesh",
+    (16, 8),
+    P(None, "model"),
+    dj.Rule(2),
+    {"data": 1, "model": 8},
+    dict(a=P("model", None), b=P(None, "model"), lam=P(), w_norm=P("model")),
+  ),
 ]
 
 
@@ -337,6 +365,96 @@ def test_plain_leaves_and_kernels_keep_their_shardings():
   assert sh["Dense_0"]["bias"] == base_sh["Dense_0"]["bias"]
   assert sh["Dense_1"]["kernel"].w == base_sh["Dense_1"]["kernel"]
   assert sh["Dense_1"]["kernel"].a == NamedSharding(mesh, P("model", None))
+
+
+# ------------------------------------------- derived shardings, as compiled (issue 21)
+
+# Each mesh with the MLP's kernel specs. FSDP: the kernels are split over the whole mesh (the
+# factor of a kernel's unsplit side takes its mesh axes); TP: they are replicated over "data"
+# (each factor follows its own side only, as qwix's LoRA); FSDP x TP: split on both sides.
+COST_MESHES = {
+  "fsdp": ((8,), ("data",), (P("data", None), P(None, "data"))),
+  "tp": ((2, 4), ("data", "model"), (P(None, "model"), P("model", None))),
+  "fsdp-x-tp": ((2, 4), ("data", "model"), (P("data", "model"), P("model", "data"))),
+}
+COST_BATCH = 4096  # abstract, so free: activations much larger than the adapters, as in real runs
+Cost = collections.namedtuple("Cost", "collectives collective_bytes arguments temp")
+
+
+def _hlo_collectives():
+  spec = importlib.util.spec_from_file_location("hlo_collectives", ROOT / "benchmarks" / "hlo_collectives.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def cost_shardings(mesh_name, variant):
+  """The MLP's shardings on a COST_MESHES mesh: ``dj.shardings``' (``"derived"``), or each 2-D
+  kernel's factors from their own side of ``w`` only (``"own-side"``), or with the factor of an
+  unsplit side taking the other side's mesh axes (``"other-side"``)."""
+  shape, names, kspecs = COST_MESHES[mesh_name]
+  mesh = Mesh(np.array(jax.devices()[: math.prod(shape)]).reshape(shape), names)
+  base = {k: {"kernel": NamedSharding(mesh, s), "bias": NamedSharding(mesh, P())} for k, s in zip(PARAMS, kspecs)}
+  sh = dj.shardings(abstract_wrap(PARAMS, RULES), base)
+  if variant == "derived":
+    return mesh, sh
+  for node, (i, o) in zip(sh.values(), kspecs):
+    if variant == "other-side":
+      i, o = (o if i is None else i), (i if o is None else o)
+    specs = {"a": P(i, None), "b": P(None, o), "w_norm": P(i)}
+    node["kernel"] = node["kernel"].replace(**{f: NamedSharding(mesh, s) for f, s in specs.items()})
+  return mesh, sh
+
+
+def compiled_cost(mesh_name, variant):
+  """Collectives (count, bytes), argument and temporary bytes per device of the compiled
+  gradient step (the collectives are there; the optimizer update is elementwise where the
+  adapters lie)."""
+  mesh, sh = cost_shardings(mesh_name, variant)
+  t_sh, f_sh = dj.split(sh)
+  trainable, frozen = dj.split(abstract_wrap(PARAMS, RULES))
+  batch = NamedSharding(mesh, P(mesh.axis_names[0]))
+  x = jax.ShapeDtypeStruct((COST_BATCH, X.shape[1]), X.dtype, sharding=batch)
+  y = jax.ShapeDtypeStruct((COST_BATCH, Y.shape[1]), Y.dtype, sharding=batch)
+  fn = jax.jit(jax.grad(loss_fn), in_shardings=(t_sh, f_sh, batch, batch), out_shardings=t_sh)
+  compiled = fn.lower(trainable, frozen, x, y).compile()
+  kinds = _hlo_collectives().collectives(compiled.as_text())["by_kind"].values()
+  mem = compiled.memory_analysis()
+  count, nbytes = sum(k["count"] for k in kinds), sum(k["bytes"] for k in kinds)
+  return Cost(count, nbytes, mem.argument_size_in_bytes, mem.temp_size_in_bytes)
+
+
+def test_fsdp_factor_of_the_unsplit_side_is_split():
+  """FSDP (issue 16): the batch lies over w's mesh axes and w is gathered for the matmul, so
+  the factor of w's unsplit side is split there too: it (with its gradient and moments) is not
+  held whole on every device, for moves and temporaries the size of the factors, not of the
+  activations."""
+  derived, own = compiled_cost("fsdp", "derived"), compiled_cost("fsdp", "own-side")
+  assert cost_shardings("fsdp", "derived")[1]["Dense_0"]["kernel"].b.spec == P(None, "data")
+  assert derived.arguments < own.arguments
+  activation = COST_BATCH // 8 * 64 * 4  # Dense_0's float32 output on one device
+  assert derived.collective_bytes - own.collective_bytes < activation / 10
+  assert derived.temp - own.temp < activation / 10
+
+
+def test_tp_factors_follow_their_own_side():
+  """Tensor parallel beside data parallel (issue 21): the input of a column-parallel kernel is
+  replicated over "model", so an `a` split there costs activation-sized collectives and
+  temporaries (more than the few bytes of `a` it saves): each factor follows its own side."""
+  derived, other = compiled_cost("tp", "derived"), compiled_cost("tp", "other-side")
+  assert cost_shardings("tp", "derived")[1]["Dense_0"]["kernel"].a.spec == P(None, None)
+  assert derived.collectives < other.collectives
+  assert derived.collective_bytes < other.collective_bytes
+  assert derived.temp < other.temp
+  activation = COST_BATCH // 2 * 16 * 4  # Dense_0's float32 output on one device
+  assert other.collective_bytes - derived.collective_bytes > activation
+  assert derived.arguments - other.arguments < activation / 10
+
+
+def test_fsdp_x_tp_factors_follow_their_own_side():
+  """Kernels split on both sides: every factor has its own side's mesh axes (no choice to make)."""
+  variants = [cost_shardings("fsdp-x-tp", v)[1] for v in ("derived", "own-side", "other-side")]
+  assert variants[0] == variants[1] == variants[2]
 
 
 # ------------------------------------------------------------------------ wrap

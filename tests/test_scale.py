@@ -34,7 +34,8 @@ hlo = _load("hlo_collectives")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   out = tmp_path_factory.mktemp("scale") / "scale_tiny.json"
-  data = scale.run(["--config", "tiny", "--mesh", "4x2", "--seq", "36", "--out", str(out)])
+  dump = tmp_path_factory.mktemp("dump")
+  data = scale.run(["--config", "tiny", "--mesh", "4x2", "--seq", "36", "--out", str(out), "--dump", str(dump)])
   return data, out
 
 
@@ -69,6 +70,21 @@ def test_figures_relate_as_at_full_size(tiny):
   assert res["frozen"]["kernel_gathers"]
   for mode in scale.MODES:  # no state of any mode is held whole on every device
     assert res[mode]["opt_state"]["moments_replicated_not_split"] == [], mode
+
+
+def test_heap_live_peak_is_within_the_temp_extent(tiny):
+  """--dump: the temp heap's extent is memory_analysis()'s temp; its live peak (the most bytes
+  live at once) is at most that, the rest being the packing's unused gaps."""
+  entry = tiny[0]["meshes"]["4x2"]
+  for mode in scale.MODES:
+    mem = entry["results"][mode]["memory_bytes"]
+    assert mem["heap"]["extent"] == mem["temp"], mode
+    if mem["heap"]["live_peak"] is None:  # jax 0.8's XLA dumps no live ranges (the lower-bounds stack)
+      assert "memory_live_peak" not in entry["ratios"]["delora/lora"]
+      continue
+    assert 0 < mem["heap"]["live_peak"] <= mem["temp"], mode
+    assert mem["heap"]["values_without_range"] == 0, mode
+    assert 0 < entry["ratios"]["delora/lora"]["memory_live_peak"] < 1.05
 
 
 def test_collectives_in_a_scan_count_its_trip_count():
