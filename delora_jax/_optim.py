@@ -72,19 +72,20 @@ def optimizer(
   works on the full adapted tree and on the ``trainable`` half of
   :func:`delora_jax.split` alike.
 
-  Every optimizer family optax ships works through it and stays finite, with the bound
-  held, at learning rates of 10 and 1e3 (``tests/test_reliability.py`` trains each: adamw,
-  adam, nadamw, adamax, amsgrad, adabelief, radam, yogi, adan, sgd, with momentum and
-  nesterov, sign_sgd, polyak_sgd, adafactor, lamb, lars, novograd, fromage, lion, rmsprop,
-  adagrad, adadelta, sm3). Its last step keeps the norms of ``a``'s columns and ``b``'s rows
-  below 1e12 (256 for float16), which the model cannot see, and ``|λ|`` below 1e4 (256 for
-  float16 λ; a λ given above it is not grown further), which no useful training comes near.
-  optax's ``sm3`` takes no 0-d parameter, and λ of an unstacked kernel is one: give λ another
-  optimizer (``lam_tx=optax.adam(1e-3)``). float16 and bfloat16 adapters get float32
-  optimizer state and arithmetic (in float16, Adam's ``eps`` underflows and the first step is
-  0/0); the update is then rounded to their dtype, so there is no float32 master copy (keep
-  adapters in float32 for one). Leaves of ``extra_trainable`` keep the state dtype optax
-  gives them.
+  Every optimizer family optax ships works through it and stays finite, with the bound held,
+  at learning rates up to 1e3 (``tests/test_reliability.py`` trains each at lr=1e3: adamw,
+  adam, nadamw, adamax, adamaxw, amsgrad, adabelief, radam, yogi, adan, sgd, with momentum
+  and nesterov, optimistic_gradient_descent, sign_sgd, noisy_sgd, polyak_sgd, rprop,
+  adafactor, lamb, lars, novograd, fromage, lion, rmsprop, adagrad, adadelta, sm3; lbfgs's
+  line search needs the whole loss and is not covered). Its last step keeps the norms of
+  ``a``'s columns and ``b``'s rows below 1e12 (256 for float16), which the model cannot see,
+  and ``|λ|`` below 1e4 (256 for float16 λ; a λ given above it is not grown further), which
+  no useful training comes near. optax's ``sm3`` takes no 0-d parameter, and λ of an
+  unstacked kernel is one: give λ another optimizer (``lam_tx=optax.adam(1e-3)``). float16
+  and bfloat16 adapters get float32 optimizer state and arithmetic (in float16, Adam's
+  ``eps`` underflows and the first step is 0/0); the update is then rounded to their dtype,
+  so there is no float32 master copy (keep adapters in float32 for one). Leaves of
+  ``extra_trainable`` keep the state dtype optax gives them.
 
   Args:
     tx: an optax factory such as ``optax.adamw`` (then ``hyperparams`` are its

@@ -250,7 +250,7 @@ def _assert_finite_with_the_bound_held(losses, tree):
   assert all(bool(jnp.isfinite(w).all()) for w in jax.tree.leaves(delora_jax.merge(tree)))
 
 
-# Every optimizer family of optax (optax/_src/alias.py; lbfgs aside, see docs/reliability.md):
+# Every optimizer family of optax (optax/_src/alias.py; lbfgs and optimistic_adam, renamed twice, aside):
 # (factory, hyperparameters, id). sm3 gets λ its own optimizer: optax's sm3 cannot take a 0-d
 # parameter (λ of an unstacked kernel).
 FAMILIES = {
@@ -265,7 +265,6 @@ FAMILIES = {
   "radam": ("radam", {}),
   "yogi": ("yogi", {}),
   "adan": ("adan", {}),
-  "optimistic_adam": ("optimistic_adam_v2", {}),  # optimistic_adam before optax 0.2.6
   "sgd": ("sgd", {}),
   "sgd_momentum": ("sgd", {"momentum": 0.9}),
   "sgd_nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
@@ -293,7 +292,6 @@ def _family(family, learning_rate):
   import optax  # noqa: PLC0415
 
   name, hyper = FAMILIES[family]
-  name = name if hasattr(optax, name) else name.removesuffix("_v2")
   hyper = dict(hyper)
   if "lam_tx" in hyper:
     hyper["lam_tx"] = getattr(optax, hyper["lam_tx"])(learning_rate)
