@@ -163,15 +163,17 @@ def _in_float32_then_bounded(inner: optax.GradientTransformation) -> optax.Gradi
   leaves (a head of ``extra_trainable``) keep their own dtype, as optax gives it.
   """
 
+  # The state keeps the structure of optax.chain(inner, bounded_factors()) that earlier versions
+  # built, so optimizer states saved by them load.
   def init(params):
-    return inner.init(_adapter_map(_widen, params))
+    return inner.init(_adapter_map(_widen, params)), optax.EmptyState()
 
   def update(updates, state, params=None, **extra_args):
     wide = None if params is None else _adapter_map(_widen, params)
-    new, state = inner.update(_adapter_map(_widen, updates), state, wide, **extra_args)
+    new, inner_state = inner.update(_adapter_map(_widen, updates), state[0], wide, **extra_args)
     if params is not None:
       new = _bound(new, params)
-    return jax.tree.map(lambda u, g: u if u is None else u.astype(jnp.result_type(g)), new, updates), state
+    return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), new, updates), (inner_state, state[1])
 
   return optax.GradientTransformationExtraArgs(init, update)
 
