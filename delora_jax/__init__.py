@@ -1,7 +1,7 @@
 """delora_jax: DeLoRA (Decoupled Low-rank Adaptation) for JAX and Flax.
 
-Wrap a Flax parameter tree, train only the bounded low-rank adapters with any
-optax optimizer, merge back into plain parameters. Numerically identical to
+Wrap a Flax parameter tree, train only the bounded low-rank adapters with optax
+(every optimizer family but lbfgs), merge back into plain parameters. Numerically identical to
 Hugging Face PEFT's ``DeloraConfig``.
 """
 

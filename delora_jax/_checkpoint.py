@@ -12,7 +12,6 @@ optax state). The frozen base is never written (``w_norm`` and, for
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,39 +156,42 @@ def save_adapters(
   path = os.path.abspath(os.fspath(directory))
   _check_target(path, overwrite)
   args = adapter_save_args(tree, opt_state=opt_state, extra_trainable=extra_trainable)
-  staging = _atomic.staging_path(path, _shared_token())
   primary = jax.process_index() == 0
-  if primary:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic.remove_stale(path)
+  token, lock = None, None
   try:
-    with _checkpointer() as ckptr:
-      ckptr.save(staging, args=args)
-  except Exception as e:  # orbax/tensorstore raise many types (RESOURCE_EXHAUSTED, OSError, ...)
-    if primary:
-      _remove_staging(staging)
-    kept = "the checkpoint already there is unchanged" if os.path.lexists(path) else "nothing was written"
-    raise CheckpointError(
-      f"save_adapters: writing the checkpoint {path!r} failed ({type(e).__name__}: {e}); {kept}. "
-      "Check the free space and permissions of its parent folder, or pass another "
-      "`directory`."
-    ) from e
-  failure: ValueError | None = None
-  if primary:
     try:
-      _atomic.commit(staging, path, overwrite=overwrite)
-    except FileExistsError:
-      failure = ValueError(
-        f"save_adapters: {path!r} was created by another save while this one ran, and "
-        "`overwrite` is False, so that one was kept and this save discarded. Pass "
-        "overwrite=True to replace it, or save to another `directory`."
-      )
-    except OSError as e:
-      _remove_staging(staging)
-      failure = CheckpointError(
-        f"save_adapters: could not move the finished checkpoint into place at {path!r} "
-        f"({e}); whatever was there is unchanged. Check the permissions of its folder."
-      )
+      if primary:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _atomic.remove_stale(path)
+        token, lock = _atomic.create_staging(path)
+      staging = _atomic.staging_path(path, _shared_token(token))
+      with _checkpointer() as ckptr:
+        ckptr.save(os.path.join(staging, _atomic.CHECKPOINT), args=args)
+    except Exception as e:  # orbax/tensorstore raise many types (RESOURCE_EXHAUSTED, OSError, ...)
+      kept = "the checkpoint already there is unchanged" if os.path.lexists(path) else "nothing was written"
+      raise CheckpointError(
+        f"save_adapters: writing the checkpoint {path!r} failed ({type(e).__name__}: {e}); {kept}. "
+        "Check the free space and permissions of its parent folder, or pass another "
+        "`directory`."
+      ) from e
+    failure: ValueError | None = None
+    if primary:
+      try:
+        _atomic.commit(staging, path, overwrite=overwrite)
+      except FileExistsError:
+        failure = ValueError(
+          f"save_adapters: {path!r} was created by another save while this one ran, and "
+          "`overwrite` is False, so that one was kept and this save discarded. Pass "
+          "overwrite=True to replace it, or save to another `directory`."
+        )
+      except OSError as e:
+        failure = CheckpointError(
+          f"save_adapters: could not move the finished checkpoint into place at {path!r} "
+          f"({e}); whatever was there is unchanged. Check the permissions of its folder."
+        )
+  finally:
+    if token is not None:  # the staging folder (after an exchange: the old checkpoint), then its lock
+      _atomic.discard(_atomic.staging_path(path, token), lock)
   failure = _agree(failure)
   if failure is not None:
     raise failure
@@ -220,21 +222,14 @@ def _check_target(path: str, overwrite: bool) -> None:
     )
 
 
-def _remove_staging(staging: str) -> None:
-  parent, name = os.path.split(staging)
-  for entry in os.listdir(parent):
-    if entry.startswith(name):  # the staging folder and orbax's temporary folder for it
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _shared_token() -> str:
-  """The staging token, the same on every process of a multi-process save (process 0's)."""
-  token = _atomic.staging_token()
+def _shared_token(token: str | None) -> str:
+  """Process 0's staging token (its staging folder's name), on every process of a save."""
   if jax.process_count() == 1:
+    assert token is not None
     return token
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  data = np.frombuffer(token.encode().ljust(128, b"\0")[:128], np.uint8)
+  data = np.frombuffer((token or "").encode().ljust(128, b"\0")[:128], np.uint8)
   data = np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)
   return bytes(data).rstrip(b"\0").decode()
 

@@ -64,7 +64,9 @@ def build(
       **({"stack_axes": list(k.stack)} if k.stack else {}),  # stacked axes not leading (positions)
       "fields": {f: _array_entry(x) for f, x in ads[p].items()},
     }
-  meta = {"format": FORMAT, "version": VERSION, "kernels": kernels, "opt_state": None}
+  # "processes": a save by one process holds every shard, so every array has a checksum, and
+  # `verify_checksums` requires them; only a multi-process save may leave some out.
+  meta = {"format": FORMAT, "version": VERSION, "processes": jax.process_count(), "kernels": kernels, "opt_state": None}
   if extras:  # plain leaves saved with extra_trainable (a head, biases), by path
     meta["extra"] = {p: _array_entry(x) for p, x in extras.items()}
   if leaves is not None:
@@ -246,9 +248,14 @@ def _summary(x: Any) -> str:
 def verify_checksums(
   meta: dict, restored: dict, opt_restored: list, path: str, extras: dict[str, Any] | None = None
 ) -> None:
+  # A save by one process writes a checksum for every array: there a missing one is damage (or
+  # an edit), not an array whose shards were spread over processes.
+  required = meta.get("processes", 1) == 1
+
   def differs(entry: dict, x: Any) -> bool:
     got = checksum(x)  # None where this process does not hold every shard: nothing to compare
-    return entry.get("checksum") is not None and got is not None and got != entry["checksum"]
+    stored = entry.get("checksum")
+    return got is not None and (stored != got if stored is not None else required)
 
   bad = [f"{p}.{f}" for p, m in meta["kernels"].items() for f, e in m["fields"].items() if differs(e, restored[p][f])]
   bad += [
@@ -260,6 +267,6 @@ def verify_checksums(
   if bad:
     raise ValueError(
       f"load_adapters: the checkpoint {path!r} is corrupt: the data read for "
-      f"{bad[:_SHOWN]} differs from what was written (checksum mismatch). Restore an "
-      "earlier checkpoint."
+      f"{bad[:_SHOWN]} differs from what was written (checksum mismatch, or no checksum where "
+      "one process saved every array). Restore an earlier checkpoint."
     )

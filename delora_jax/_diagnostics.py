@@ -61,9 +61,10 @@ def diagnostics(tree: Any) -> dict[str, dict]:
     ``init="paper"`` it measures the trained part ``a, b, λ``; the frozen initial update
     it starts from is left out (it is in ``update_norm``).
 
-  ``summary`` holds ``{"min", "mean", "max"}`` of each figure over all layers (stacked
-  slices counted one by one). Everything is computed from the factors, never forming
-  ``ΔW`` (``O((in + out) r²)`` per kernel); ``jit``-able, also on sharded trees.
+  ``summary`` holds ``{"min", "mean", "max"}`` of each figure over all adapted layers
+  (stacked slices counted one by one; the slices a ``Rule(slices=...)`` leaves out are not).
+  Everything is computed from the factors, never forming ``ΔW`` (``O((in + out) r²)`` per
+  kernel); ``jit``-able, also on sharded trees.
 
   Args:
     tree: an adapted tree (:func:`delora_jax.wrap`, or a ``combine``-d one), or an adapted
@@ -84,8 +85,23 @@ def diagnostics(tree: Any) -> dict[str, dict]:
   """
   ks = _tree.require_adapted(tree, "diagnostics", nnx_ok=True)
   kernels = {p: kernel_figures(k) for p, k in ks.items()}
+  live = jnp.concatenate([jnp.ravel(_adapted(k)) for k in ks.values()])
+  live = live | ~jnp.any(live)  # only stacked slices with λ = 0 and zero base rows: count them all
   summary = {}
   for m in METRICS:
     flat = jnp.concatenate([jnp.ravel(f[m]) for f in kernels.values()])
-    summary[m] = {"min": jnp.min(flat), "mean": jnp.mean(flat), "max": jnp.max(flat)}
+    summary[m] = {
+      "min": jnp.min(jnp.where(live, flat, jnp.inf)),
+      "mean": jnp.sum(jnp.where(live, flat, 0.0)) / jnp.sum(live),
+      "max": jnp.max(jnp.where(live, flat, -jnp.inf)),
+    }
   return {"kernels": kernels, "summary": summary}
+
+
+def _adapted(k: _kernel.DeloraKernel) -> jax.Array:
+  """Bool of the kernel's stacked shape: the slices ``Rule(slices=...)`` adapts. A slice left out
+  holds ``λ = 0`` and ``w_norm = 0``; an adapted one has a non-zero λ or base row."""
+  c = _kernel.canonical(k)
+  if c["lam"].ndim == 0:  # not stacked: adapted, whatever its values
+    return jnp.ones((), bool)
+  return (c["lam"] != 0) | jnp.any(c["w_norm"] != 0, axis=-1)

@@ -242,6 +242,11 @@ def in_norms(w: jax.Array, in_axes, out_axes, stack=()) -> jax.Array:
   w = jnp.asarray(w).astype(jnp.float32)
   stacks, ins, outs = layout_positions(stack, in_axes, out_axes, w.ndim)
   norms = jnp.sqrt(jnp.sum(w * w, axis=outs))  # (remaining axes in w's order)
+  # A row whose squares overflow (entries past ~1e19) but whose norm does not: scaled by its
+  # largest entry first. Elsewhere the plain sum stands, bit for bit.
+  top = jnp.max(jnp.abs(w), axis=outs, keepdims=True)
+  scaled = jnp.squeeze(top, outs) * jnp.sqrt(jnp.sum(jnp.square(w / jnp.where(top > 0, top, 1.0)), axis=outs))
+  norms = jnp.where(jnp.isinf(norms) & jnp.isfinite(jnp.squeeze(top, outs)), scaled, norms)
   remaining = sorted(stacks + ins)
   perm = tuple(remaining.index(p) for p in stacks + ins)
   if perm != tuple(range(norms.ndim)):

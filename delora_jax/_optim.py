@@ -72,6 +72,21 @@ def optimizer(
   works on the full adapted tree and on the ``trainable`` half of
   :func:`delora_jax.split` alike.
 
+  Every optimizer family optax ships works through it and stays finite, with the bound held,
+  at learning rates up to 1e3 (``tests/test_reliability.py`` trains each at lr=1e3: adamw,
+  adam, nadamw, adamax, adamaxw, amsgrad, adabelief, radam, yogi, adan, sgd, with momentum
+  and nesterov, optimistic_gradient_descent, sign_sgd, noisy_sgd, polyak_sgd, rprop,
+  adafactor, lamb, lars, novograd, fromage, lion, rmsprop, adagrad, adadelta, sm3; lbfgs's
+  line search needs the whole loss and is not covered). Its last step keeps the norms of
+  ``a``'s columns and ``b``'s rows below 1e12 (256 for float16), which the model cannot see,
+  and ``|λ|`` below 1e4 (256 for float16 λ; a λ given above it is not grown further), which
+  no useful training comes near. optax's ``sm3`` takes no 0-d parameter, and λ of an
+  unstacked kernel is one: give λ another optimizer (``lam_tx=optax.adam(1e-3)``). float16
+  and bfloat16 adapters get float32 optimizer state and arithmetic (in float16, Adam's
+  ``eps`` underflows and the first step is 0/0); the update is then rounded to their dtype,
+  so there is no float32 master copy (keep adapters in float32 for one). Leaves of
+  ``extra_trainable`` keep the state dtype optax gives them.
+
   Args:
     tx: an optax factory such as ``optax.adamw`` (then ``hyperparams`` are its
       arguments and λ's copy is built with ``weight_decay=0`` and
@@ -111,13 +126,56 @@ def optimizer(
     lam = lam_tx if lam_tx is not None else tx(**_lam_hyperparams(tx, hyperparams, lam_learning_rate, decay_lam))
   else:
     raise TypeError(f"optimizer: `tx` must be an optax factory or GradientTransformation; got {tx!r}.")
-  return optax.chain(
+  return _in_float32_then_bounded(
     optax.partition(
       {"adapter": main, "lam": lam, "frozen": optax.set_to_zero()},
       lambda params: param_labels(params, extra_trainable),
-    ),
-    bounded_factors(),
+    )
   )
+
+
+def _adapter_map(fn: Callable[[jax.Array], jax.Array], tree: Any) -> Any:
+  """``tree`` with ``fn`` applied to its adapter leaves (``a``, ``b``, λ), every other leaf kept."""
+  paths, leaves, treedef = _tree.flatten(tree, is_leaf=lambda x: x is None or is_kernel(x))
+  out = []
+  for p, x in zip(paths, leaves):
+    if is_kernel(x):
+      x = x.replace(**{f: fn(getattr(x, f)) for f in ("a", "b", "lam") if getattr(x, f) is not None})
+    elif x is not None and _NNX_ADAPTER.fullmatch(p):
+      x = fn(x)
+    out.append(x)
+  return treedef.unflatten(out)
+
+
+def _widen(x: jax.Array) -> jax.Array:
+  """A float16/bfloat16 array as float32; anything else as it is."""
+  dtype = jnp.result_type(x)
+  return x.astype(jnp.float32) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 else x
+
+
+def _in_float32_then_bounded(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``inner`` run on float32 copies of sub-32-bit adapters, then :func:`bounded_factors`' bound.
+
+  float16 (and bfloat16) adapters get float32 optimizer state and arithmetic: in float16, Adam's
+  ``eps=1e-8`` and a small gradient's square are 0, so PEFT's start (``b = 0``, so ``grad a = 0``)
+  gives 0/0 at the first step. The bound is applied to the float32 update (a float16 update of a
+  factor at its limit could overflow), which is then rounded to the gradients' dtype; other
+  leaves (a head of ``extra_trainable``) keep their own dtype, as optax gives it.
+  """
+
+  # The state keeps the structure of optax.chain(inner, bounded_factors()) that earlier versions
+  # built, so optimizer states saved by them load.
+  def init(params):
+    return inner.init(_adapter_map(_widen, params)), optax.EmptyState()
+
+  def update(updates, state, params=None, **extra_args):
+    wide = None if params is None else _adapter_map(_widen, params)
+    new, inner_state = inner.update(_adapter_map(_widen, updates), state[0], wide, **extra_args)
+    if params is not None:
+      new = _bound(new, params)
+    return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), new, updates), (inner_state, state[1])
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def factor_limit(dtype: Any) -> float:
@@ -128,6 +186,16 @@ def factor_limit(dtype: Any) -> float:
   multiplies the factors by the ``|1 - lr * weight_decay|`` of AdamW at lr=1e3 stays finite.
   """
   return float(min(1e12, float(jnp.finfo(dtype).max) ** 0.5))
+
+
+def lam_limit(dtype: Any) -> float:
+  """The largest ``|λ|`` that an update may take λ to (a λ given beyond it is not grown further).
+
+  ``1e4`` (``256`` for float16 λ). λ is the update's size relative to the base kernel's rows
+  (``||diag(1/w_norm) ΔW||_F <= |λ|``): PEFT's default is 15, and at 1e4 the update is
+  thousands of times the pretrained kernel, so no useful training comes near it.
+  """
+  return float(min(1e4, float(jnp.finfo(dtype).max) ** 0.5))
 
 
 def _clip(x: jax.Array, u: jax.Array, axis: int | None) -> jax.Array:
@@ -143,8 +211,44 @@ def _clip(x: jax.Array, u: jax.Array, axis: int | None) -> jax.Array:
   return jnp.where(over, rescaled, u)
 
 
+def _clip_lam(lam: jax.Array, u: jax.Array) -> jax.Array:
+  """The update ``u`` of λ, changed only where it would take ``|λ|`` past ``max(lam_limit, |λ|)``."""
+  if lam is None or u is None or not jnp.issubdtype(jnp.result_type(lam), jnp.floating):
+    return u
+  old = lam.astype(jnp.float32)
+  cap = jnp.maximum(lam_limit(jnp.result_type(lam)), jnp.abs(old))
+  new = old + u.astype(jnp.float32)
+  return jnp.where(jnp.abs(new) > cap, (jnp.clip(new, -cap, cap) - old).astype(u.dtype), u)
+
+
+def _bound(updates: Any, params: Any) -> Any:
+  """``updates`` with the factor and λ bounds of :func:`bounded_factors` applied."""
+  is_leaf = lambda x: x is None or is_kernel(x)  # noqa: E731
+  paths, ups, treedef = _tree.flatten(updates, is_leaf=is_leaf)
+  ps = treedef.flatten_up_to(params)
+  out = []
+  for path, u, p in zip(paths, ups, ps):
+    if is_kernel(u):
+      # a's input axis and b's output axis, wherever the layout puts them (-2 and -1 for
+      # leading stacked axes).
+      ax_a = -2 if p.a is None else _kernel.body_axis(p.stack, "a", p.a.ndim, 0)
+      ax_b = -1 if p.b is None else _kernel.body_axis(p.stack, "b", p.b.ndim, 1)
+      u = u.replace(a=_clip(p.a, u.a, ax_a), b=_clip(p.b, u.b, ax_b), lam=_clip_lam(p.lam, u.lam))
+    elif u is not None and (m := _NNX_ADAPTER.fullmatch(path)):
+      # An NNX state's arrays do not say where their stacked axes are: a stacked factor is
+      # bounded as a whole (its norm bounds every column's, and scaling all of it by one
+      # factor changes neither the model nor the bound).
+      if m.group(1) == "lam":
+        u = _clip_lam(p, u)
+      else:
+        u = _clip(p, u, (-2 if m.group(1) == "a" else -1) if jnp.ndim(p) <= 2 else None)
+    out.append(u)
+  return treedef.unflatten(out)
+
+
 def bounded_factors() -> optax.GradientTransformation:
-  """Keeps ``a``'s column norms and ``b``'s row norms below :func:`factor_limit`, unseen by the model.
+  """Keeps ``a``'s column norms and ``b``'s row norms below :func:`factor_limit`, unseen by the
+  model, and ``|λ|`` below :func:`lam_limit`.
 
   DeLoRA's update depends on ``a`` and ``b`` only through their normalised columns and rows, so
   rescaling a column of ``a`` (or a row of ``b``) changes neither the forward pass nor the
@@ -152,35 +256,20 @@ def bounded_factors() -> optax.GradientTransformation:
   ``1 - lr * weight_decay`` each step, which is -9 at lr=1e3 and weight_decay=0.01, so they
   grow 9-fold a step until their squares overflow. This last step of
   :func:`delora_jax.optimizer` shrinks, onto the limit, any column or row whose norm the
-  update would take past it. Below the limit the update is returned exactly as it came (the
-  usual case: results in the normal range are unchanged bit for bit). A stacked factor of an
-  NNX model's state (whose arrays do not carry their layout) is shrunk as a whole, onto a total
-  norm at the limit, which bounds each of its columns or rows too. It needs ``params``
-  (``opt.update(grads, state, params)``, which AdamW needs anyway); without them the updates
-  pass unchanged.
+  update would take past it. λ is the bound itself, so it is clipped rather than rescaled:
+  optimizers whose step scales with the parameter (LAMB, Adafactor) or SGD past its stable
+  rate would otherwise grow it geometrically until the loss overflows. Below the limits the
+  update is returned exactly as it came (the usual case: results in the normal range are
+  unchanged bit for bit). A stacked factor of an NNX model's state (whose arrays do not carry
+  their layout) is shrunk as a whole, onto a total norm at the limit, which bounds each of its
+  columns or rows too. It needs ``params`` (``opt.update(grads, state, params)``, which AdamW
+  needs anyway); without them the updates pass unchanged.
   """
 
   def update(updates, state, params=None):
-    if params is None:  # e.g. plain Adam called without params: the factors grow only linearly
+    if params is None:  # e.g. plain Adam called without params: nothing to bound against
       return updates, state
-    is_leaf = lambda x: x is None or is_kernel(x)  # noqa: E731
-    paths, ups, treedef = _tree.flatten(updates, is_leaf=is_leaf)
-    ps = treedef.flatten_up_to(params)
-    out = []
-    for path, u, p in zip(paths, ups, ps):
-      if is_kernel(u):
-        # a's input axis and b's output axis, wherever the layout puts them (-2 and -1 for
-        # leading stacked axes).
-        ax_a = -2 if p.a is None else _kernel.body_axis(p.stack, "a", p.a.ndim, 0)
-        ax_b = -1 if p.b is None else _kernel.body_axis(p.stack, "b", p.b.ndim, 1)
-        u = u.replace(a=_clip(p.a, u.a, ax_a), b=_clip(p.b, u.b, ax_b))
-      elif u is not None and (m := _NNX_ADAPTER.fullmatch(path)) and m.group(1) != "lam":
-        # An NNX state's arrays do not say where their stacked axes are: a stacked factor is
-        # bounded as a whole (its norm bounds every column's, and scaling all of it by one
-        # factor changes neither the model nor the bound).
-        u = _clip(p, u, (-2 if m.group(1) == "a" else -1) if jnp.ndim(p) <= 2 else None)
-      out.append(u)
-    return treedef.unflatten(out), state
+    return _bound(updates, params), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

@@ -150,19 +150,36 @@ def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_staging_of_a_dead_writer_is_removed(tmp_path):
+def test_stale_staging_is_removed_only_when_its_lock_is_free(tmp_path):
+  # A writer holds an flock on its staging folder's lock file while it runs; the kernel lets it
+  # go when the process dies. A sweep deletes only folders whose lock it can take, so a live
+  # writer is safe whatever its PID namespace (a container): a PID is never looked at. A
+  # second open file description in this process conflicts with flock like another process.
   from delora_jax import _atomic  # noqa: PLC0415
 
   path = str(tmp_path / "ckpt")
-  dead = subprocess.run(
-    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
-  ).stdout.strip()
-  stale = _atomic.staging_path(path, f"{_atomic.socket.gethostname()}-{dead}-abc")
-  os.makedirs(os.path.join(stale, "delora_meta"))
-  alive = _atomic.staging_path(path, _atomic.staging_token())  # this process: still running
-  os.makedirs(alive)
+  live_token, live_fd = _atomic.create_staging(path)  # a writer still running
+  dead_token, dead_fd = _atomic.create_staging(path)
+  os.close(dead_fd)  # a writer killed mid-save: its lock is released, its folder left
+  os.makedirs(os.path.join(_atomic.staging_path(path, dead_token), "checkpoint.orbax-checkpoint-tmp-1", "d"))
+  unlocked = _atomic.staging_path(path, f"{_atomic.socket.gethostname()}-0123456789ab")
+  os.makedirs(unlocked)  # killed before it could create its lock file
+  other_host = _atomic.staging_path(path, "another-machine-0123456789ab")
+  os.makedirs(other_host)  # on a network filesystem a lock may be local to its machine: left alone
   _save(path, 3, overwrite=False)
-  assert not os.path.exists(stale) and os.path.exists(alive)
+  live = _atomic.staging_path(path, live_token)
+  assert sorted(_leftovers(path)) == sorted(os.path.basename(p) for p in (live, other_host))
+  _atomic.discard(live, live_fd)
+  assert _version_of(_load(path)) == 3
+
+
+def test_a_long_legal_name_can_be_saved_to(tmp_path):
+  # 200 characters (255 is the limit): the staging folder beside it shortens the name to fit.
+  path = tmp_path / ("x" * 150 + "é" * 50)  # 250 bytes
+  assert len(os.fsencode(path.name)) == 250
+  _save(path, 1, overwrite=False)
+  _save(path, 2)
+  assert _version_of(_load(path)) == 2 and _leftovers(path) == []
 
 
 def test_exchange_fallback_keeps_the_old_checkpoint_aside_until_the_new_is_in_place(tmp_path, monkeypatch):

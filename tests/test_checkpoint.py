@@ -272,6 +272,12 @@ CORRUPTIONS = {
     lambda d: _corrupt_meta(d, lambda m: m["kernels"]["dec/kernel"]["fields"]["b"].update(checksum="0" * 32)),
     "checksum mismatch",
   ),
+  # Switching the checks off by editing the metadata: one process saved it, so each array has a
+  # checksum, and a missing one is refused (the data is even intact here).
+  "checksum_nulled": (
+    lambda d: _corrupt_meta(d, lambda m: m["kernels"]["dec/kernel"]["fields"]["b"].update(checksum=None)),
+    "no checksum where one process saved every array",
+  ),
   "no_commit_marker": (lambda d: (d / "commit_success.txt").unlink(), "not a finished checkpoint"),
   "data_files": (lambda d: [f.write_bytes(b"\0" * 7) for f in (d / "delora_adapters").rglob("d/*")], "corrupt"),
 }
@@ -297,6 +303,21 @@ def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, case):
     delora_jax.load_adapters(dst, tree, opt_state=state)
   gc.collect()  # let orbax's leftovers surface within this test (see _ORBAX_NOISE)
   assert_same_tree(jax.tree_util.tree_map(np.asarray, tree), before)
+
+
+def test_checksums_of_a_multi_process_save_may_be_absent(saved, tmp_path):
+  # A multi-process save cannot hash arrays whose shards are spread over processes: its
+  # metadata says so ("processes"), and only there may a checksum be absent.
+  path, tree, state = saved
+  dst = _copy(path, tmp_path)
+
+  def spread(m):
+    m["processes"] = 2
+    m["kernels"]["dec/kernel"]["fields"]["b"]["checksum"] = None
+
+  _corrupt_meta(dst, spread)
+  restored, _ = delora_jax.load_adapters(dst, tree, opt_state=state)
+  np.testing.assert_array_equal(restored["dec"]["kernel"].b, tree["dec"]["kernel"].b)
 
 
 def test_docs_snippets_run(tmp_path, monkeypatch):

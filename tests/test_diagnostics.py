@@ -96,6 +96,23 @@ def test_bound_use_is_in_zero_one_and_saturates_for_aligned_directions():
   np.testing.assert_allclose(delora_jax.diagnostics(full)["kernels"]["kernel"]["bound_use"], 1.0, rtol=1e-5)
 
 
+def test_summary_counts_only_the_adapted_slices():
+  # Rule(slices=(1,)): slices 0 and 2 are left out (λ = 0, w_norm = 0) and must not pull the
+  # summary's min and mean down; the plain kernel beside it is counted as usual.
+  p = params()
+  sliced = delora_jax.Rule(3, 3.0, stack_axes=1, slices=(1,))
+  rules = {"dense/kernel": delora_jax.Rule(4, 2.0, init="random"), "layers/kernel": sliced}
+  tree = trained(delora_jax.wrap({"dense": p["dense"], "layers": p["layers"]}, rules))
+  d = jax.jit(delora_jax.diagnostics)(tree)
+  np.testing.assert_allclose(d["kernels"]["layers/kernel"]["lam"], [0.0, 3.9, 0.0], rtol=RTOL)  # every slice
+  for m in ("lam", "update_norm", "relative_update", "bound_use"):
+    counted = [float(d["kernels"]["dense/kernel"][m]), float(d["kernels"]["layers/kernel"][m][1])]
+    got = d["summary"][m]
+    np.testing.assert_allclose(
+      [got["min"], got["mean"], got["max"]], [min(counted), np.mean(counted), max(counted)], rtol=RTOL, err_msg=m
+    )
+
+
 def test_peft_init_is_zero_and_nnx_models_work():
   model = nnx.Linear(10, 6, rngs=nnx.Rngs(0))
   adapted = delora_jax.nnx.wrap(model, {"kernel": 3})
