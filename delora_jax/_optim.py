@@ -77,7 +77,7 @@ def optimizer(
   adam, nadamw, adamax, adamaxw, amsgrad, adabelief, radam, yogi, adan, sgd, with momentum
   and nesterov, optimistic_gradient_descent, sign_sgd, noisy_sgd, polyak_sgd, rprop,
   adafactor, lamb, lars, novograd, fromage, lion, rmsprop, adagrad, adadelta, sm3; lbfgs's
-  line search needs the whole loss and is not covered). Its last step keeps the norms of
+  line search needs the whole loss: ``optax.lbfgs`` is refused with a ``TypeError``). Its last step keeps the norms of
   ``a``'s columns and ``b``'s rows below 1e12 (256 for float16), which the model cannot see,
   and ``|λ|`` below 1e4 (256 for float16 λ; a λ given above it is not grown further), which
   no useful training comes near. optax's ``sm3`` takes no 0-d parameter, and λ of an
@@ -106,6 +106,12 @@ def optimizer(
     ...                            lam_learning_rate=1e-2)
     >>> state = opt.init(tree)
   """
+  if tx is getattr(optax, "lbfgs", None):
+    raise TypeError(
+      "optimizer: optax.lbfgs is not supported: its line search calls the loss on the parameters it "
+      "is given, and delora_jax.optimizer gives each partition (adapters, λ, frozen) only its own "
+      "leaves. Use a first-order optimizer such as delora_jax.optimizer(optax.adamw, learning_rate=1e-3)."
+    )
   if isinstance(tx, optax.GradientTransformation):
     if hyperparams:
       raise TypeError(

@@ -71,5 +71,7 @@ def test_ready_transformation_and_errors():
     delora_jax.optimizer(optax.sgd(0.1), lam_learning_rate=0.1)
   with pytest.raises(TypeError, match="must be an optax factory"):
     delora_jax.optimizer(0.1)
+  with pytest.raises(TypeError, match=r"optax.lbfgs is not supported.*optax.adamw"):
+    delora_jax.optimizer(optax.lbfgs, learning_rate=0.1)
   with pytest.raises(ValueError, match="not a valid regular expression"):
     delora_jax.optimizer(optax.sgd, learning_rate=0.1, extra_trainable="(").init(t)
