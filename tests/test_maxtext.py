@@ -241,12 +241,11 @@ def test_train_step_lowers_the_loss(case):
 
 
 def test_docs_maxtext_block_runs_as_written():
-  """docs/real_models.md's MaxText block (the one starting '# MaxText'), unrolled (fast to wrap)."""
+  """docs/real_models.md's MaxText block (the one starting '# MaxText') as pasted: its own tiny llama2,
+  at MaxText's default (scanned) layers."""
   text = (ROOT / "docs" / "real_models.md").read_text()
   (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M) if b.startswith("# MaxText")]
-  model, _ = build(False)
-  tokens, positions, segment_ids = inputs()
-  ns = {"model": model, "tokens": tokens, "positions": positions, "segment_ids": segment_ids}
+  ns: dict = {}
   exec(compile(block, "docs/real_models.md[MaxText]", "exec"), ns)  # noqa: S102 (our docs)
-  assert len(delora_jax.adapters(ns["adapted"])) == 7 * LAYERS
+  assert len(delora_jax.adapters(ns["adapted"])) == 7  # one stacked kernel per projection
   assert np.isfinite(float(ns["loss"]))
