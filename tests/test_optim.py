@@ -85,7 +85,7 @@ def test_nnx_optimizer_state_fits_the_restore_shardings_of_a_sharded_model():
   label per array (inside the Variable) leaves a Variable holding a MaskedNode, which it cannot."""
   from flax import nnx
 
-  mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
+  mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
   model = delora_jax.nnx.wrap(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), {"kernel": 2})
   state = nnx.state(model)
   nnx.update(model, jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
@@ -96,5 +96,5 @@ def test_nnx_optimizer_state_fits_the_restore_shardings_of_a_sharded_model():
 
   restore_shardings_fit(delora_jax.optimizer(optax.adamw, learning_rate=1e-3))
   per_array = lambda p: jax.tree.map(lambda x: "lam" if x.ndim == 0 else "ab", p)  # noqa: E731
-  with pytest.raises(ValueError, match="MaskedNode"):
+  with pytest.raises(ValueError, match="MaskedNode|Expected named tuple, got None"):  # jax >= 0.9 | older
     restore_shardings_fit(optax.partition({"ab": optax.adam(1e-3), "lam": optax.sgd(1e-3)}, per_array))
