@@ -11,6 +11,10 @@ optimized HLO, and the ratios delora/lora for flops and temp memory.
      gemma's own ``gm.nn.LoRA`` (``gemma.peft``).
   2. tunix Llama3 and 3. tunix Gemma3 (NNX): DeLoRA (``delora_jax.nnx.wrap``) vs qwix's
      ``apply_lora_to_model`` + ``LoraProvider`` (the LoRA tunix uses).
+  4. ``peft_trainer`` (not in the default list): tunix's own ``PeftTrainer`` train step (its step
+     function, ``nnx.jit`` with the optimizer donated, AdamW) on tunix's LoRA recipe: qwix at rank r,
+     alpha 2r, against DeLoRA (``delora_jax.Modules`` of the recipe's regex, ``delora_jax.optimizer``):
+     ``python benchmarks/real_models.py --models peft_trainer --rank 16 --batch 4 --seq 64``.
 
 Both sides adapt the same kernels (q/k/v/o and the MLP projections of every layer; never
 the embedder or the LM head); the counts are printed and checked.
@@ -247,6 +251,93 @@ def bench_tunix(name, rank, batch, seq):
   }
 
 
+# ----------------------------------------------------------------------------- tunix PeftTrainer (NNX)
+
+
+def _trainer_step_figures(model, tx, batch, gen_model_input) -> dict:
+  """Figures of tunix's ``PeftTrainer`` train step as the trainer compiles it (its own step function,
+  ``nnx.jit`` with the optimizer donated), for ``model`` and optimizer ``tx``."""
+  from tunix.sft import peft_trainer
+
+  trainer = peft_trainer.PeftTrainer(model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=1, max_steps=1))
+  trainer.with_gen_model_input_fn(gen_model_input)
+  step = nnx.jit(trainer.create_train_step_fn(), donate_argnames=("optimizer",))
+  t0 = time.perf_counter()
+  compiled = step.lower(trainer.model, trainer.optimizer, batch).compile()
+  ct = time.perf_counter() - t0
+  mem, hlo = compiled.memory_analysis(), compiled.as_text()
+  lora = nnx.state(model, nnx.LoRAParam)
+  return {
+    "flops": _cost(compiled),
+    "temp_bytes": int(mem.temp_size_in_bytes),
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
+    "hlo_dots": len(re.findall(r"\bdot\(", hlo)),
+    "compile_s": round(ct, 3),
+    "trainable_params": n_params(lora),
+    "trainable_leaves": len(jax.tree_util.tree_leaves(lora)),
+  }
+
+
+def bench_peft_trainer(rank, batch, seq):
+  """tunix's LoRA recipe (examples/qlora_llama3_gpu.ipynb, LoRA branch): qwix ``LoraProvider`` with the
+  recipe's module regex, alpha 2 * rank and ``optax.adamw``, against the same recipe with
+  ``delora_jax.nnx.wrap`` (``delora_jax.Modules`` of that regex) and ``delora_jax.optimizer(optax.adamw)``."""
+  import numpy as np
+  import qwix
+  from tunix.models import dummy_model_creator
+  from tunix.models.llama3 import model as mm
+
+  cfg = mm.ModelConfig(
+    num_layers=2,
+    vocab_size=256,
+    embed_dim=64,
+    hidden_dim=128,
+    num_heads=4,
+    head_dim=16,
+    num_kv_heads=2,
+    rope_theta=10000,
+    norm_eps=1e-5,
+  )
+  model = dummy_model_creator.create_dummy_model(mm.Llama3, cfg, dtype=jnp.float32, random_seed=0, scale=0.05)
+  targets = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"  # the recipe's
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (batch, seq), 1, 256), np.int32)
+  data = {"input_tokens": tokens, "input_mask": np.ones_like(tokens, bool)}
+
+  def gen_model_input(x):  # the recipe's
+    mask = x["input_tokens"] != 0
+    n = mask.shape[-1]
+    return {
+      "input_tokens": x["input_tokens"],
+      "positions": jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32),
+      "attention_mask": jnp.tril(jnp.ones((n, n), dtype=jnp.bool_))[None] & mask[:, None, :],
+      "input_mask": x["input_mask"],
+    }
+
+  dummy = model.get_model_input()
+  adapted = delora_jax.nnx.wrap(model, {delora_jax.Modules(targets): delora_jax.Rule(rank)}, like=dummy)
+  d = _trainer_step_figures(adapted, delora_jax.optimizer(optax.adamw, learning_rate=1e-4), data, gen_model_input)
+  provider = qwix.LoraProvider(module_path=targets, rank=rank, alpha=2.0 * rank)
+  lmodel = qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(params=0), **dummy)
+  l = _trainer_step_figures(lmodel, optax.adamw(1e-4), data, gen_model_input)
+  lora_kernels = sorted(
+    {
+      re.sub(r"_lora_[ab]$", "", "/".join(str(getattr(k, "key", k)) for k in p if getattr(k, "name", "") != "value"))
+      for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(lmodel, nnx.LoRAParam))[0]
+    }
+  )
+  return {
+    "model": "tunix Llama3, PeftTrainer step",
+    "lora_impl": "qwix LoraProvider (tunix recipe) + optax.adamw",
+    "config": "2 layers, embed 64, hidden 128, 4 heads / 2 KV, head_dim 16, vocab 256",
+    "delora_kernels": sorted(delora_jax.adapters(adapted)),
+    "lora_kernels": lora_kernels,
+    "explain_merged": delora_jax.explain(adapted, **dummy)["merged"],
+    "delora": d,
+    "lora": l,
+  }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -261,7 +352,12 @@ def main(argv=None):
 
   results = {}
   for name in a.models.split(","):
-    r = bench_gemma(a.rank, a.batch, a.seq) if name == "gemma" else bench_tunix(name, a.rank, a.batch, a.seq)
+    if name == "gemma":
+      r = bench_gemma(a.rank, a.batch, a.seq)
+    elif name == "peft_trainer":
+      r = bench_peft_trainer(a.rank, a.batch, a.seq)
+    else:
+      r = bench_tunix(name, a.rank, a.batch, a.seq)
     r["n_delora_kernels"] = len(r["delora_kernels"])
     r["n_lora_kernels"] = len(r["lora_kernels"])
     r["flops_ratio"] = r["delora"]["flops"] / r["lora"]["flops"]

@@ -20,6 +20,7 @@ from delora_jax._lora import to_lora as to_lora
 from delora_jax._optim import optimizer as optimizer
 from delora_jax._report import FallbackWarning as FallbackWarning
 from delora_jax._report import explain as explain
+from delora_jax._rule import Modules as Modules
 from delora_jax._rule import Rule as Rule
 from delora_jax._sharding import shardings as shardings
 from delora_jax._split import combine as combine
@@ -41,6 +42,7 @@ __all__ = [
   "CheckpointError",
   "DeloraKernel",
   "FallbackWarning",
+  "Modules",
   "Rule",
   "adapters",
   "apply",

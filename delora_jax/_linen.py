@@ -384,7 +384,9 @@ def probe(like: Any, params: Any, paths: set[str]) -> _interpret.Uses:
   else:
     raise TypeError(
       "`like` must be (model, *example_args) for a Linen model, or a function "
-      f"like(params) that runs the model's apply on them; got {type(like).__name__}."
+      "like(params) that runs the model's apply on them (also for keyword inputs: "
+      "like=lambda p: model.apply({'params': p}, **inputs)); "
+      f"got {type(like).__name__}."
     )
 
   def run():

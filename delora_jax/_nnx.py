@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -438,7 +439,7 @@ def explain(model: nnx.Module, args: tuple, kwargs: dict) -> dict[str, list[str]
 
 
 def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
-  """How ``model(*like)`` (or ``like(model)``) uses the kernels at ``paths``."""
+  """How ``model(*like)`` (``model(**like)`` for a dict, or ``like(model)``) uses the kernels at ``paths``."""
   new = copy(model)
   mods = modules(new)
   found = {}
@@ -458,10 +459,13 @@ def probe(model: nnx.Module, like: Any, paths: set[str]) -> _interpret.Uses:
     call = like
   elif isinstance(like, tuple):
     call = lambda m: m(*like)  # noqa: E731
+  elif isinstance(like, Mapping) and all(isinstance(k, str) for k in like):
+    call = lambda m: m(**like)  # noqa: E731
   else:
     raise TypeError(
-      "`like` must be a tuple of example arguments for model(*like), or a "
-      f"function like(model) that calls it; got {type(like).__name__}."
+      "`like` must be a tuple of example arguments for model(*like), a dict of keyword "
+      "arguments for model(**like) (e.g. tunix's model.get_model_input()), or a function "
+      f"like(model) that calls it; got {type(like).__name__}."
     )
   return _layout.probe(lambda: nnx.eval_shape(call, new))
 

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax.nnx import Variable
 
 from delora_jax import _kernel, _tree
 from delora_jax._kernel import FROZEN_FIELDS, is_kernel
@@ -24,7 +25,10 @@ _NNX_ADAPTER = re.compile(r"(?:.*/)?[^/]+" + SUFFIX + r"/(a|b|lam)")
 def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) -> Any:
   """Labels ``"adapter"`` (a, b, extras), ``"lam"`` and ``"frozen"`` for ``optax.partition``."""
   extra = _extra_matcher(extra_trainable)
-  paths, leaves, treedef = _tree.flatten(tree, is_leaf=lambda x: x is None or is_kernel(x))
+  # An NNX Variable holding an array gets its label whole (a prefix of the params): optax.partition
+  # then masks the Variable itself (a bare MaskedNode, no Variable holding one), which is what tunix's
+  # restore shardings (nnx.get_named_sharding of the optimizer state) reproduce; see docs/tunix.md.
+  paths, leaves, treedef = _tree.flatten(tree, is_leaf=lambda x: x is None or is_kernel(x) or _array_variable(x))
   # The trainable half of `split` (its kernels have w = None) holds only leaves meant to train.
   trainable_half = any(is_kernel(x) and x.w is None for x in leaves)
   out: list[Any] = []
@@ -48,6 +52,11 @@ def param_labels(tree: Any, extra_trainable: str | Sequence[str] | None = None) 
     else:
       out.append("frozen")
   return treedef.unflatten(out)
+
+
+def _array_variable(x: Any) -> bool:
+  """An NNX Variable that holds an array (not a DeloraKernel of a wrapped NNX State, nor a split's None)."""
+  return isinstance(x, Variable) and _tree.is_array_like(x.get_raw_value())
 
 
 def _opt(value, label):

@@ -291,9 +291,65 @@ class Rule:
     return tuple(a - ndim for a in ins), tuple(a - ndim for a in outs), ()
 
 
-def as_rule(value: Any, pattern: str) -> Rule:
+def as_rule(value: Any, pattern: Any) -> Rule:
   if isinstance(value, Rule):
     return value
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     return Rule(int(value))
   raise TypeError(f"rules[{pattern!r}] must be a delora_jax.Rule or an int rank; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Modules:
+  """A rules key that selects modules by path, as qwix's ``LoraRule(module_path=...)`` and MaxText's
+  ``lora_module_path`` do, instead of parameters by path.
+
+  ``pattern`` is matched with ``re.fullmatch`` against each parameter's *module path*: its path
+  without the last name (``layers/0/attn/q_proj`` for ``layers/0/attn/q_proj/w``; a Linen
+  module's path in its params dict). Every kernel the matched modules hold directly is adapted with
+  the rule: each floating array with two axes or more, but those named ``bias`` (1-D biases and
+  scales have fewer axes). A module holding another 2-D array it does not contract needs a parameter
+  path key instead (with ``like=``, such an array is an error naming it). A string
+  key keeps selecting parameters by their full path, as before; both kinds may be mixed in one
+  rules dict (the first key that selects a kernel wins). A ``Modules`` key whose pattern matches
+  no module holding a kernel is a ``ValueError`` listing module paths that do.
+
+  Args:
+    pattern: a regex over module paths, e.g. qwix's ``".*q_proj|.*k_proj|.*down_proj"``.
+
+  Example:
+    >>> import jax.numpy as jnp, delora_jax
+    >>> params = {"attn": {"q_proj": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}},
+    ...           "mlp": {"down_proj": {"kernel": jnp.ones((8, 4))}}}
+    >>> tree = delora_jax.wrap(params, {delora_jax.Modules(".*q_proj|.*down_proj"): 2})
+    >>> sorted(delora_jax.adapters(tree))  # the kernels of both modules, not the bias
+    ['attn/q_proj/kernel', 'mlp/down_proj/kernel']
+  """
+
+  pattern: str
+
+  def __post_init__(self):
+    if not isinstance(self.pattern, str):
+      raise TypeError(
+        f"delora_jax.Modules: `pattern` must be a regex string over module paths, e.g. '.*q_proj'; "
+        f"got {self.pattern!r}."
+      )
+
+  def __repr__(self) -> str:
+    return f"delora_jax.Modules({self.pattern!r})"
+
+  def selects(self, regex: Any, path: str) -> bool:
+    """Whether the parameter at ``path`` belongs to a module that ``regex`` (this pattern) matches."""
+    return regex.fullmatch(path.rpartition("/")[0]) is not None
+
+
+def is_module_kernel(path: str, leaf: Any) -> bool:
+  """What a :class:`Modules` key adapts in a module it matches: a floating array with two axes or
+  more that is not named ``bias`` (Flax's name for biases, 2-D in ``nnx.LinearGeneral``)."""
+  return (
+    hasattr(leaf, "shape")
+    and hasattr(leaf, "dtype")
+    and jnp.issubdtype(leaf.dtype, jnp.floating)
+    and leaf.ndim >= 2
+    and path.rpartition("/")[2] != "bias"
+  )

@@ -17,14 +17,14 @@ from jax.sharding import NamedSharding
 
 from delora_jax import _kernel, _layout, _linen, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
-from delora_jax._rule import Rule, as_rule, stack_positions
+from delora_jax._rule import Modules, Rule, as_rule, is_module_kernel, stack_positions
 from delora_jax._sharding import kernel_specs
 
 ADAPTER_FIELDS = ("a", "b", "lam", "w_norm")
 RESIDUAL_FIELDS = ("res_a", "res_b")
 
 
-def _compile(rules: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Rule]]:
+def _compile(rules: Mapping[Any, Any]) -> list[tuple[Any, re.Pattern, Rule]]:
   if not isinstance(rules, Mapping):
     raise TypeError(
       f"`rules` must map regex patterns to a Rule or an int rank, e.g. {{'.*kernel': 8}}; got {type(rules).__name__}."
@@ -33,10 +33,10 @@ def _compile(rules: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Rule]]:
     raise ValueError("`rules` is empty: nothing would be adapted. Pass e.g. {'.*kernel': 8}.")
   out = []
   for pattern, value in rules.items():
-    if not isinstance(pattern, str):
-      raise TypeError(f"rules keys must be regex strings; got {pattern!r}.")
+    if not isinstance(pattern, (str, Modules)):
+      raise TypeError(f"rules keys must be regex strings or delora_jax.Modules(regex); got {pattern!r}.")
     try:
-      compiled = re.compile(pattern)
+      compiled = re.compile(pattern.pattern if isinstance(pattern, Modules) else pattern)
     except re.error as e:
       raise ValueError(
         f"rules pattern {pattern!r} is not a valid regular expression ({e}). "
@@ -45,6 +45,11 @@ def _compile(rules: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Rule]]:
       ) from None
     out.append((pattern, compiled, as_rule(value, pattern)))
   return out
+
+
+def selects(key: Any, regex: re.Pattern, path: str) -> bool:
+  """Whether the rules key ``key`` (compiled to ``regex``) selects the parameter at ``path``."""
+  return key.selects(regex, path) if isinstance(key, Modules) else regex.fullmatch(path) is not None
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:
@@ -210,7 +215,7 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   return DeloraKernel(w=w, **arrays, **layout)
 
 
-def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None = None, like: Any = None) -> Any:
+def wrap(params: Any, rules: Mapping[Any, Rule | int], *, key: jax.Array | None = None, like: Any = None) -> Any:
   """Adds DeLoRA adapters to the kernels that ``rules`` select.
 
   Each leaf's ``/``-joined path (e.g. ``Dense_0/kernel``; an NNX Variable's
@@ -222,12 +227,16 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
   Args:
     params: a Flax parameter tree: Linen ``params`` dict (or FrozenDict), or an
       NNX ``State`` from ``nnx.split``.
-    rules: ``{regex: Rule | int}``; an int is ``Rule(rank)``.
+    rules: ``{regex: Rule | int}``; an int is ``Rule(rank)``. A key may also be
+      :class:`delora_jax.Modules` ``(regex)``, which selects modules by path as qwix and
+      MaxText configs do (``.*q_proj|.*down_proj``: every kernel of the modules whose path, the
+      parameter's path without its last name, the regex fully matches).
     key: PRNG key for the adapters' initialisation; ``None`` means
       ``jax.random.key(0)``. Each kernel draws from a key derived from this key
       and its path alone, so the result does not depend on dict order.
     like: ``(model, *example_args)`` (or a function ``like(params)`` that runs
-      ``model.apply({"params": params, ...}, ...)``): one abstract call of the
+      ``model.apply({"params": params, ...}, ...)``, which also takes keyword inputs:
+      ``lambda p: model.apply({"params": p}, **inputs)``): one abstract call of the
       model (nothing is computed) from which each selected kernel's layout is
       taken, the axes it contracts being its inputs and the axes ``nn.scan``
       slices off its stacked axes. Rules may then leave ``in_axes``,
@@ -265,6 +274,9 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
     ...                        like=(attn, x))
     >>> delora_jax.adapters(tree)["kernel"]["b"].shape
     (4, 16)
+    >>> mlp = {"up_proj": {"kernel": jnp.ones((8, 16))}, "down_proj": {"kernel": jnp.ones((16, 8))}}
+    >>> sorted(delora_jax.adapters(delora_jax.wrap(mlp, {delora_jax.Modules(".*down_proj"): 4})))
+    ['down_proj/kernel']
     >>> abstract = {"kernel": jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)}  # no memory
     >>> delora_jax.adapters(delora_jax.wrap(abstract, {"kernel": 16}))["kernel"]["a"]
     ShapeDtypeStruct(shape=(4096, 16), dtype=float32)
@@ -276,7 +288,7 @@ def wrap(params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None 
 
 
 def wrap_with(
-  params: Any, rules: Mapping[str, Rule | int], *, key: jax.Array | None, probe: Callable[[set[str]], Any] | None
+  params: Any, rules: Mapping[Any, Rule | int], *, key: jax.Array | None, probe: Callable[[set[str]], Any] | None
 ) -> Any:
   """`wrap`, with layouts inferred by ``probe(selected paths) -> _interpret.Uses`` if given."""
   compiled = _compile(rules)
@@ -301,7 +313,7 @@ def wrap_with(
   for i, path in enumerate(paths):
     owner = None
     for pattern, regex, rule in compiled:
-      if regex.fullmatch(path):
+      if selects(pattern, regex, path) and (not isinstance(pattern, Modules) or is_module_kernel(path, leaves[i])):
         hits[pattern].append(path)
         if owner is None:
           owner = (pattern, rule)
@@ -310,6 +322,13 @@ def wrap_with(
       _check_kernel_leaf(path, owner[0], leaves[i])
       owners[i] = owner
   for pattern, _, _ in compiled:
+    if not hits[pattern] and isinstance(pattern, Modules):
+      modules = list(dict.fromkeys(p.rpartition("/")[0] for p, x in zip(paths, leaves) if is_module_kernel(p, x)))
+      raise ValueError(
+        f"rules key {pattern!r} matches no module that holds a kernel (re.fullmatch on module paths: "
+        f"a parameter's path without its last name). Some module paths with kernels in `params`: "
+        f"{_tree.sample_paths(modules)}. Fix the pattern or remove it."
+      )
     if not hits[pattern]:
       raise ValueError(
         f"rules pattern {pattern!r} matches no leaf (re.fullmatch on '/'-joined paths). "

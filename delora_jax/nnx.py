@@ -93,11 +93,15 @@ def wrap(
 
   Args:
     model: an ``nnx.Module``.
-    rules: ``{regex: Rule | int}`` as for :func:`delora_jax.wrap`.
+    rules: ``{regex: Rule | int}`` as for :func:`delora_jax.wrap`; keys may be
+      :class:`delora_jax.Modules` ``(regex)`` to select modules by path as qwix does
+      (``{delora_jax.Modules(".*q_proj|.*down_proj"): 16}``).
     key: PRNG key of the adapters' initialisation (default ``jax.random.key(0)``).
-    like: example arguments of ``model(*like)`` (a tuple), used to infer the layout of
-      every selected kernel whose Rule leaves ``in_axes``/``out_axes`` out, and to check
-      the declared ones against the model's contractions.
+    like: example inputs of one call: a tuple for ``model(*like)``, a dict for
+      ``model(**like)`` (as tunix's ``model.get_model_input()`` returns), or a function
+      ``like(model)`` that calls it; used to infer the layout of every selected kernel whose
+      Rule leaves ``in_axes``/``out_axes`` out, and to check the declared ones against the
+      model's contractions.
     rngs: ``nnx.Rngs`` with a ``dropout`` stream; needed when a Rule has ``dropout > 0``
       (PEFT's ``module_dropout``). ``adapted.eval()`` turns adapter dropout off.
     strict: raise ``TypeError`` when an adapted kernel is used where it cannot be

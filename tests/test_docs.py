@@ -31,6 +31,7 @@ EXECUTED_ELSEWHERE = {
   "docs/real_models.md": ("test_real_models.py", "test_gemma4.py", "test_maxtext.py"),
   "docs/examples.md": ("test_examples.py",),  # reads the example's output: main stack only
   "docs/from_peft.md": ("test_peft_config.py",),  # torch and PEFT: main stack only
+  "docs/tunix.md": ("test_tunix.py",),  # tunix's PeftTrainer: main stack only
 }
 
 

@@ -75,3 +75,26 @@ def test_ready_transformation_and_errors():
     delora_jax.optimizer(optax.lbfgs, learning_rate=0.1)
   with pytest.raises(ValueError, match="not a valid regular expression"):
     delora_jax.optimizer(optax.sgd, learning_rate=0.1, extra_trainable="(").init(t)
+
+
+def test_nnx_optimizer_state_fits_the_restore_shardings_of_a_sharded_model():
+  """tunix's PeftTrainer restores the optimizer state with shardings from
+  ``nnx.get_named_sharding(state, mesh)`` once the model is sharded; that tree must have the
+  state's structure (orbax maps one over the other). The parts of a partitioned state that belong
+  to another group are bare MaskedNodes (the Variable labelled whole), which it reproduces; a
+  label per array (inside the Variable) leaves a Variable holding a MaskedNode, which it cannot."""
+  from flax import nnx
+
+  mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
+  model = delora_jax.nnx.wrap(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), {"kernel": 2})
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+
+  def restore_shardings_fit(tx):
+    opt_state = nnx.state(nnx.Optimizer(model, tx, wrt=nnx.LoRAParam), nnx.optimizer.OptState)
+    jax.tree.map(lambda x, s: None, opt_state, nnx.get_named_sharding(opt_state, mesh))  # orbax's check
+
+  restore_shardings_fit(delora_jax.optimizer(optax.adamw, learning_rate=1e-3))
+  per_array = lambda p: jax.tree.map(lambda x: "lam" if x.ndim == 0 else "ab", p)  # noqa: E731
+  with pytest.raises(ValueError, match="MaskedNode|Expected named tuple, got None"):  # jax >= 0.9 | older
+    restore_shardings_fit(optax.partition({"ab": optax.adam(1e-3), "lam": optax.sgd(1e-3)}, per_array))

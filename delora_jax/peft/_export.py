@@ -14,7 +14,7 @@ import numpy as np
 
 from delora_jax import _tree
 from delora_jax._lora import to_lora
-from delora_jax._wrap import _compile, live_slices
+from delora_jax._wrap import _compile, live_slices, selects
 from delora_jax.peft._extras import export_extras
 from delora_jax.peft._names import CONFIG, PREFIX, WEIGHTS, check_linear, pattern_key, resolve_all, safetensors_numpy
 
@@ -68,7 +68,7 @@ def _initial_lams(rules: Any, ks: dict) -> dict[str, float]:
   compiled = _compile(rules)
   out = {}
   for p in ks:
-    rule = next((r for _, rx, r in compiled if rx.fullmatch(p)), None)
+    rule = next((r for key, rx, r in compiled if selects(key, rx, p)), None)
     if rule is None:
       raise ValueError(
         f"{p}: no pattern of `rules` matches this adapted kernel; pass the rules "
