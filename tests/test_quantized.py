@@ -1,0 +1,59 @@
+"""QDeLoRA: a base stored quantized (Rule(quantize=..., tile_size=...)), computed factorised."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from delora_jax import _quant
+from tests.helpers import rel
+
+SCHEMES = {  # id: (quantize, tile_size)
+  "int8": ("int8", None),
+  "int8_tile2": ("int8", 2),
+  "int4": ("int4", None),
+  "nf4_tile2": ("nf4", 2),
+}
+STORED = {"int8": jnp.int8, "int4": jnp.int4, "nf4": jnp.uint4}
+
+
+def _kernel(shape=(16, 6), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape) * 0.3
+
+
+# ---------------------------------------------------------------- _quant
+
+
+@pytest.mark.parametrize("tile", [None, 4], ids=["per_channel", "tile4"])
+@pytest.mark.parametrize("scheme", list(STORED))
+def test_quantize_dequantize_stores_values_and_scales_within_half_a_step(scheme, tile):
+  w = _kernel((16, 6))
+  q = _quant.quantize(w, scheme, (-2,), tile)
+  assert q.values.dtype == STORED[scheme] and q.values.shape == (16, 6)
+  assert q.scale.dtype == jnp.float32 and q.scale.shape == ((1, 6) if tile is None else (4, 6))
+  back = _quant.dequantize(q)
+  assert back.dtype == w.dtype and back.shape == w.shape
+  # Each entry is within half a step of its bucket: scale/2 for ints; half the widest NF4 gap for nf4.
+  step = 0.5 if scheme != "nf4" else float(np.max(np.diff(_quant.NF4))) / 2
+  scale = np.repeat(np.asarray(q.scale), 16 // q.scale.shape[0], axis=0)
+  # (plus float32 rounding of the product, up to 128 steps in magnitude: 128 eps).
+  assert np.all(np.abs(np.asarray(back - w)) <= (step + 128 * np.finfo(np.float32).eps) * scale)
+  # The largest entry of each block is represented (absmax scaling): the error is not a clip.
+  assert rel(back, w) < {"int8": 0.01, "int4": 0.15, "nf4": 0.15}[scheme]
+
+
+def test_quantize_n_d_kernel_tiles_its_innermost_input_axis():
+  w = _kernel((2, 4, 8))  # (heads, head_dim, embed): in_axes (0, 1)
+  q = _quant.quantize(w, "int8", (0, 1), tile=2)
+  assert q.scale.shape == (1, 2, 8) and q.in_axes == (-3, -2)
+  np.testing.assert_allclose(_quant.dequantize(q), w, atol=float(q.scale.max()) / 2 + 1e-7)
+
+
+def test_zero_kernel_gets_unit_scales():
+  q = _quant.quantize(jnp.zeros((4, 3)), "nf4", (-2,))
+  assert np.all(np.asarray(q.scale) == 1.0) and not np.any(np.asarray(_quant.dequantize(q)))
+
+
+def test_bf16_kernel_dequantizes_to_bf16():
+  q = _quant.quantize(_kernel().astype(jnp.bfloat16), "int4", (-2,))
+  assert q.dtype == jnp.bfloat16 and _quant.dequantize(q).dtype == jnp.bfloat16
