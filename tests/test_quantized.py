@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import delora_jax
 from delora_jax import _quant
 from tests.helpers import rel
 
@@ -57,3 +58,51 @@ def test_zero_kernel_gets_unit_scales():
 def test_bf16_kernel_dequantizes_to_bf16():
   q = _quant.quantize(_kernel().astype(jnp.bfloat16), "int4", (-2,))
   assert q.dtype == jnp.bfloat16 and _quant.dequantize(q).dtype == jnp.bfloat16
+
+
+# ---------------------------------------------------------------- Rule / wrap: bad input
+
+
+@pytest.mark.parametrize(
+  "kw, exc, words",
+  [
+    (dict(quantize="int3"), ValueError, ["`quantize`", "'int3'", "Rule(8, quantize='nf4')"]),
+    (dict(quantize="fp8"), ValueError, ["`quantize`", "'fp8'", "('int8', 'int4', 'nf4')"]),
+    (dict(tile_size=32), ValueError, ["`tile_size`=32", "without `quantize`", "quantize='int4', tile_size=32"]),
+    (dict(quantize="nf4", tile_size=0), ValueError, ["`tile_size`", "positive int", "got 0"]),
+    (dict(quantize="nf4", tile_size="32"), TypeError, ["`tile_size`", "'32'", "tile_size=32"]),
+    (dict(quantize="nf4", tile_size=True), TypeError, ["`tile_size`", "True"]),
+  ],
+  ids=["unknown", "fp8", "tile_without_quantize", "tile_zero", "tile_str", "tile_bool"],
+)
+def test_rule_rejects_bad_quantize_arguments(kw, exc, words):
+  with pytest.raises(exc) as e:
+    delora_jax.Rule(8, **kw)
+  for w in words:
+    assert w in str(e.value)
+
+
+def test_wrap_rejects_a_tile_that_does_not_divide_the_contracted_axis():
+  params = {"dense": {"kernel": _kernel((12, 6))}}
+  with pytest.raises(ValueError) as e:
+    delora_jax.wrap(params, {"dense/kernel": delora_jax.Rule(2, quantize="int4", tile_size=8)})
+  msg = str(e.value)
+  assert "dense/kernel" in msg and "tile_size=8" in msg and "size 12" in msg and "tile_size=6" in msg
+
+
+def test_wrap_rejects_quantizing_a_kernel_that_is_not_floating():
+  params = {"dense": {"kernel": jnp.ones((12, 6), jnp.int8)}}  # e.g. already quantized by qwix
+  with pytest.raises(TypeError) as e:
+    delora_jax.wrap(params, {"dense/kernel": delora_jax.Rule(2, quantize="int8")})
+  assert "dense/kernel" in str(e.value) and "int8" in str(e.value) and "float" in str(e.value)
+
+
+def test_wrap_refuses_what_quantize_does_not_support_yet():
+  stacked = {"k": _kernel((6, 2, 4))}  # (in, layers, out): stacked axis not leading
+  with pytest.raises(ValueError, match=r"k: .*not supported yet with quantize="):
+    delora_jax.wrap(stacked, {"k": delora_jax.Rule(2, stack_axes=(1,), quantize="int8")})
+  from flax import nnx  # noqa: PLC0415
+
+  model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"kernel.*NNX.*not supported yet with quantize="):
+    delora_jax.nnx.wrap(model, {"kernel": delora_jax.Rule(2, quantize="nf4")})
