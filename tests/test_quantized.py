@@ -106,3 +106,82 @@ def test_wrap_refuses_what_quantize_does_not_support_yet():
   model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"kernel.*NNX.*not supported yet with quantize="):
     delora_jax.nnx.wrap(model, {"kernel": delora_jax.Rule(2, quantize="nf4")})
+
+
+# ---------------------------------------------------------------- wrap / split / merge / unwrap
+
+
+def _params():
+  return {"a": {"kernel": _kernel((16, 6), 1), "bias": jnp.zeros(6)}, "b": {"kernel": _kernel((6, 4), 2)}}
+
+
+def _rule(scheme_id, **kw):
+  quantize, tile = SCHEMES[scheme_id]
+  return delora_jax.Rule(2, 3.0, init="random", quantize=quantize, tile_size=tile, **kw)
+
+
+@pytest.mark.parametrize("sid", list(SCHEMES))
+def test_wrap_keeps_no_float_copy_and_the_full_precision_update(sid):
+  params = _params()
+  tree = delora_jax.wrap(params, {".*kernel": _rule(sid)})
+  full = delora_jax.wrap(params, {".*kernel": delora_jax.Rule(2, 3.0, init="random")})
+  for p in ("a", "b"):
+    q = tree[p]["kernel"].w
+    assert isinstance(q, _quant.QArray) and q.values.dtype == STORED[q.scheme]
+  # No leaf of the tree is a float array of a kernel's shape (no full-precision copy).
+  kernel_shapes = {(16, 6), (6, 4)}
+  for x in jax.tree.leaves(tree):
+    assert not (tuple(x.shape) in kernel_shapes and jnp.issubdtype(x.dtype, jnp.floating))
+  # w_norm from the full-precision kernel: ΔW is the full-precision base's, bit for bit.
+  for p in ("a", "b"):
+    np.testing.assert_array_equal(tree[p]["kernel"].w_norm, full[p]["kernel"].w_norm)
+  for p, d in delora_jax.delta(full).items():
+    np.testing.assert_array_equal(delora_jax.delta(tree)[p], d)
+  # merge: plain float kernels, the dequantized base + ΔW in the original dtype; unwrap: the dequantized base.
+  merged, base = delora_jax.merge(tree), delora_jax.unwrap(tree)
+  for p in ("a", "b"):
+    deq = _quant.dequantize(tree[p]["kernel"].w)
+    assert merged[p]["kernel"].dtype == jnp.float32 and base[p]["kernel"].dtype == jnp.float32
+    np.testing.assert_array_equal(base[p]["kernel"], deq)
+    np.testing.assert_array_equal(merged[p]["kernel"], deq + delora_jax.delta(tree)[f"{p}/kernel"])
+  np.testing.assert_array_equal(delora_jax.merge(tree, safe=True)["a"]["kernel"], merged["a"]["kernel"])
+  # split: the quantized base is frozen; combine restores the tree.
+  trainable, frozen = delora_jax.split(tree)
+  assert isinstance(frozen["a"]["kernel"].w, _quant.QArray) and trainable["a"]["kernel"].w is None
+  assert not any(jnp.issubdtype(x.dtype, jnp.integer) for x in jax.tree.leaves(trainable))
+  assert jax.tree.structure(delora_jax.combine(trainable, frozen)) == jax.tree.structure(tree)
+  assert set(delora_jax.diagnostics(tree)["kernels"]) == {"a/kernel", "b/kernel"}
+
+
+def test_bf16_base_merges_and_unwraps_to_bf16():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+  tree = delora_jax.wrap(params, {".*kernel": _rule("nf4_tile2")})
+  assert tree["a"]["kernel"].w.dtype == jnp.bfloat16
+  assert delora_jax.merge(tree)["a"]["kernel"].dtype == jnp.bfloat16
+  assert delora_jax.unwrap(tree)["a"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_abstract_wrap_gives_quantized_shapes_and_shardings():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+  params = {"kernel": jax.ShapeDtypeStruct((64, 32), jnp.bfloat16, sharding=sh)}
+  tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(4, quantize="nf4", tile_size=16)})
+  q = tree["kernel"].w
+  assert (q.values.shape, q.values.dtype, q.values.sharding) == ((64, 32), jnp.uint4, sh)
+  assert (q.scale.shape, q.scale.dtype) == ((4, 32), jnp.float32)
+  assert q.scale.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  with pytest.raises(ValueError, match=r"kernel.*not supported yet with quantize="):
+    delora_jax.shardings(tree)
+
+
+def test_adapter_checkpoint_reloads_and_refuses_a_differently_quantized_base(tmp_path):
+  params = _params()
+  tree = delora_jax.wrap(params, {".*kernel": _rule("int8")})
+  delora_jax.save_adapters(tmp_path / "ck", tree)
+  assert not any("values" in f.name or "scale" in f.name for f in (tmp_path / "ck").rglob("*"))
+  fresh = delora_jax.wrap(params, {".*kernel": _rule("int8")}, key=jax.random.key(9))
+  back = delora_jax.load_adapters(tmp_path / "ck", fresh)
+  np.testing.assert_array_equal(back["a"]["kernel"].a, tree["a"]["kernel"].a)
+  for other in (_rule("nf4_tile2"), delora_jax.Rule(2, 3.0, init="random")):
+    with pytest.raises(ValueError, match=r"a/kernel: base stored (int8|unquantized) in the checkpoint"):
+      delora_jax.load_adapters(tmp_path / "ck", delora_jax.wrap(params, {".*kernel": other}))
