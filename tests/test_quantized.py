@@ -1,5 +1,10 @@
 """QDeLoRA: a base stored quantized (Rule(quantize=..., tile_size=...)), computed factorised."""
 
+import dataclasses
+import functools
+
+import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +12,8 @@ import pytest
 
 import delora_jax
 from delora_jax import _quant
-from tests.helpers import rel
+from tests import models
+from tests.helpers import REL, rel
 
 SCHEMES = {  # id: (quantize, tile_size)
   "int8": ("int8", None),
@@ -185,3 +191,143 @@ def test_adapter_checkpoint_reloads_and_refuses_a_differently_quantized_base(tmp
   for other in (_rule("nf4_tile2"), delora_jax.Rule(2, 3.0, init="random")):
     with pytest.raises(ValueError, match=r"a/kernel: base stored (int8|unquantized) in the checkpoint"):
       delora_jax.load_adapters(tmp_path / "ck", delora_jax.wrap(params, {".*kernel": other}))
+
+
+# ---------------------------------------------------------------- apply (Linen), factorised
+
+
+class _Layers(nn.Module):
+  """Every contraction form on small kernels: flax Dense and DenseGeneral (fused), an N-D DenseGeneral over
+  two input axes, nn.Einsum and a custom jnp.einsum (the generic path, kernel as rhs), lax.dot_general with the
+  kernel as lhs."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.DenseGeneral((2, 4), name="query")(x)  # kernel (4, 2, 4)
+    y = nn.DenseGeneral(4, axis=(-2, -1), name="out")(h)  # kernel (2, 4, 4): two input axes
+    w = self.param("kernel", models.INIT, (4, 2, 3))
+    e = jnp.einsum("bi,iho->bho", y, w).reshape(x.shape[0], 6)
+    v = self.param("lhs", models.INIT, (4, 4))
+    z = jax.lax.dot_general(v, y, (((0,), (1,)), ((), ())))  # (4, batch): the kernel as lhs
+    e = nn.Einsum((10, 6), "bi,io->bo", name="einsum")(jnp.concatenate([e, z.T], axis=-1))
+    return nn.Dense(3, name="dense")(jnp.tanh(e))
+
+
+def _layer_rules():
+  r = functools.partial(delora_jax.Rule, 2, 3.0, init="random")
+  return {
+    "query/kernel": r(in_axes=0),
+    "out/kernel": r(out_axes=-1),
+    "kernel": r(in_axes=0),
+    "lhs": r(),
+    "einsum/kernel": r(),
+    "dense/kernel": r(),
+  }
+
+
+def _quantized_rules(rules, sid):
+  quantize, tile = SCHEMES[sid]
+  return {p: dataclasses.replace(r, quantize=quantize, tile_size=tile) for p, r in rules.items()}
+
+
+@pytest.mark.parametrize("sid", list(SCHEMES))
+def test_apply_and_gradients_equal_the_merged_model(sid):
+  """Outputs to REL; gradients (int8 per channel: output-side scales; nf4 tiled: dequantized) with test_apply.py's
+  tolerances: a and b relative 1e-4, λ (whose gradient
+  <G, ΔW> / λ cancels) 1e-5 of ||G|| ||ΔW|| / |λ|, G the merged kernel's gradient."""
+  model, x = _Layers(), jax.random.normal(jax.random.key(1), (3, 4))
+  tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], _quantized_rules(_layer_rules(), sid))
+  trainable, frozen = delora_jax.split(tree)
+
+  def loss(t):
+    y = delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True)
+    return jnp.mean(y**2), y
+
+  def merged_loss(t):
+    y = model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x)
+    return jnp.mean(y**2), y
+
+  if sid == "int8":  # every kernel's int values enter its dot as they are (fused Dense and the generic path)
+    assert sum(jnp.int8 in d for d in _dots(jax.make_jaxpr(loss)(trainable).jaxpr, dtypes=True)) == 6
+  if sid in ("int4", "int8_tile2"):  # the dequantized path nf4_tile2 differentiates: outputs only
+    assert rel(jax.jit(loss)(trainable)[1], jax.jit(merged_loss)(trainable)[1]) < REL
+    return
+  (gf, y), (gm, y_merged) = (jax.jit(jax.grad(f, has_aux=True))(trainable) for f in (loss, merged_loss))
+  assert rel(y, y_merged) < REL
+  gfs, gms = delora_jax._tree.kernels(gf), delora_jax._tree.kernels(gm)
+  g_w = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)))(delora_jax.merge(tree))
+  g_w = flax.traverse_util.flatten_dict(g_w, sep="/")
+  dws = delora_jax.delta(tree)
+  for p, k in delora_jax._tree.kernels(tree).items():
+    assert rel(gfs[p].a, gms[p].a) < 1e-4 and rel(gfs[p].b, gms[p].b) < 1e-4, p
+    scale = np.linalg.norm(np.asarray(g_w[p], np.float64)) * np.linalg.norm(dws[p]) / abs(float(k.lam))
+    assert abs(float(gfs[p].lam) - float(gms[p].lam)) < 1e-5 * scale, p
+
+
+def _dots(jaxpr, dtypes: bool = False) -> list:
+  """Output shapes (or operand dtypes) of every dot_general in ``jaxpr`` and its sub-jaxprs."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(v.aval.dtype for v in eqn.invars) if dtypes else tuple(eqn.outvars[0].aval.shape))
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          out += _dots(getattr(sub, "jaxpr", sub))
+  return out
+
+
+@pytest.mark.parametrize("sid", list(SCHEMES))
+def test_factorised_step_forms_no_dense_update_or_kernel_gradient(sid):
+  """No dot_general of the step yields a kernel-shaped (in, out) array: neither ΔW = u @ v nor the kernel's
+  gradient x^T dy (the dequantized 4-bit base is an elementwise product, not a dot). int8 per channel: the int
+  values enter the base's dot as they are."""
+  n_in, n_out = 24, 40
+  model = nn.Sequential([nn.Dense(n_out), jnp.tanh, nn.Dense(3)])
+  x = jax.random.normal(jax.random.key(0), (64, n_in))
+  tree = delora_jax.wrap(model.init(jax.random.key(1), x)["params"], {"layers_0/kernel": _rule(sid)})
+  trainable, frozen = delora_jax.split(tree)
+
+  def step(t, frozen, x):
+    return jax.grad(lambda t: jnp.mean(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x) ** 2))(t)
+
+  jaxpr = jax.make_jaxpr(step)(trainable, frozen, x).jaxpr
+  shapes = _dots(jaxpr)
+  assert shapes and (n_in, n_out) not in shapes and (n_out, n_in) not in shapes
+  merged = jax.make_jaxpr(
+    jax.grad(lambda t: jnp.mean(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x) ** 2))
+  )(trainable).jaxpr
+  assert (n_in, n_out) in _dots(merged)  # the control does form ΔW
+  # int8 per channel: the int values are an operand of the base's dot as they are (XLA:CPU then converts them
+  # to f32 in a transient buffer, having no int8 x f32 dot; GPU/TPU fuse the convert into the dot).
+  assert any(jnp.int8 in d for d in _dots(jaxpr, dtypes=True)) == (sid == "int8")
+
+
+def _bf16_mlp():
+  return nn.Sequential([nn.Dense(8, dtype=jnp.bfloat16), jnp.tanh, nn.Dense(3, dtype=jnp.bfloat16)])
+
+
+WHERE = {  # id: (model, input shape, full-precision rules, quantize, tile_size, relative tolerance)
+  "conv-nf4": (models.ConvNet, (1, 5, 5, 3), lambda: {r"conv\d/kernel": _R(out_axes=-1)}, "nf4", None, REL),
+  "scan-nf4": (models.Scanned, (2, 3, 4), lambda: {"layers/kernel": _R(stack_axes=1)}, "nf4", 2, REL),
+  "scan-int8": (models.Scanned, (2, 3, 4), lambda: {"layers/kernel": _R(stack_axes=1)}, "int8", None, REL),
+  # bf16 compute on both sides; they round differently: 4 bf16 eps (2^-8).
+  "bf16-int8": (_bf16_mlp, (4, 6), lambda: {".*kernel": _R()}, "int8", None, 4 * 2**-8),
+  "bf16-int4": (_bf16_mlp, (4, 6), lambda: {".*kernel": _R()}, "int4", 2, 4 * 2**-8),
+}
+
+
+def _R(**kw):  # noqa: N802
+  return delora_jax.Rule(2, 4.0, init="random", **kw)
+
+
+@pytest.mark.parametrize("case", list(WHERE))
+def test_conv_scanned_and_bf16_compute_equal_the_merged_model(case):
+  """Conv (the dequantized base, the factorised conv branch), nn.scan (leading stacked axes: each layer's slice of
+  values and scales) and bf16 compute."""
+  make, shape, rules, quantize, tile, tol = WHERE[case]
+  model, x = make(), jax.random.normal(jax.random.key(1), shape)
+  rules = {p: dataclasses.replace(r, quantize=quantize, tile_size=tile) for p, r in rules().items()}
+  tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], rules)
+  y = jax.jit(lambda t: delora_jax.apply(model, {"params": t}, x, strict=True))(tree)
+  assert rel(y, jax.jit(lambda t: model.apply({"params": delora_jax.merge(t)}, x))(tree)) < tol
