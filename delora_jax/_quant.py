@@ -5,15 +5,15 @@ Numerics are qwix's (what tunix and MaxText use): symmetric absmax scales, one p
 entries along the kernel's innermost input axis; ``scale = absmax / B`` with ``B`` = 127.5 (int8),
 7.5 (int4) or 1 (nf4), a scale below ``sqrt(tiny)`` replaced by 1; int values rounded half to even
 and clipped to the type's range; nf4 stored as ``uint4`` indices into the 16-value NF4 table
-(QLoRA, Appendix E), the nearest entry. ``tests/test_quantized.py`` checks values and scales
+(QLoRA, Appendix E), the nearest entry. ``tests/test_quantized_qwix.py`` checks values and scales
 against qwix's own on the same weights.
 
-Written by hand (about 60 lines) rather than calling qwix: qwix is not a dependency of delora_jax
-(it would add flax-nnx-interception machinery and its release cadence to a package that needs four
-array functions), its ``QArray`` has no notion of the kernel's input axes (which decide the scale
-layout and the output-side dequantization), and its nf4 bucketing maps a per-entry ``argmin`` over
-the table (16 comparisons per weight); here a sorted search over the 15 midpoints gives the same
-index with no 16x intermediate.
+Written by hand (about 60 lines) rather than calling qwix: qwix is not a dependency of delora_jax,
+and adding one (with its own jax/flax pins, on CI's lower-bounds stack too) for four array functions
+would cost more than it gives; the scale layout must also follow the kernel's input axes as the
+Rule declares them, which decides where the output side can be scaled. nf4's nearest entry is
+found by a sorted search over the 15 midpoints (qwix takes an ``argmin`` over the 16 entries for
+each weight); the indices are the same, ties going to the lower entry in both.
 """
 
 from __future__ import annotations
