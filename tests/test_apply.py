@@ -112,12 +112,12 @@ def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
   def merged_loss(trainable):
     return jnp.mean(model.apply({"params": delora_jax.merge(delora_jax.combine(trainable, frozen))}, x) ** 2)
 
-  g_merged = jax.grad(merged_loss)(trainable)
+  g_merged = jax.jit(jax.grad(merged_loss))(trainable)
   # a and b: relative error. λ: dL/dλ = <G, ΔW> / λ (ΔW is linear in λ, G = dL/dW) sums terms of
   # total size ~ ||G|| ||ΔW|| / |λ| that cancel to a much smaller value, so its rounding error is
   # relative to that scale, not to |dL/dλ| (measured: <= 2e-6 of it, on jax 0.10 and 0.12).
   g_w = traverse_util.flatten_dict(
-    jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(delora_jax.merge(tree)), sep="/"
+    jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)))(delora_jax.merge(tree)), sep="/"
   )
   dws, ks = delora_jax.delta(tree), delora_jax._tree.kernels(tree)
   gfs, gms = delora_jax._tree.kernels(g_fact), delora_jax._tree.kernels(g_merged)
@@ -129,7 +129,7 @@ def test_gradients_factorised_equal_merged_and_skip_frozen(name, form):
     scale = norm(g_w[p]) * norm(dws[p]) / np.abs(np.asarray(k.lam))
     assert np.all(np.abs(np.asarray(gfs[p].lam, np.float64) - gms[p].lam) < 1e-5 * scale), p
   # Differentiating the full tree: w and w_norm receive exactly zero gradient.
-  g_full = jax.grad(lambda t: loss_fn(model)(*delora_jax.split(t), x))(tree)
+  g_full = jax.jit(jax.grad(lambda t: loss_fn(model)(*delora_jax.split(t), x)))(tree)
   for k in delora_jax._tree.kernels(g_full).values():
     assert not np.any(np.asarray(k.w)) and not np.any(np.asarray(k.w_norm))
 
@@ -256,8 +256,8 @@ def test_frozen_leaves_get_exactly_zero_update_full_tree_optimizer():
 
   new = tree
   for _ in range(3):
-    g = jax.grad(loss)(new)
-    upd, state = opt.update(g, state, new)
+    g = jax.jit(jax.grad(loss))(new)
+    upd, state = jax.jit(opt.update)(g, state, new)
     for path, u in zip(*delora_jax._tree.flatten(upd)[:2]):
       if isinstance(u, delora_jax.DeloraKernel):
         assert not np.any(np.asarray(u.w)) and not np.any(np.asarray(u.w_norm)), path
@@ -293,9 +293,11 @@ def test_library_code_is_clean_under_strict_dtype_promotion(dtype, form):
   with jax.numpy_dtype_promotion("strict"):
     tree = delora_jax.wrap(params, models.transformer_rules(False))
     trainable, frozen = delora_jax.split(tree)
-    g = jax.grad(
-      lambda t: jnp.sum(
-        delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True).astype(jnp.float32)
+    g = jax.jit(
+      jax.grad(
+        lambda t: jnp.sum(
+          delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, strict=True).astype(jnp.float32)
+        )
       )
     )(trainable)
     merged = delora_jax.merge(tree)

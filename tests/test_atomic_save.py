@@ -285,8 +285,8 @@ def test_soak_save_load_overwrite_with_kills_and_a_concurrent_reader(tmp_path):
   stop = tmp_path / "stop"
   reader = _spawn("reader", path, stop)
   version, kills, cycles = 0, 0, 0
-  deadline = time.time() + 150
-  while kills < 10 and time.time() < deadline:
+  deadline = time.time() + 90
+  while kills < 6 and time.time() < deadline:
     writer = _spawn("writer", path, version + 1)
     line = writer.stdout.readline()
     assert line.strip() == "ready", (line, writer.stderr.read() if writer.poll() is not None else "")

@@ -507,7 +507,7 @@ def test_adapter_init_never_gathers_the_kernel(shape, spec, rule):
   w = jax.device_put(jax.random.normal(jax.random.key(0), shape), NamedSharding(make_mesh((2, 4)), spec))
   in_axes, out_axes = rule.layout("k", shape)
   out_sh = _wrap._derived_shardings("k", w, rule, in_axes, out_axes)
-  hlo = _wrap._sharded_init(rule, in_axes, out_axes, out_sh).lower(w, jax.random.key(0))
+  hlo = _wrap._compiled(rule, in_axes, out_axes, out_sh).lower(w, jax.random.key(0), lam=jnp.float32(rule.lam))
   hlo = hlo.compile().as_text()
   assert big_collectives(hlo, math.prod(shape) // 2) == {}
   assert big_collectives(hlo, 1) != {}  # the norm's partial sums are reduced: the parser sees it

@@ -260,11 +260,11 @@ class RaggedMoE(nn.Module):
 def moe_grads_equal(model, tree, x, gs):
   """Asserts the factorised gradients of a, b, lam equal those through the merged weights; returns them."""
   trainable, frozen = delora_jax.split(tree)
-  g_f = jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, gs) ** 2))(
-    trainable
-  )
-  g_m = jax.grad(
-    lambda t: jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x, gs) ** 2)
+  g_f = jax.jit(
+    jax.grad(lambda t: jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(t, frozen)}, x, gs) ** 2))
+  )(trainable)
+  g_m = jax.jit(
+    jax.grad(lambda t: jnp.sum(model.apply({"params": delora_jax.merge(delora_jax.combine(t, frozen))}, x, gs) ** 2))
   )(trainable)
   assert_grads_equal(g_f, g_m)
   return g_f

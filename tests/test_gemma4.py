@@ -20,11 +20,8 @@ compared on the whole adapter gradient, against float64 and between the two.
 """
 
 import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -169,12 +166,15 @@ def build(name: str, dtype=jnp.float32):
   cls, cfg = configs()[name]
   model = cls(config=cfg, dtype=jnp.float32)
   tok = jax.random.randint(jax.random.key(0), (2, 8), 1, VOCAB, jnp.int32)
+  return model, jax.jit(lambda tok: _init(model, tok))(tok), tok
+
+
+def _init(model, tok):
   params = model.init(jax.random.key(0), tok)["params"]
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(3), len(leaves))
   noise = [0.05 * jax.random.normal(k, p.shape, jnp.float32) for p, k in zip(leaves, keys)]
-  params = treedef.unflatten([(p + n).astype(jnp.float32) for p, n in zip(leaves, noise)])
-  return model, params, tok
+  return treedef.unflatten([(p + n).astype(jnp.float32) for p, n in zip(leaves, noise)])
 
 
 def wrapped(model, params, tok):
@@ -193,7 +193,8 @@ def grads(model, tree, tok):
       out = model.apply({"params": delora_jax.merge(full)}, tok)
     return jnp.mean(out.logits**2)
 
-  return jax.grad(loss)(trainable, True), jax.grad(loss)(trainable, False)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation each, not thousands of eager ops
+  return grad(trainable, True), grad(trainable, False)
 
 
 _BUILT: dict = {}
@@ -289,48 +290,22 @@ def test_kv_shared_layers_adapters_get_exactly_zero_gradient(case, case_grads):
 
 # ---------------------------------------------------------------- gradients: float64 and float32
 
-_X64 = """
-import json, sys
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp, numpy as np
-from tests import test_gemma4 as t
-for name in sys.argv[1:-1]:
-  model, params, tok = t.build(name)
-  tree = t.wrapped(model, params, tok)
-  leaves, treedef = jax.tree.flatten(tree)
-  stored = np.load(f"{sys.argv[-1]}/{name}_in.npz")
-  assert len(leaves) == len(stored.files), (len(leaves), len(stored.files))
-  cast = lambda x: jnp.asarray(x, jnp.float64) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
-  tree = treedef.unflatten([cast(stored[f"l{i}"]) for i in range(len(leaves))])
-  g, g_ref = t.grads(model, tree, tok)
-  np.savez(f"{sys.argv[-1]}/{name}_out.npz", *[np.asarray(x) for x in jax.tree.leaves(g) + jax.tree.leaves(g_ref)])
-"""
-
 
 @pytest.fixture(scope="module")
-def float64_grads(tmp_path_factory):
+def float64_grads():
   """Adapter gradients (factorised, through merge) of the same float32 trees, cast to float64 and
-  differentiated with jax_enable_x64 in a subprocess (a global flag: not in this process).
-  {name: (grads, grads_ref)}, or {name: the wrap's error} for a config that cannot be wrapped."""
-  d = tmp_path_factory.mktemp("x64")
-  out, names = {}, []
+  differentiated with float64 enabled. {name: (grads, grads_ref)} as lists of leaves, or
+  {name: the wrap's error} for a config that cannot be wrapped."""
+  out = {}
   for name in configs():
-    tree = built(name)[3]
+    model, _, tok, tree = built(name)
     if isinstance(tree, Exception):  # reported by the tests that use it
       out[name] = tree
       continue
-    names.append(name)
-    np.savez(d / f"{name}_in.npz", **{f"l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))})
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  proc = subprocess.run(
-    [sys.executable, "-c", _X64, *names, str(d)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  for name in names:
-    stored = np.load(d / f"{name}_out.npz")
-    arrs = [stored[f"arr_{i}"] for i in range(len(stored.files))]
-    out[name] = arrs[: len(arrs) // 2], arrs[len(arrs) // 2 :]
+    with jax.enable_x64(True):
+      cast = lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+      g, g_ref = grads(model, jax.tree.map(cast, tree), tok)
+      out[name] = [np.asarray(x) for x in jax.tree.leaves(g)], [np.asarray(x) for x in jax.tree.leaves(g_ref)]
   return out
 
 

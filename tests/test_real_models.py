@@ -77,11 +77,16 @@ def gemma():
   )
   model = gm.nn.Transformer(config=cfg)
   tok = tokens()
-  params = model.init(jax.random.key(0), tok)["params"]
-  # gemma initialises some weights to zeros/ones: perturb so that every norm is non-trivial.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  @jax.jit  # one compilation, not one per eager op
+  def init(tok):
+    params = model.init(jax.random.key(0), tok)["params"]
+    # gemma initialises some weights to zeros/ones: perturb so that every norm is non-trivial.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    return treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  params = init(tok)
   return model, params, tok
 
 
@@ -114,8 +119,8 @@ def test_gemma_layouts_inferred_every_kernel_factorised_equal_to_merged(gemma):
     )
     return jnp.mean(out.logits**2)
 
-  g = jax.grad(loss)(trainable, True)
-  g_ref = jax.grad(loss)(trainable, False)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g, g_ref = grad(trainable, True), grad(trainable, False)
   for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
     assert rel(a, b) < RTOL, jax.tree_util.keystr(p)
 
@@ -229,7 +234,7 @@ def test_tunix_every_kernel_factorised_equal_to_merged_and_trains(make):
   def loss_merged(lora):
     return jnp.mean(delora_jax.nnx.merge(nnx.merge(graphdef, lora, rest))(*args)[0] ** 2)
 
-  g_ref = jax.grad(loss_merged)(lora)
+  g_ref = jax.jit(jax.grad(loss_merged))(lora)
   flat = dict(jax.tree_util.tree_leaves_with_path(grads))
   for p, b in jax.tree_util.tree_leaves_with_path(g_ref):
     assert rel(flat[p], b) < RTOL, jax.tree_util.keystr(p)

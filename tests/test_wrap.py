@@ -138,11 +138,13 @@ def test_paper_init_starts_at_zero_then_moves():
   assert np.abs(np.asarray(delora_jax.delta(delora_jax.combine(moved, frozen))["hidden/kernel"])).max() > 1e-4
 
 
+# Shapes from a few sizes (edge 1, small, larger than the rank): each new shape compiles wrap's
+# and delta's programs, while λ, the seed, b and the scale vary freely.
 @settings(max_examples=25, deadline=None)
 @given(
-  n_in=st.integers(1, 12),
-  n_out=st.integers(1, 12),
-  r=st.integers(1, 12),
+  n_in=st.sampled_from((1, 2, 5, 12)),
+  n_out=st.sampled_from((1, 3, 12)),
+  r=st.sampled_from((1, 4, 12)),
   lam=st.floats(-50, 50),
   seed=st.integers(0, 2**16),
   zero_b=st.booleans(),
@@ -150,7 +152,8 @@ def test_paper_init_starts_at_zero_then_moves():
 )
 def test_update_is_bounded_by_lambda(n_in, n_out, r, lam, seed, zero_b, scale):
   r = min(r, n_in, n_out)
-  w = jax.random.normal(jax.random.key(seed), (n_in, n_out)) * scale
+  rng = np.random.default_rng(seed)  # numpy draws: no per-shape compilation
+  w = jnp.asarray(rng.standard_normal((n_in, n_out), np.float32) * np.float32(scale))
   if zero_b and lam == 0.0:  # b = 0 and λ = 0 could never train: refused (test_reliability.py)
     with pytest.raises(ValueError, match="zero gradients"):
       Rule(r, lam=lam, init="peft")
@@ -161,8 +164,8 @@ def test_update_is_bounded_by_lambda(n_in, n_out, r, lam, seed, zero_b, scale):
   k = tree["kernel"]
   # Any a, b: perturb them away from the initialisation.
   k = k.replace(
-    a=k.a * jax.random.uniform(jax.random.key(seed + 2), k.a.shape, minval=-3, maxval=3),
-    b=k.b + jax.random.normal(jax.random.key(seed + 3), k.b.shape) * (0 if zero_b else scale),
+    a=jnp.asarray(np.asarray(k.a) * rng.uniform(-3, 3, k.a.shape).astype(np.float32)),
+    b=jnp.asarray(np.asarray(k.b) + rng.standard_normal(k.b.shape, np.float32) * np.float32(0 if zero_b else scale)),
   )
   dw = np.asarray(delora_jax.delta({"kernel": k})["kernel"], np.float64)
   rel = dw / np.maximum(np.asarray(k.w_norm, np.float64)[:, None], 1e-30)
