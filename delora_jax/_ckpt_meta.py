@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from delora_jax import _quant
 from delora_jax._kernel import DeloraKernel
 
 FORMAT, VERSION = "delora_jax.adapters", 1
@@ -62,6 +63,7 @@ def build(
       "out_axes": list(k.out_axes),
       "dropout": float(k.dropout),
       **({"stack_axes": list(k.stack)} if k.stack else {}),  # stacked axes not leading (positions)
+      **({"quantize": _quant.describe(k.w)} if _quant.is_quantized(k.w) else {}),  # Rule(quantize=...)
       "fields": {f: _array_entry(x) for f, x in ads[p].items()},
     }
   # "processes": a save by one process holds every shard, so every array has a checksum, and
@@ -107,6 +109,11 @@ def _kernel_problems(p: str, m: dict, k: DeloraKernel) -> list[str]:
     out.append(
       f"{p}: stacked axes at positions {m.get('stack_axes', 'leading')} in the checkpoint, "
       f"{list(k.stack) or 'leading'} in the target"
+    )
+  if m.get("quantize") != _quant.describe(k.w):
+    out.append(
+      f"{p}: base stored {m.get('quantize') or 'unquantized'} in the checkpoint, "
+      f"{_quant.describe(k.w) or 'unquantized'} in the target (Rule(quantize=..., tile_size=...))"
     )
   if m.get("dropout") != float(k.dropout):
     out.append(f"{p}: dropout {m.get('dropout')} in the checkpoint, {k.dropout} in the target")

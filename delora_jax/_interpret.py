@@ -55,7 +55,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax
 
-from delora_jax import _kernel, _ops, _report
+from delora_jax import _kernel, _ops, _quant, _report
 from delora_jax._kernel import DeloraKernel
 from delora_jax._report import LayoutError, strict_error
 
@@ -89,6 +89,7 @@ class Source:
   uses: Uses | None = None  # layout inference: record contractions instead of computing them
   tied: bool = False  # shared by several layers (NNX tied weights): other contractions are merged, not errors
   defer: bool = False  # other contractions are merged and reported as misfits, raised after the call (Linen)
+  quantized: str | None = None  # how the base is stored (Rule(quantize=...)): `base` is it dequantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Lazy:
   src: Source
   axes: tuple[tuple[int, ...], ...] = ()
   key: Any = None  # dropout key of the adapter branch (None: no dropout)
+  q: Any = None  # the quantized kernel `base` dequantizes, while the view is the stored layout
 
   @property
   def shape(self):
@@ -142,7 +144,7 @@ class Lazy:
 
 
 jax.tree_util.register_dataclass(
-  Lazy, data_fields=["base", "u", "v", "key"], meta_fields=["stacks", "ins", "outs", "src", "axes"]
+  Lazy, data_fields=["base", "u", "v", "key", "q"], meta_fields=["stacks", "ins", "outs", "src", "axes"]
 )
 
 
@@ -159,7 +161,7 @@ def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> 
   u = u.reshape(*stack_shape, *(w.shape[p] for p in ins), u.shape[-1])
   v = v.reshape(*stack_shape, v.shape[-2], *(w.shape[p] for p in outs))
   axes = tuple((q,) for q in _kernel.stored_axes(k, nd, src.lead))
-  return Lazy(w, u, v, stacks, ins, outs, src, axes, key)
+  return Lazy(w, u, v, stacks, ins, outs, src, axes, key, k.w if _quant.is_quantized(k.w) else None)
 
 
 def probe(w: jax.Array, src: Source) -> Lazy:
@@ -175,6 +177,7 @@ def _transpose(lz: Lazy, perm) -> Lazy:
   return dataclasses.replace(
     lz,
     base=lax.transpose(lz.base, perm),
+    q=None,
     stacks=tuple(where[p] for p in lz.stacks),
     ins=tuple(where[p] for p in lz.ins),
     outs=tuple(where[p] for p in lz.outs),
@@ -314,6 +317,9 @@ def _dot_general(eqn, invals):
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   kc, kb = (lc, lb) if lazy_is_lhs else (rc, rb)
   base_out = lambda: _bind(eqn, [lz.base, x] if lazy_is_lhs else [x, lz.base])[0]  # noqa: E731
+  if lz.q is not None:  # int8 with per-channel scales: x contracted with the int values, scaled after
+    quantized = _ops.qdot(lz.q, x, lazy_is_lhs, eqn.params, eqn.outvars[0].aval.dtype)
+    base_out = (lambda: quantized) if quantized is not None else base_out
   if lz.u is None:
     _factorless(lz, kc, kb, "dot_general")
     return base_out()
@@ -349,6 +355,11 @@ def _conv(eqn, invals):
 
 def _ragged(eqn, invals):
   x, lz, sizes = invals[:3]
+  if isinstance(lz, Lazy) and lz.src.quantized:
+    raise ValueError(
+      f"{lz.src.path}: a ragged_dot (MoE experts) on a base stored quantized ({lz.src.quantized}) is not "
+      "supported yet with quantize=. Leave this kernel out of the quantize= rule (Rule(r) without quantize)."
+    )
   if isinstance(x, Lazy) or not isinstance(lz, Lazy) or isinstance(sizes, Lazy) or len(invals) != 3:
     return None
   base_out = _bind(eqn, [x, lz.base, sizes])[0]
@@ -394,7 +405,7 @@ def _scaled(eqn, invals) -> list | None:
     return None
   base = _bind(eqn, [lz.base, c] if i == 0 else [c, lz.base])[0]
   u = None if lz.u is None else lz.u * jnp.asarray(c, lz.u.dtype)
-  return [dataclasses.replace(lz, base=base, u=u)]
+  return [dataclasses.replace(lz, base=base, u=u, q=None)]
 
 
 def _plain(x, why):

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from delora_jax import _quant
+
 #: Lower clamp of the rank-one norms, part of PEFT's definition of DeLoRA.
 NORM_EPS = 1e-4
 
@@ -324,6 +326,6 @@ def delta(k: DeloraKernel) -> jax.Array:
 
 
 def merged(k: DeloraKernel) -> jax.Array:
-  """``w + ΔW`` in the base dtype; no gradient reaches ``w``."""
-  w = lax.stop_gradient(jnp.asarray(k.w))
+  """``w + ΔW`` in the base dtype (a quantized base dequantized first); no gradient reaches ``w``."""
+  w = lax.stop_gradient(_quant.array(k.w))
   return w + delta(k).astype(w.dtype)

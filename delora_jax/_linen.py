@@ -27,12 +27,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
-from delora_jax import _interpret, _kernel, _layout, _ops, _report, _tree
+from delora_jax import _interpret, _kernel, _layout, _ops, _quant, _report, _tree
 from delora_jax._kernel import DeloraKernel
 
 
@@ -133,9 +134,13 @@ def _fused_dense(mod: nn.Module, k: _Tracked, args, kwargs) -> jax.Array | None:
     return None  # other contracting axes or a custom dot_general: the generic evaluator
   bias = mod.scope.get_variable("params", "bias") if getattr(mod, "use_bias", False) else None
   promote = getattr(mod, "promote_dtype", nn_dtypes.promote_dtype)
+  u, v = _kernel.factors(k)
+  if _quant.is_quantized(k.w):  # the base contracted in its quantized form (_ops.qdense)
+    xc, _, bias = promote(x, jnp.zeros((), k.w.dtype), bias, dtype=mod.dtype)
+    xd = _ops.branch_input(xc, k.dropout, _dropout_key(mod, k))
+    return _ops.qdense(xc, xd, k.w, u, v, bias, mod.precision, n_in, feats, k.path or "kernel")
   xc, w, bias = promote(x, k.w, bias, dtype=mod.dtype)
   xd = _ops.branch_input(xc, k.dropout, _dropout_key(mod, k))
-  u, v = _kernel.factors(k)
   return _ops.dense(xc, xd, w, u, v, bias, mod.precision, n_in, feats, k.path or "kernel")
 
 
@@ -271,8 +276,9 @@ def _values(mod: nn.Module, ks: list[_Tracked]) -> list[_interpret.Lazy]:
       strict=k.mode.strict,
       dropout=k.dropout,
       defer=True,
+      quantized=_quant.describe(k.w),
     )
-    out.append(_interpret.from_kernel(k, lax.stop_gradient(k.w), src, _dropout_key(mod, k)))
+    out.append(_interpret.from_kernel(k, lax.stop_gradient(_quant.array(k.w)), src, _dropout_key(mod, k)))
   return out
 
 
@@ -315,7 +321,7 @@ def _generic(mod: nn.Module, owned: list[tuple[nn.Module, str, _Tracked]], next_
     ks = [k for _, _, k in owned]
     written: list = []
     fn = _functional(mod, owned, next_fun, args, kwargs, written)
-    bases = [k.w for k in ks]
+    bases: list[Any] = [jax.ShapeDtypeStruct(k.w.shape, k.w.dtype) if _quant.is_quantized(k.w) else k.w for k in ks]
     escape = lambda written=written: _ENCLOSING.get() > 0 and not written  # noqa: E731
     try:
       if ks[0].mode.probe:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from delora_jax import _kernel, _tree
+from delora_jax import _kernel, _quant, _tree
 from delora_jax._kernel import DeloraKernel
 
 
@@ -61,7 +61,11 @@ def norm_tolerance(dtype: Any) -> float:
 
 def _mismatch(w, stored, *, in_axes, out_axes, stack, rtol):
   """(entries out of tolerance, max relative difference) of stored vs recomputed w_norm."""
-  want = _kernel.in_norms(w, in_axes, out_axes, stack)
+  return _differ(_kernel.in_norms(w, in_axes, out_axes, stack), stored, stack=stack, rtol=rtol)
+
+
+def _differ(want, stored, *, stack, rtol):
+  """:func:`_mismatch` against the norms ``want`` (``(*S, in)``)."""
   got = _kernel.lead(stored, stack, "w_norm").astype(jnp.float32)
   atol = 1e-6 * jnp.max(jnp.abs(want), initial=0.0)
   err = jnp.abs(got - want)
@@ -107,7 +111,11 @@ def check_base_norms(path: str, k: DeloraKernel, stored: Any, source: str, kept_
   if isinstance(sh, NamedSharding):
     replicated = NamedSharding(sh.mesh, PartitionSpec())
     out = (replicated, replicated)
-  n_bad, rel = _mismatch_fn(k.in_axes, k.out_axes, k.stack, rtol, out)(k.w, stored)
+  if _quant.is_quantized(k.w):  # the tree's w_norm is the full-precision kernel's (wrap took it before quantizing)
+    want = _kernel.lead(k.w_norm, k.stack, "w_norm").astype(jnp.float32)
+    n_bad, rel = jax.jit(functools.partial(_differ, stack=k.stack, rtol=rtol))(want, stored)
+  else:
+    n_bad, rel = _mismatch_fn(k.in_axes, k.out_axes, k.stack, rtol, out)(k.w, stored)
   n_bad, rel = int(n_bad), float(rel)
   if n_bad:
     raise ValueError(

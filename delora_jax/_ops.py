@@ -19,6 +19,7 @@ otherwise, and the op is then computed on ``w + ΔW`` and reported.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from delora_jax import _quant
 
 
 def acc(dtype: Any) -> jnp.dtype:
@@ -131,10 +134,8 @@ def _lowrank_jvp(precision, primals, tangents):
 lowrank.defjvp(_lowrank_jvp, symbolic_zeros=True)
 
 
-def dense(x, xd, w, u, v, bias, precision, n_in: int, feats: tuple[int, ...], path: str) -> jax.Array:
-  """A Dense layer over the trailing ``n_in`` axes of ``x`` as one :func:`lowrank` on
-  ``(tokens, in)``: ``x``, ``xd`` (the branch input), ``w`` and ``bias`` already in the
-  compute dtype; ``u (in_flat, r)``, ``v (r, out_flat)`` the kernel's factors."""
+def _widths(x, w, n_in: int, feats: tuple[int, ...], path: str) -> tuple[tuple[int, ...], int, int]:
+  """``(leading shape, in_flat, out_flat)`` of a Dense layer's input ``x`` and kernel ``w``."""
   lead, n_i = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
   n_o = math.prod(feats)
   if n_i * n_o != math.prod(w.shape):
@@ -143,10 +144,66 @@ def dense(x, xd, w, u, v, bias, precision, n_in: int, feats: tuple[int, ...], pa
       f"kernel {tuple(w.shape)} expects inputs of shape {tuple(w.shape[:n_in])}. Pass inputs "
       "of the width the model was built (and wrapped) for."
     )
+  return lead, n_i, n_o
+
+
+def dense(x, xd, w, u, v, bias, precision, n_in: int, feats: tuple[int, ...], path: str) -> jax.Array:
+  """A Dense layer over the trailing ``n_in`` axes of ``x`` as one :func:`lowrank` on
+  ``(tokens, in)``: ``x``, ``xd`` (the branch input), ``w`` and ``bias`` already in the
+  compute dtype; ``u (in_flat, r)``, ``v (r, out_flat)`` the kernel's factors."""
+  lead, n_i, n_o = _widths(x, w, n_in, feats, path)
   y = lowrank(x.reshape(-1, n_i), xd.reshape(-1, n_i), lax.stop_gradient(w).reshape(n_i, n_o), u, v, precision)
   if bias is not None:
     y = y + bias.reshape(1, n_o)
   return y.reshape(*lead, *feats)
+
+
+# ---------------------------------------------------------------- quantized base
+
+
+def _per_channel_int8(q: Any) -> bool:
+  return q.scheme == "int8" and q.tile is None
+
+
+def qdense(x, xd, q, u, v, bias, precision, n_in: int, feats: tuple[int, ...], path: str) -> jax.Array:
+  """:func:`dense` on a base stored quantized (:class:`delora_jax._quant.QArray`): int8 with
+  per-channel scales contracts ``x`` with the int values and scales the output; tiled int8 and
+  4-bit bases are dequantized (whole, in the compute dtype) and then contracted. Plain autodiff:
+  the frozen base gets no derivative (int values, scales held constant), the branch forms only
+  ``(tokens, r)``, ``(in, r)`` and ``(r, out)`` products."""
+  lead, n_i, n_o = _widths(x, q, n_in, feats, path)
+  cdt, x2 = x.dtype, x.reshape(-1, n_i)
+  scale = lax.stop_gradient(q.scale)
+  if _per_channel_int8(q):
+    y = _contract(x2, q.values.reshape(n_i, n_o), _NN, precision, out=acc(cdt))
+    y = (y * scale.reshape(1, n_o).astype(y.dtype)).astype(cdt)
+  else:
+    w = _quant.dequantize(dataclasses.replace(q, scale=scale), cdt)
+    y = _contract(x2, w.reshape(n_i, n_o), _NN, precision)
+  h = _contract(xd.reshape(-1, n_i), u.astype(cdt), _NN, out=acc(cdt)).astype(cdt)
+  y = y + _contract(h, v.astype(cdt), _NN)
+  if bias is not None:
+    y = y + bias.reshape(1, n_o)
+  return y.reshape(*lead, *feats)
+
+
+def qdot(q: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out_dtype: Any) -> jax.Array | None:
+  """A ``dot_general`` of ``x`` with an int8 per-channel kernel ``q`` (as stored, contracted over
+  its input axes, no batch axes) on the int values, the output scaled per channel; else None."""
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  kc = lc if lazy_is_lhs else rc
+  ins = sorted(a % q.ndim for a in q.in_axes)
+  if not _per_channel_int8(q) or lb or rb or sorted(kc) != ins:
+    return None
+  a = acc(x.dtype)
+  lhs, rhs = (q.values, x) if lazy_is_lhs else (x, q.values)
+  y = lax.dot_general(
+    lhs, rhs, params["dimension_numbers"], precision=params.get("precision"), preferred_element_type=a
+  )
+  s = lax.stop_gradient(q.scale).reshape([n for p, n in enumerate(q.shape) if p not in ins]).astype(a)
+  n_xf = x.ndim - len(kc)
+  s = s.reshape((*s.shape, *(1,) * n_xf) if lazy_is_lhs else ((1,) * n_xf + s.shape))
+  return (y * s).astype(out_dtype)
 
 
 # ---------------------------------------------------------------- generic contractions

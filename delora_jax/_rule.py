@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 INITS = ("peft", "random", "paper")
+QUANTIZE = ("int8", "int4", "nf4")
 NORMS = ("float32", "base")
 
 
@@ -139,6 +140,15 @@ class Rule:
       adapts every slice. The other slices hold all-zero ``a``, ``b``, ``λ`` and
       ``w_norm``: their update is exactly zero, gets exactly zero gradient and
       stays zero under any optax optimizer.
+    quantize: store the selected base kernels quantized (QDeLoRA): ``"int8"``, ``"int4"`` or
+      ``"nf4"`` (4-bit NormalFloat indices), with float32 absmax scales as qwix computes them, one per
+      output channel, or one per ``tile_size`` block. ``w_norm`` is computed from the
+      full-precision kernel before quantization, so ``ΔW`` is the full-precision base's; no
+      full-precision copy stays in the tree. ``merge``/``unwrap`` return float kernels (the
+      dequantized base) in the original dtype. ``None`` (default): the kernel is kept as given.
+    tile_size: with ``quantize``, one scale per block of ``tile_size`` entries along the kernel's
+      innermost input axis (sub-channel quantization, qwix's ``tile_size``); must divide that
+      axis. ``None``: one scale per output channel.
 
   Example:
     >>> import delora_jax
@@ -150,6 +160,9 @@ class Rule:
     >>> scanned_query = delora_jax.Rule(8, in_axes=0, stack_axes=(1,))  # (embed, layers, heads, head_dim)
     >>> delora_jax.Rule(8, stack_axes=(0,)).stack_axes  # leading positions are a count
     1
+    >>> qlora = delora_jax.Rule(8, quantize="nf4", tile_size=32)  # base stored as 4-bit NF4
+    >>> qlora.quantize, qlora.tile_size
+    ('nf4', 32)
   """
 
   rank: int
@@ -163,6 +176,8 @@ class Rule:
   dtype: Any = "float32"
   norm: str = "float32"
   slices: Any = None
+  quantize: str | None = None
+  tile_size: int | None = None
 
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
@@ -209,6 +224,9 @@ class Rule:
         f"`norm` must be one of {NORMS}; got {self.norm!r}. Use 'base' for PEFT's w_norm on low-precision bases."
       )
     object.__setattr__(self, "slices", _as_slices(self.slices, self.stack_axes))
+    _check_quantize(self.quantize, self.tile_size)
+    if self.tile_size is not None:
+      object.__setattr__(self, "tile_size", int(self.tile_size))
     if lam == 0.0 and self.init == "peft":
       raise ValueError(
         "`lam`=0 with init='peft' (b = 0) gives exactly zero gradients to a, b and λ, so the "
@@ -289,6 +307,24 @@ class Rule:
     if positioned:
       return tuple(ins), tuple(outs), stacks
     return tuple(a - ndim for a in ins), tuple(a - ndim for a in outs), ()
+
+
+def _check_quantize(quantize: Any, tile_size: Any) -> None:
+  if quantize is not None and quantize not in QUANTIZE:
+    raise ValueError(
+      f"`quantize` must be None or one of {QUANTIZE}; got {quantize!r}. Use e.g. Rule(8, quantize='nf4')."
+    )
+  if tile_size is None:
+    return
+  if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)):
+    raise TypeError(f"`tile_size` must be a positive int or None; got {tile_size!r}. Use e.g. tile_size=32.")
+  if tile_size <= 0:
+    raise ValueError(f"`tile_size` must be a positive int or None; got {tile_size}. Use e.g. tile_size=32.")
+  if quantize is None:
+    raise ValueError(
+      f"`tile_size`={tile_size} is given without `quantize`: tiles are blocks of quantization scales. "
+      "Give both, e.g. Rule(8, quantize='int4', tile_size=32), or drop tile_size."
+    )
 
 
 def as_rule(value: Any, pattern: Any) -> Rule:

@@ -297,7 +297,13 @@ def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMes
     >>> delora_jax.shardings(delora_jax.wrap(abstract, {"kernel": 2}))["kernel"].a.spec == P("data", None)
     True
   """
-  _tree.require_adapted(tree, "shardings")
+  quantized = [p for p, k in _tree.require_adapted(tree, "shardings").items() if hasattr(k.w, "scheme")]
+  if quantized:
+    raise ValueError(
+      f"shardings: {_tree.sample_paths(quantized)} store their base quantized (Rule(quantize=...)), which is not "
+      "supported yet with quantize=. An abstract wrap of ShapeDtypeStructs carrying shardings gives the values, "
+      "scales and adapters their shardings directly; read them from the wrapped tree."
+    )
   if base_shardings is None:
     base_shardings = _carried(tree)
   if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):

@@ -13,9 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 
-from delora_jax import _kernel, _layout, _linen, _tree
+from delora_jax import _kernel, _layout, _linen, _quant, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Modules, Rule, as_rule, is_module_kernel, stack_positions
 from delora_jax._sharding import kernel_specs
@@ -149,7 +150,9 @@ def _compiled_init(rule: Rule, in_axes, out_axes, out_shardings: tuple | None, s
   """``(w, key) -> adapters``: `_adapter_arrays` as one compiled program, built in
   ``out_shardings`` when given. A model's kernels take one compile per distinct shape and layout
   (λ is an argument) instead of a dozen eager ops each."""
-  fn = _compiled(dataclasses.replace(rule, lam=1.0), in_axes, out_axes, out_shardings, stack)
+  fn = _compiled(
+    dataclasses.replace(rule, lam=1.0, quantize=None, tile_size=None), in_axes, out_axes, out_shardings, stack
+  )
   return lambda w, key: fn(w, key, lam=jnp.asarray(rule.lam, rule.dtype))
 
 
@@ -205,14 +208,61 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
       )
   key = _path_key(key, path)
   layout: dict[str, Any] = dict(in_axes=in_axes, out_axes=out_axes, stack=stack, dropout=rule.dropout)
+  if rule.quantize is not None:
+    _check_quantizable(path, w, rule, in_axes, stack)
   if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
     arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes, stack)
-    return DeloraKernel(w=w, **arrays, **layout)
+    return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
   # A sharded kernel's adapters are built in place on its devices: no host round trip, no
   # gathered kernel.
   shardings = _derived_shardings(path, w, rule, in_axes, out_axes, stack)
   arrays = _compiled_init(rule, in_axes, out_axes, shardings, stack)(w, key)
-  return DeloraKernel(w=w, **arrays, **layout)
+  # w_norm above is the full-precision kernel's (PEFT's definition); only then is w quantized.
+  return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
+
+
+def _check_quantizable(path: str, w: Any, rule: Rule, in_axes, stack) -> None:
+  """``Rule(quantize=...)`` on this kernel: a floating kernel whose innermost input axis the tile
+  divides, stacked axes (if any) leading."""
+  if stack:
+    raise ValueError(
+      f"{path}: Rule(quantize={rule.quantize!r}) with stacked axes at positions {stack} (not leading) is not "
+      "supported yet with quantize=. Quantize a kernel whose stacked axes lead (stack_axes=n), or drop quantize."
+    )
+  if rule.tile_size is not None:
+    ax = max(a % w.ndim for a in in_axes)
+    n = w.shape[ax]
+    if n % rule.tile_size:
+      raise ValueError(
+        f"{path}: tile_size={rule.tile_size} does not divide the kernel's innermost input axis {ax} of size {n} "
+        f"(kernel shape {tuple(w.shape)}); expected a divisor of {n}. Use e.g. tile_size="
+        f"{max(d for d in range(1, min(n, rule.tile_size) + 1) if n % d == 0)}, or tile_size=None (per channel)."
+      )
+
+
+def _quantized(w: Any, rule: Rule, in_axes) -> Any:
+  """``w`` stored as ``rule.quantize`` says (an abstract kernel: its abstract quantized form)."""
+  if rule.quantize is None:
+    return w
+  fn = functools.partial(_quant.quantize, scheme=rule.quantize, in_axes=in_axes, tile=rule.tile_size)
+  if not isinstance(w, jax.ShapeDtypeStruct):
+    return fn(w)
+  q = jax.eval_shape(fn, jax.ShapeDtypeStruct(w.shape, w.dtype))
+  sh = w.sharding
+  scale_sh = sh
+  if isinstance(sh, NamedSharding):  # the scale's input axes (size 1 or n // tile) are not split
+    spec = list(sh.spec) + [None] * (w.ndim - len(sh.spec))
+    for a in in_axes:
+      spec[a % w.ndim] = None
+    scale_sh = NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sh.memory_kind)
+  return q.__class__(
+    jax.ShapeDtypeStruct(q.values.shape, q.values.dtype, sharding=sh),
+    jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype, sharding=scale_sh),
+    q.scheme,
+    q.base_dtype,
+    q.in_axes,
+    q.tile,
+  )
 
 
 def wrap(params: Any, rules: Mapping[Any, Rule | int], *, key: jax.Array | None = None, like: Any = None) -> Any:
@@ -319,6 +369,8 @@ def wrap_with(
           owner = (pattern, rule)
     if owner is not None:
       claimed[owner[0]].append(path)
+      if owner[1].quantize is not None and _tree.is_array_like(leaves[i]):
+        _quant.check_floating(path, leaves[i], owner[1].quantize)
       _check_kernel_leaf(path, owner[0], leaves[i])
       owners[i] = owner
   for pattern, _, _ in compiled:
@@ -340,6 +392,12 @@ def wrap_with(
         f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
         "Reorder the rules or remove this one."
       )
+  quantized = sorted(paths[i] for i, (_, rule) in owners.items() if rule.quantize is not None)
+  if quantized and isinstance(params, nnx.State):
+    raise ValueError(
+      f"{_tree.sample_paths(quantized)}: a Flax NNX model or State is not supported yet with quantize=. Quantize "
+      "the base of a Linen model (delora_jax.wrap on its params dict, delora_jax.apply), or drop quantize."
+    )
   if probe is not None:
     uses = probe({paths[i] for i in owners})
     owners = {
@@ -354,6 +412,8 @@ def wrap_with(
 def unwrap(tree: Any) -> Any:
   """The original parameters: each adapted kernel replaced by its untouched ``w``.
 
+  A base stored quantized (``Rule(quantize=...)``) is returned dequantized, in its original dtype.
+
   Example:
     >>> import jax.numpy as jnp, delora_jax
     >>> params = {"kernel": jnp.ones((8, 8))}
@@ -361,14 +421,15 @@ def unwrap(tree: Any) -> Any:
     True
   """
   _tree.require_adapted(tree, "unwrap")
-  return _tree.map_kernels(lambda _, k: k.w, tree)
+  return _tree.map_kernels(lambda _, k: _quant.array(k.w), tree)
 
 
 def merge(tree: Any, *, safe: bool = False) -> Any:
   """Plain parameters with every adapted kernel replaced by ``w + ΔW``.
 
   Same structure, shapes and dtypes as the original ``params``; ``ΔW`` is cast
-  to the base dtype before the addition (as PEFT's merge does). Works under
+  to the base dtype before the addition (as PEFT's merge does). A base stored quantized
+  (``Rule(quantize=...)``) is dequantized first: the result is a plain float kernel. Works under
   ``jit`` and ``grad`` (gradients reach ``a``, ``b``, ``lam`` only).
 
   Args:
@@ -389,7 +450,7 @@ def merge(tree: Any, *, safe: bool = False) -> Any:
     for p, m in out.items():
       try:
         finite = bool(jnp.isfinite(m).all())
-        base_finite = finite or bool(jnp.isfinite(jnp.asarray(ks[p].w)).all())
+        base_finite = finite or bool(jnp.isfinite(_quant.array(ks[p].w)).all())
       except jax.errors.ConcretizationTypeError:
         raise TypeError(
           "merge(..., safe=True) checks values and cannot run under jit; call it outside jit or use safe=False."
