@@ -171,6 +171,21 @@ def _nnx_loss(graphdef):
   return loss
 
 
+def _tiny_llama3(mm):
+  """The tiny tunix Llama3 config both tunix benchmarks use (``mm``: ``tunix.models.llama3.model``)."""
+  return mm.ModelConfig(
+    num_layers=2,
+    vocab_size=256,
+    embed_dim=64,
+    hidden_dim=128,
+    num_heads=4,
+    head_dim=16,
+    num_kv_heads=2,
+    rope_theta=10000,
+    norm_eps=1e-5,
+  )
+
+
 def bench_tunix(name, rank, batch, seq):
   import qwix
   from tunix.models import dummy_model_creator
@@ -179,17 +194,7 @@ def bench_tunix(name, rank, batch, seq):
     from tunix.models.llama3 import model as mm
 
     cls = mm.Llama3
-    cfg = mm.ModelConfig(
-      num_layers=2,
-      vocab_size=256,
-      embed_dim=64,
-      hidden_dim=128,
-      num_heads=4,
-      head_dim=16,
-      num_kv_heads=2,
-      rope_theta=10000,
-      norm_eps=1e-5,
-    )
+    cfg = _tiny_llama3(mm)
     attn = r"q_proj|k_proj|v_proj|o_proj"
     vocab = 256
   else:
@@ -288,17 +293,7 @@ def bench_peft_trainer(rank, batch, seq):
   from tunix.models import dummy_model_creator
   from tunix.models.llama3 import model as mm
 
-  cfg = mm.ModelConfig(
-    num_layers=2,
-    vocab_size=256,
-    embed_dim=64,
-    hidden_dim=128,
-    num_heads=4,
-    head_dim=16,
-    num_kv_heads=2,
-    rope_theta=10000,
-    norm_eps=1e-5,
-  )
+  cfg = _tiny_llama3(mm)
   model = dummy_model_creator.create_dummy_model(mm.Llama3, cfg, dtype=jnp.float32, random_seed=0, scale=0.05)
   targets = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"  # the recipe's
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (batch, seq), 1, 256), np.int32)
