@@ -64,7 +64,7 @@ def create_staging(path: str) -> tuple[str, int]:
     lock = os.path.join(folder, LOCK)
     try:
       fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:  # a sweep created it: that sweep is deleting the folder
+    except (FileExistsError, FileNotFoundError):  # a sweep created the lock, or already deleted the folder
       continue
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,11 +150,39 @@ def commit(staging: str, path: str, *, overwrite: bool) -> None:
       raise FileExistsError(errno.EEXIST, "created by another save while this one ran", path) from e
   if _exchange(new, path):
     return
-  aside = staging.replace(STAGING, OLD)
-  os.rename(path, aside)
+  _commit_by_moving_aside(new, path, staging.replace(STAGING, OLD))
+
+
+def _commit_by_moving_aside(new: str, path: str, aside: str) -> None:
+  """Without an exchange: moves what is at ``path`` aside, then renames ``new`` to ``path``.
+
+  Another save may do the same at once: it may move the old checkpoint aside first, or put its
+  own in place between our two renames. Then what is there now is moved aside too and we try
+  again (the last writer wins). What was moved aside is deleted only once ours is in place; if
+  ours cannot be put in place, the newest folder moved aside goes back where it was.
+  """
+  moved: list[str] = []
   try:
-    os.rename(new, path)
+    for attempt in range(64):
+      try:
+        os.rename(path, f"{aside}-{attempt}")
+        moved.append(f"{aside}-{attempt}")
+      except FileNotFoundError:  # another save moved it aside first
+        pass
+      try:
+        os.rename(new, path)
+        break
+      except OSError:
+        if not os.path.lexists(path):
+          raise
+    else:
+      raise OSError(errno.EAGAIN, "other saves kept replacing the checkpoint; gave up after 64 tries", path)
   except OSError:
-    os.rename(aside, path)
+    if moved and not os.path.lexists(path):
+      try:
+        os.rename(moved.pop(), path)
+      except OSError:
+        pass
     raise
-  shutil.rmtree(aside, ignore_errors=True)
+  for folder in moved:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -173,6 +173,47 @@ def test_stale_staging_is_removed_only_when_its_lock_is_free(tmp_path):
   assert _version_of(_load(path)) == 3
 
 
+@pytest.mark.parametrize("sweep_ends", ["deleted", "still_deleting"])
+def test_a_sweep_between_creating_a_staging_folder_and_locking_it_costs_a_retry(tmp_path, monkeypatch, sweep_ends):
+  # Concurrent saves on one host sweep each other's staging folders: one may judge a folder
+  # another has just made, before that one created and locked its lock file. The sweep wins
+  # that folder (it either still holds the lock it created, or has deleted the folder); the
+  # save that made it must try another name, not fail.
+  from delora_jax import _atomic  # noqa: PLC0415
+
+  path = str(tmp_path / "ckpt")
+  real_mkdir, swept, held = os.mkdir, [], []
+
+  def mkdir_then_swept(folder, *args, **kwargs):
+    real_mkdir(folder, *args, **kwargs)
+    if swept:
+      return
+    swept.append(folder)
+    lock = os.path.join(folder, _atomic.LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # as the sweep of another save does
+    _atomic.fcntl.flock(fd, _atomic.fcntl.LOCK_EX | _atomic.fcntl.LOCK_NB)
+    if sweep_ends == "deleted":
+      _atomic.shutil.rmtree(folder)
+      os.close(fd)
+    else:
+      held.append(fd)
+
+  monkeypatch.setattr(_atomic.os, "mkdir", mkdir_then_swept)
+  token, fd = _atomic.create_staging(path)
+  monkeypatch.undo()
+  folder = _atomic.staging_path(path, token)
+  assert len(swept) == 1 and folder != swept[0] and os.path.isdir(folder)
+  other = os.open(os.path.join(folder, _atomic.LOCK), os.O_RDWR)
+  with pytest.raises(BlockingIOError):  # the new folder's lock is held by its save
+    _atomic.fcntl.flock(other, _atomic.fcntl.LOCK_EX | _atomic.fcntl.LOCK_NB)
+  os.close(other)
+  _atomic.discard(folder, fd)
+  for held_fd in held:
+    _atomic.shutil.rmtree(swept[0])
+    os.close(held_fd)
+  assert _leftovers(path) == []
+
+
 def test_a_long_legal_name_can_be_saved_to(tmp_path):
   # 200 characters (255 is the limit): the staging folder beside it shortens the name to fit.
   path = tmp_path / ("x" * 150 + "é" * 50)  # 250 bytes
@@ -243,13 +284,19 @@ def _spawn(role, *args):
   )
 
 
-@pytest.mark.parametrize("overwrite", [False, True], ids=["create", "overwrite"])
-def test_concurrent_saves_each_succeed_with_their_own_data_or_raise(tmp_path, overwrite):
+@pytest.mark.parametrize(
+  ("overwrite", "exchange"),
+  [(False, True), (True, True), (True, False)],
+  ids=["create", "overwrite", "overwrite_without_exchange"],
+)
+def test_concurrent_saves_each_succeed_with_their_own_data_or_raise(tmp_path, overwrite, exchange):
+  # Without an exchange (not Linux), each save moves the checkpoint there aside before putting
+  # its own in place; concurrent saves then move each other's aside, and the last writer wins.
   path = tmp_path / "ckpt"
   if overwrite:
     _save(path, 99, overwrite=False)
   start = time.time() + 12  # all four import jax first, then save at the same moment
-  procs = {v: _spawn("racer", path, v, int(overwrite), start) for v in (1, 2, 3, 4)}
+  procs = {v: _spawn("racer", path, v, int(overwrite), start, int(exchange)) for v in (1, 2, 3, 4)}
   results = {}
   for v, p in procs.items():
     out, err = p.communicate(timeout=180)  # never hangs
@@ -259,7 +306,7 @@ def test_concurrent_saves_each_succeed_with_their_own_data_or_raise(tmp_path, ov
   assert sorted(ok + refused) == [1, 2, 3, 4], results
   final = _version_of(_load(path))
   if overwrite:
-    assert refused == [] and final in ok  # last writer wins, each save was whole
+    assert refused == [] and final in ok, results  # last writer wins, each save was whole
   else:
     assert ok == [final], results  # exactly one created it; the others were told so
     # Told either before writing (it existed already) or after (another save finished first).
@@ -320,6 +367,10 @@ def _main(role, *args):
 
   if role == "racer":
     path, version, overwrite, start = args[0], int(args[1]), bool(int(args[2])), float(args[3])
+    if not int(args[4]):
+      from delora_jax import _atomic  # noqa: PLC0415
+
+      _atomic._exchange = lambda a, b: False  # as on a filesystem without renameat2
     tree = _tree(version)
     time.sleep(max(0.0, start - time.time()))
     try:
