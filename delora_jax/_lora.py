@@ -30,7 +30,8 @@ def to_lora(tree: Any) -> dict[str, dict[str, jax.Array]]:
   writes it as a PEFT LoRA adapter.
 
   Args:
-    tree: an adapted tree from :func:`delora_jax.wrap`.
+    tree: an adapted tree from :func:`delora_jax.wrap`, or an NNX model from
+      :func:`delora_jax.nnx.wrap` (paths are its state paths).
 
   Returns:
     ``{path: {"lora_a": array, "lora_b": array}}`` for every adapted kernel.
@@ -46,7 +47,7 @@ def to_lora(tree: Any) -> dict[str, dict[str, jax.Array]]:
     >>> bool(jnp.all(d == delora_jax.delta(tree)["kernel"]))
     True
   """
-  ks = _tree.require_adapted(tree, "to_lora")
+  ks = _tree.require_adapted(tree, "to_lora", nnx_ok=True)
   out = {}
   for path, k in ks.items():
     u, v = _kernel.factors(k)

@@ -95,8 +95,9 @@ def _padded(path: str, spec: PartitionSpec, shape: tuple[int, ...], sizes) -> li
 
 
 def _or_other(own: Any, other: Any, n: int, sizes: dict[str, int] | None) -> Any:
-  """``own``, or, where it splits nothing, ``other`` if that splits ``n`` evenly (mesh sizes known)."""
-  if sizes is None or own is not None or other is None:
+  """``own``, or, where it splits nothing (unsplit, or only over mesh axes of size 1), ``other``
+  if that splits ``n`` evenly (mesh sizes known)."""
+  if sizes is None or other is None or (own is not None and math.prod(sizes[m] for m in _mesh_axes(own)) > 1):
     return own
   count = math.prod(sizes[m] for m in _mesh_axes(other))
   return other if count > 1 and n % count == 0 else own

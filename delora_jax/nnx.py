@@ -68,7 +68,7 @@ def _require_adapted(model: Any, fn: str) -> None:
 
 def wrap(
   model: nnx.Module,
-  rules: Mapping[str, Rule | int],
+  rules: Mapping[Any, Rule | int],
   *,
   key: jax.Array | None = None,
   like: Any = None,

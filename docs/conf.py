@@ -57,7 +57,14 @@ html_css_files = ["code.css"]  # long code lines wrap
 
 # The public modules; each has an `automodule` under api/. Their public names: ``__all__``, or
 # for a module without one, the functions and classes it defines whose names have no underscore.
-PUBLIC_MODULES = ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models", "delora_jax.models.bert")
+PUBLIC_MODULES = (
+  "delora_jax",
+  "delora_jax.nnx",
+  "delora_jax.peft",
+  "delora_jax.models",
+  "delora_jax.models.bert",
+  "delora_jax.integrations.maxtext",
+)
 
 
 def public_names(mod) -> list[str]:

@@ -32,6 +32,7 @@ EXECUTED_ELSEWHERE = {
   "docs/examples.md": ("test_examples.py",),  # reads the example's output: main stack only
   "docs/from_peft.md": ("test_peft_config.py",),  # torch and PEFT: main stack only
   "docs/tunix.md": ("test_tunix.py",),  # tunix's PeftTrainer: main stack only
+  "docs/maxtext.md": ("test_maxtext.py",),  # MaxText: Python >= 3.12, CI's real-code stack only
 }
 
 
@@ -96,9 +97,19 @@ def test_pages_run_elsewhere_are_run_there(page):
     assert f'"{pathlib.Path(page).name}"' in src and "exec(" in src, test_file
 
 
+MODULES = (
+  "delora_jax",
+  "delora_jax.nnx",
+  "delora_jax.peft",
+  "delora_jax.models",
+  "delora_jax.models.bert",
+  "delora_jax.integrations.maxtext",
+)
+
+
 def test_api_pages_cover_every_public_module():
   documented = set(re.findall(r"automodule:: (\S+)", "".join(p.read_text() for p in (DOCS / "api").glob("*.md"))))
-  for modname in ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models", "delora_jax.models.bert"):
+  for modname in MODULES:
     assert modname in documented
     mod = importlib.import_module(modname)
     subs = [getattr(mod, n).__name__ for n in getattr(mod, "__all__", ()) if isinstance(getattr(mod, n), type(mod))]
@@ -114,7 +125,7 @@ def test_api_index_summarises_every_public_name():
   for section in text.split(".. currentmodule:: ")[1:]:
     modname, body = section.split("\n", 1)
     listed[modname] = re.findall(r"^   (\w+)$", body.split("```", 1)[0], re.M)
-  for modname in ("delora_jax", "delora_jax.nnx", "delora_jax.peft", "delora_jax.models", "delora_jax.models.bert"):
+  for modname in MODULES:
     mod = importlib.import_module(modname)
     names = getattr(mod, "__all__", None) or [
       n for n, o in vars(mod).items() if not n.startswith("_") and inspect.getmodule(o) is mod

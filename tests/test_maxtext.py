@@ -12,6 +12,7 @@ split/merge style lowers the loss.
 import os
 import pathlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,210 @@ def test_docs_maxtext_block_runs_as_written():
   exec(compile(block, "docs/real_models.md[MaxText]", "exec"), ns)  # noqa: S102 (our docs)
   assert len(delora_jax.adapters(ns["adapted"])) == 7  # one stacked kernel per projection
   assert np.isfinite(float(ns["loss"]))
+
+
+# --- the drop-in for MaxText's LoRA hook (delora_jax.integrations.maxtext) -----------------------
+
+from delora_jax.integrations import maxtext as dl_maxtext  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unrolled"])
+def dropin(request):
+  """The drop-in applied as MaxText's SFT setup applies its hook, on the in-process mesh (FSDP over
+  all 8 CPU devices: MaxText's default ici_fsdp_parallelism=-1), and MaxText's own LoRA beside it."""
+  from flax.linen import partitioning  # noqa: PLC0415
+  from maxtext.utils import lora_utils  # noqa: PLC0415
+
+  scan = request.param
+  model, _ = build(scan)
+  cfg = config(scan, lora={"enable_lora": True, "lora_rank": 8})
+  mesh = maxtext_utils.get_mesh_from_config(cfg)
+  with jax.set_mesh(mesh), partitioning.axis_rules(cfg.logical_axis_rules):
+    adapted = dl_maxtext.apply_delora_to_model(model, mesh, cfg, lam=2.0, init="random", key=jax.random.key(3))
+    with warnings.catch_warnings():  # qwix (the baseline) uses flax APIs flax deprecates
+      warnings.simplefilter("ignore", DeprecationWarning)
+      lora = lora_utils.apply_lora_to_model(model, mesh, cfg)
+  return scan, cfg, mesh, model, adapted, lora
+
+
+def _lora_modules(model):
+  return sorted({"/".join(map(str, p[:-1])) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.LoRAParam)})
+
+
+def test_dropin_adapts_the_modules_maxtext_lora_adapts_all_factorised(dropin):
+  scan, _, _, model, adapted, lora = dropin
+  ads = delora_jax.adapters(adapted)
+  assert sorted(ads) == kernel_paths(scan)
+  # The same modules as MaxText's own LoRA (its default lora_module_path for llama2), trained the same
+  # way: every trainable is an nnx.LoRAParam (DeloraParam), a, b and λ of each kernel.
+  assert sorted(p.rpartition("/")[0] for p in ads) == _lora_modules(lora)
+  trainable = nnx.state(adapted, nnx.LoRAParam)
+  assert len(jax.tree.leaves(trainable)) == 3 * len(ads)
+  assert all(
+    isinstance(v, delora_jax.nnx.DeloraParam)
+    for v in jax.tree.leaves(trainable, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  )
+  args = inputs()
+  assert delora_jax.explain(adapted, *args, enable_dropout=False)["factorised"] == kernel_paths(scan)
+  got, want = call(adapted, args), call(delora_jax.nnx.merge(adapted), args)
+  assert rel(got, call(model, args)) > 1e-3 and rel(got, want) < RTOL
+
+
+def test_dropin_shards_each_adapter_like_its_kernel_not_replicated(dropin):
+  from flax.linen import logical_to_mesh_axes  # noqa: PLC0415
+
+  scan, cfg, mesh, _, adapted, lora = dropin
+  n = mesh.size
+  assert n == 8 and mesh.shape["fsdp"] == 8
+  for path, owner, name in delora_jax._nnx.adapted(adapted):
+    kernel_names = vars(owner)[name].get_metadata()["out_sharding"]
+    ad = vars(owner)[name + "_delora"]
+    a, b = vars(ad)["a"], vars(ad)["b"]
+    # Kernels split along their input axis (embed -> fsdp): a takes that axis. wo's and out's inputs
+    # (mlp, heads) are unsplit on this mesh, so a and b both take the split output axis (FSDP rule).
+    in_name = kernel_names[0] if not path.endswith(("/out/kernel", "/wo/kernel")) else kernel_names[-1]
+    for var, field in ((a, "a"), (b, "b"), (vars(ad)["w_norm"], "w_norm")):
+      x, names = var.get_value(), var.get_metadata()["out_sharding"]
+      assert len(names) == x.ndim, (path, field, names)
+      # The array sits where its logical names put it under MaxText's rules...
+      want = jax.sharding.NamedSharding(mesh, logical_to_mesh_axes(names, cfg.logical_axis_rules))
+      assert x.sharding.is_equivalent_to(want, x.ndim), (path, field, x.sharding, want)
+      # ... and it is split over the FSDP axis, one eighth per device (MaxText's LoRA: all of it on each).
+      shard = x.addressable_shards[0].data
+      assert shard.size * n == x.size, (path, field, x.sharding.spec)
+      if scan:  # MaxText's scan finds the layer axis by name and position
+        assert "layers" in names, (path, field, names)
+    if in_name is not None:
+      assert a.get_metadata()["out_sharding"][0] == in_name, path  # a follows the kernel's input axis
+  for v in jax.tree.leaves(nnx.state(lora, nnx.LoRAParam)):  # the baseline replicates its adapters
+    assert v.sharding.is_fully_replicated
+
+
+def test_dropin_trains_with_delora_optimizer_on_the_mesh(dropin):
+  _, cfg, mesh, _, adapted, _ = dropin
+  from flax.linen import partitioning  # noqa: PLC0415
+
+  args = inputs(b=8)  # the batch split over the 8 devices as MaxText splits it
+  graphdef, lora, rest = nnx.split(adapted, delora_jax.nnx.DeloraParam, ...)
+  opt = delora_jax.optimizer(optax.adamw, learning_rate=1e-2, weight_decay=0.1)
+  with jax.set_mesh(mesh), partitioning.axis_rules(cfg.logical_axis_rules):
+    step = jax.jit(train_step_fn(graphdef, rest, opt, args))
+    state, losses = opt.init(lora), []
+    lam0 = [
+      float(jnp.ravel(x)[0]) for p, x in jax.tree_util.tree_leaves_with_path(lora) if "lam" in jax.tree_util.keystr(p)
+    ]
+    for _ in range(3):
+      lora, state, value = step(lora, state)
+      losses.append(float(value))
+  assert losses[-1] < losses[0] - 1e-3, losses
+  before = jax.tree.leaves(nnx.state(adapted, delora_jax.nnx.DeloraParam))
+  after = jax.tree.leaves(lora)
+  assert len(after) == len(before)
+  for x, y in zip(after, before):  # the step keeps the adapters where they were
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.sharding, y.sharding)
+  assert lam0 and all(v == 2.0 for v in lam0)
+
+
+def test_dropin_off_returns_the_model_itself():
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  cfg = config(True)  # lora.enable_lora is False by default
+  assert dl_maxtext.apply_delora_to_model(model, None, cfg) is model
+
+
+class _NoAxes(nnx.Module):
+  """A decoder-like module whose kernel declares no logical axes."""
+
+  def __init__(self):
+    self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+    self.embed = nnx.Embed(VOCAB, 4, rngs=nnx.Rngs(1))
+
+  def __call__(self, decoder_input_tokens, decoder_positions, enable_dropout=False):
+    return self.proj(self.embed(decoder_input_tokens))
+
+
+def _cfg(**lora):
+  import types  # noqa: PLC0415
+
+  base = dict(enable_lora=True, lora_rank=2, lora_module_path="proj", lora_weight_qtype=None)
+  return types.SimpleNamespace(lora=types.SimpleNamespace(**{**base, **lora}), logical_axis_rules=())
+
+
+def test_dropin_bad_input_is_a_clear_error():
+  import types  # noqa: PLC0415
+
+  model = _NoAxes()
+  with pytest.raises(
+    ValueError, match=r"`config` has no `lora.enable_lora` .* got a SimpleNamespace.*lora.enable_lora=True"
+  ):
+    dl_maxtext.apply_delora_to_model(model, None, types.SimpleNamespace())
+  with pytest.raises(ValueError, match=r"`config.lora.lora_rank` must be a positive int .* got 0"):
+    dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_rank=0))
+  with pytest.raises(ValueError, match=r"`config.lora.lora_weight_qtype` is 'nf4'"):
+    dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_weight_qtype="nf4"))
+  with pytest.raises(ValueError, match=r"Modules\('decoder/nothing'\).*proj"):
+    dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_module_path="decoder/nothing"))
+  mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+  with pytest.raises(ValueError, match=r"proj/kernel: this kernel carries no logical axes .* mesh=None"):
+    dl_maxtext.apply_delora_to_model(model, mesh, _cfg())
+  adapted = dl_maxtext.apply_delora_to_model(model, None, _cfg())  # one device: nothing to shard
+  assert sorted(delora_jax.adapters(adapted)) == ["proj/kernel"]
+
+
+def _kernels_from_lora_folder(folder, model):
+  """The base kernels plus the updates a LoRA server reads from ``folder`` (``x @ A.T @ B.T`` scaled by
+  ``lora_alpha / r``), each put where its module sits: {kernel path: array}."""
+  import json  # noqa: PLC0415
+
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  cfg = json.loads((pathlib.Path(folder) / "adapter_config.json").read_text())
+  assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] == cfg["r"] and not cfg["rank_pattern"]
+  tensors = load_file(str(pathlib.Path(folder) / "adapter_model.safetensors"))
+  out = {}
+  for path, k in delora_jax._nnx.kernels(model).items():
+    w = np.asarray(k.w, np.float64)
+    stacks, ins, outs = delora_jax._kernel.layout_positions(k.stack, k.in_axes, k.out_axes, w.ndim)
+    layers = [None] if not stacks else range(w.shape[stacks[0]])
+    name = path.replace("decoder/layers/", "model.layers.{}.").replace("/kernel", "").replace("/", ".")
+    for i in layers:
+      pre = "base_model.model." + name.format(i)
+      a, b = tensors[pre + ".lora_A.weight"].astype(np.float64), tensors[pre + ".lora_B.weight"].astype(np.float64)
+      d = (b @ a).T  # (in, out), scaling alpha / r = 1
+      rest = [p for p in range(w.ndim) if p not in stacks]
+      d = d.reshape([w.shape[p] for p in ins] + [w.shape[p] for p in outs])
+      d = np.transpose(d, np.argsort(np.argsort([*ins, *outs])))  # to the kernel's own axis order
+      idx = tuple(i if p in stacks else slice(None) for p in range(w.ndim))
+      assert sorted([*ins, *outs]) == rest
+      w[idx] += d
+    out[path] = w
+  return out
+
+
+# MaxText's data pipeline and loss use APIs jax and flax deprecate (`with mesh:`, `nnx.State`): its code, run
+# end to end here; our code's warnings are errors in the other tests of this file.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_docs_maxtext_recipe_trains_checkpoints_merges_and_exports_exact_lora(tmp_path, monkeypatch):
+  """docs/maxtext.md's recipe as pasted (MaxText's model, synthetic data and loss through the drop-in),
+  then: the resumed adapters are the trained ones, the merged MaxText model and the exported PEFT LoRA
+  folder (what a LoRA server reads) give the DeLoRA model's logits (float32, rel 1e-5)."""
+  monkeypatch.chdir(tmp_path)
+  text = (ROOT / "docs" / "maxtext.md").read_text()
+  (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M) if b.startswith("# MaxText recipe")]
+  ns: dict = {}
+  exec(compile(block, "docs/maxtext.md[recipe]", "exec"), ns)  # noqa: S102 (our docs)
+  model, merged, folder, lora = ns["model"], ns["merged"], ns["folder"], ns["lora"]
+  assert np.isfinite(float(ns["loss"]))
+  assert len(delora_jax.adapters(model)) == 7  # one stacked kernel per projection (scan_layers=True)
+  for x, y in zip(jax.tree.leaves(nnx.state(model, delora_jax.nnx.DeloraParam)), jax.tree.leaves(lora)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # resumed == trained
+  args = inputs()
+  got = call(model, args)
+  assert rel(got, call(merged, args)) < RTOL
+  served = delora_jax.nnx.unwrap(model)
+  for path, w in _kernels_from_lora_folder(folder, model).items():
+    owner = served
+    for part in path.split("/")[:-1]:
+      owner = getattr(owner, part)
+    vars(owner)["kernel"].set_value(jnp.asarray(w, jnp.float32))
+  assert rel(call(served, args), got) < RTOL
+  assert rel(call(delora_jax.nnx.unwrap(model), args), got) > 1e-4  # the adapters changed the model

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from delora_jax import _tree
+from delora_jax import _kernel, _tree
 from delora_jax._lora import to_lora
 from delora_jax._wrap import _compile, live_slices, selects
 from delora_jax.peft._extras import export_extras
@@ -182,7 +182,25 @@ def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any, f
   ``lora_B.weight = lora_b.T`` ``(out, r)``, with ``lora_alpha = r`` for every
   module (``alpha_pattern`` mirrors ``rank_pattern``) so PEFT's scaling is 1 and
   ``PeftModel.from_pretrained`` reproduces the DeLoRA model's outputs with
-  stock LoRA. Also works for ``init="paper"`` adapters (rank ``2r``).
+  stock LoRA. Also works for ``init="paper"`` adapters (rank ``2r``). This is the
+  serving route: JAX and torch LoRA servers (vLLM, sglang-jax, tunix's samplers)
+  take LoRA adapters, and a DeLoRA update of rank ``r`` is exactly a rank-``r`` LoRA.
+
+  Args:
+    tree: an adapted tree from :func:`delora_jax.wrap`, or an NNX model from
+      :func:`delora_jax.nnx.wrap` (MaxText's included). Stacked (scanned) kernels
+      give one module per layer, wherever their layer axis sits.
+    directory: the folder to write (``adapter_config.json``,
+      ``adapter_model.safetensors``).
+    module_names: Flax path -> torch module name(s), as for :func:`export`: a
+      dict, or a function of the path; for a stacked kernel a template with
+      ``{}`` for the layer index (``"model.layers.{}.self_attn.q_proj"``).
+    flatten_nd: write N-D kernels (attention's ``(embed, heads, head_dim)``)
+      as ``nn.Linear`` weights of the flattened sizes (inputs, then outputs,
+      row-major); the torch model must hold them that way.
+
+  Returns:
+    The folder written.
 
   Example:
     >>> import tempfile, jax, delora_jax
@@ -194,14 +212,15 @@ def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any, f
     >>> cfg["peft_type"], cfg["r"], cfg["lora_alpha"]
     ('LORA', 4, 4)
   """
-  ks = _tree.require_adapted(tree, "export_lora")
+  ks = _tree.require_adapted(tree, "export_lora", nnx_ok=True)
   for p, k in ks.items():
     check_linear(p, k, flatten_nd, "export_lora")
   names = resolve_all(module_names, ks)
   factors = to_lora(tree)
   tensors, ranks = {}, {}
   for p, k in ks.items():
-    la, lb = _slices(factors[p]["lora_a"], k.lam.ndim), _slices(factors[p]["lora_b"], k.lam.ndim)
+    n_stack = _kernel.lead(k.lam, k.stack, "lam").ndim  # to_lora: stacked axes first, unpadded
+    la, lb = _slices(factors[p]["lora_a"], n_stack), _slices(factors[p]["lora_b"], n_stack)
     for i, name in enumerate(names[p]):
       tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la[i].T)
       tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb[i].T)

@@ -156,7 +156,7 @@ def check_linear(path: str, k: Any, flatten_nd: bool, fn: str) -> None:
       f"{path}: this adapter was made with init='paper' (a frozen initial update res_a/res_b), "
       f"which PEFT's DeLoRA cannot represent. {fix}"
     )
-  if k.stack:
+  if k.stack and fn != "export_lora":  # to_lora gives the stacked axes first, wherever they sit
     raise ValueError(
       f"{path}: kernel of shape {tuple(k.w.shape)} has its stacked (layer) axes at positions "
       f"{k.stack} (Rule(stack_axes={k.stack})), not leading; PEFT adapter files hold one torch "

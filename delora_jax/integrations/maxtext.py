@@ -1,0 +1,264 @@
+"""DeLoRA in MaxText: a drop-in for MaxText's LoRA hook, ``maxtext.utils.lora_utils.apply_lora_to_model``.
+
+MaxText (0.2.5, Flax NNX, ``enable_nnx=True``) wires LoRA into its trainers in one function,
+``apply_lora_to_model(model, mesh, config)``, which applies qwix's LoRA. :func:`apply_delora_to_model`
+has the same signature and contract: it reads the same ``lora`` config keys (``enable_lora``,
+``lora_rank``, ``lora_module_path``), adapts the same modules, and returns the model with adapters
+typed :class:`delora_jax.nnx.DeloraParam` (an ``nnx.LoRAParam``), so MaxText's SFT trainer and tunix's
+``PeftTrainer`` train only ``a``, ``b`` and λ. Unlike MaxText's LoRA, the adapters are sharded like
+their kernels (from the kernels' logical axes and the config's ``logical_axis_rules``), not replicated
+on every chip, and MaxText's default ``scan_layers=True, param_scan_axis=1`` works as well as
+unrolled layers.
+
+Importing this module does not import MaxText; calling :func:`apply_delora_to_model` does (for the
+default module paths of MaxText's model families, when ``lora_module_path`` is empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from delora_jax import _kernel, _nnx, _sharding
+from delora_jax._rule import Modules, Rule
+
+__all__ = ["apply_delora_to_model", "module_path"]
+
+# The metadata keys flax versions use for a Variable's logical axis names (newest first).
+_NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
+_LORA_KEYS = ("enable_lora", "lora_rank", "lora_module_path")
+
+
+def _lora_config(config: Any) -> Any:
+  lora = getattr(config, "lora", None)
+  missing = [k for k in _LORA_KEYS if lora is None or not hasattr(lora, k)]
+  if missing:
+    raise ValueError(
+      f"apply_delora_to_model: `config` has no `lora.{missing[0]}` (expected a MaxText config, from "
+      "maxtext.configs.pyconfig.initialize, with the `lora` keys enable_lora, lora_rank and "
+      f"lora_module_path; got a {type(config).__name__}). Pass MaxText's config, with e.g. "
+      "lora.enable_lora=True lora.lora_rank=16 in its overrides."
+    )
+  return lora
+
+
+def module_path(config: Any) -> str:
+  """The module-path regex MaxText's LoRA would adapt for ``config``.
+
+  ``config.lora.lora_module_path`` when it is set; otherwise MaxText's default for the model
+  family (``configs/post_train/lora_module_path.yml``, chosen by ``model_name``, with the layer
+  index made optional so that scanned and unrolled layers match), as MaxText computes it.
+
+  Args:
+    config: a MaxText config (``maxtext.configs.pyconfig.initialize``).
+
+  Returns:
+    A regex over ``/``-joined module paths, matched whole (``re.fullmatch``, as qwix does).
+  """
+  lora = _lora_config(config)
+  if lora.lora_module_path:
+    return str(lora.lora_module_path)
+  from maxtext.utils import lora_utils  # noqa: PLC0415 (MaxText only when it is used)
+
+  return str(lora_utils._get_lora_module_path(config))  # noqa: SLF001 (MaxText's own default table)
+
+
+def _dummy_inputs(mesh: Any) -> dict[str, Any]:
+  """One-token decoder inputs whose batch and length split over ``mesh`` as MaxText's activations do
+  (what MaxText passes to qwix to find the modules' contractions)."""
+  batch, length = 1, 1
+  shape = dict(mesh.shape) if mesh is not None else {}
+  for axis in ("data", "fsdp", "fsdp_transpose", "expert"):
+    batch *= shape.get(axis, 1)
+  for axis in ("tensor_sequence", "context"):
+    length *= shape.get(axis, 1)
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return {"decoder_input_tokens": tokens, "decoder_positions": tokens, "enable_dropout": False}
+
+
+def _names(var: nnx.Variable) -> tuple[str | None, tuple[Any, ...] | None]:
+  """(metadata key, logical axis names) of a Variable; (None, None) when it declares none."""
+  meta = var.get_metadata()
+  for key in _NAME_KEYS:
+    names = meta.get(key)
+    if isinstance(names, (tuple, list, PartitionSpec)):
+      return key, tuple(names)
+  return None, None
+
+
+def _logical(entries: tuple[Any, ...], kernel_names: tuple[Any, ...], kernel_spec: tuple[Any, ...]) -> tuple:
+  """Logical names for an adapter array whose mesh entries are ``entries``: each dim takes the name
+  of a kernel axis split over the same mesh axes (None where unsplit)."""
+  out: list[Any] = []
+  for e in entries:
+    if e is None:
+      out.append(None)
+      continue
+    name = next((n for n, k in zip(kernel_names, kernel_spec) if k == e and n is not None), None)
+    out.append(name)
+  return tuple(out)
+
+
+def _lead_spec(spec: PartitionSpec, stack: tuple[int, ...], field: str, ndim: int) -> PartitionSpec:
+  """``spec`` of an adapter field in the Linen layout, for the array an NNX adapter stores (its
+  stacked axes first, no padding axes: ``Adapter.stored``)."""
+  entries = list(spec) + [None] * (ndim - len(spec))
+  nb = _kernel.BODY_NDIM[field]
+  stacks = _kernel._field_stacks(stack, nb, ndim)  # noqa: SLF001
+  own = [entries[i] for i in range(ndim) if i not in stacks][:nb]
+  return PartitionSpec(*[entries[p] for p in stacks], *own)
+
+
+def _shard(model: nnx.Module, mesh: Any, rules: Any) -> None:
+  """Gives every adapter of ``model`` its kernel's sharding: logical axis names in its metadata,
+  each dim named after the kernel axis whose split it takes (``_sharding.kernel_specs``), and, on a
+  mesh of several devices, its arrays placed as those names resolve with ``rules``."""
+  from flax.linen import logical_to_mesh_axes  # noqa: PLC0415
+
+  sizes = dict(mesh.shape) if mesh is not None else None
+  several = mesh is not None and mesh.size > 1
+  for path, owner, name in _nnx.adapted(model):
+    var = vars(owner)[name]
+    ad = vars(owner)[name + _nnx.SUFFIX]
+    key, names = _names(var)
+    if names is None:
+      if several:
+        raise ValueError(
+          f"{path}: this kernel carries no logical axes (its Variable has none of the metadata "
+          f"{list(_NAME_KEYS)}), so its adapters cannot be sharded like it on the {mesh.size}-device "
+          "mesh. Build the model with MaxText's model_creation_utils (its layers declare their axes), "
+          "or pass mesh=None to leave the adapters where wrap put them."
+        )
+      continue
+    w = var.get_value()
+    kernel_spec = tuple(logical_to_mesh_axes(names, rules) or ()) if rules is not None else names
+    kernel_spec = kernel_spec + (None,) * (w.ndim - len(kernel_spec))
+    specs = _sharding.kernel_specs(
+      path, tuple(w.shape), PartitionSpec(*kernel_spec), ad.in_axes, ad.out_axes, sizes, ad.stack
+    )
+    meta = var.get_metadata()
+    for field in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
+      v = vars(ad).get(field)
+      if v is None:
+        continue
+      x = v.get_value()
+      spec = specs[field]
+      if field in ("w_norm", "res_a", "res_b") and ad.stack:
+        placed_ndim = max(len(ad.stack) + _kernel.BODY_NDIM[field], ad.stack[-1] + 1)
+        spec = _lead_spec(spec, ad.stack, field, placed_ndim)
+      entries = tuple(spec) + (None,) * (x.ndim - len(spec))
+      logical = _logical(entries, names, kernel_spec)
+      if rules is not None:  # placed as MaxText would place it from these names
+        entries = tuple(logical_to_mesh_axes(logical, rules) or ())
+      update: dict[str, Any] = {str(key): logical}
+      if isinstance(v, _nnx.DeloraParam):  # MaxText scans Params at param_scan_axis, the rest at 0
+        update.update({k: meta[k] for k in ("partition_name", "param_scan_axis") if k in meta})
+      elif "partition_name" in meta:
+        update["partition_name"] = meta["partition_name"]
+      v.set_metadata(**update)
+      if several:
+        v.set_value(jax.device_put(x, NamedSharding(mesh, PartitionSpec(*entries))))
+
+
+def apply_delora_to_model(
+  model: nnx.Module,
+  mesh: jax.sharding.Mesh | None,
+  config: Any,
+  *,
+  lam: float = 15.0,
+  init: str = "peft",
+  key: jax.Array | None = None,
+  strict: bool = False,
+) -> nnx.Module:
+  """DeLoRA in place of MaxText's LoRA: same signature and contract as
+  ``maxtext.utils.lora_utils.apply_lora_to_model(model, mesh, config)``.
+
+  Returns ``model`` itself when ``config.lora.enable_lora`` is False (or when
+  ``lora_input_adapters_path`` is set, as MaxText does). Otherwise returns a copy with
+  DeLoRA adapters of rank ``config.lora.lora_rank`` on the kernels of the modules that
+  :func:`module_path` matches (MaxText's ``lora_module_path``, or its default for the model
+  family): ``a``, ``b``, ``lam`` typed :class:`delora_jax.nnx.DeloraParam` (an ``nnx.LoRAParam``,
+  what MaxText's and tunix's trainers train), every kernel computed factorised. DeLoRA has
+  no α: ``lora_alpha`` is not used; λ (``lam``) bounds the update instead.
+
+  Each adapter is sharded as its kernel is (its logical axes resolved with
+  ``config.logical_axis_rules``): ``a`` along the kernel's input axes, ``b`` along its output
+  axes, so the adapters are not replicated on every chip; the Variables carry logical axis names
+  (``out_sharding``) from the kernel's, and MaxText's scan metadata (``param_scan_axis``), so
+  MaxText's default ``scan_layers=True, param_scan_axis=1`` runs them.
+
+  Train with :func:`delora_jax.optimizer` (λ undecayed, the update bounded), not MaxText's
+  ``optimizers.get_optimizer`` (it would weight-decay λ).
+
+  Args:
+    model: MaxText's NNX ``Transformer`` (``model_creation_utils.from_config`` or
+      ``from_pretrained``).
+    mesh: the model's mesh (``maxtext_utils.get_mesh_from_config(config)``), or None.
+    config: the MaxText config (``pyconfig.initialize``), with its ``lora`` keys.
+    lam: initial λ of every adapter (PEFT's ``delora_lambda``).
+    init: ``"peft"`` (``b = 0``: the model is unchanged at step 0), ``"random"`` or ``"paper"``,
+      as in :class:`delora_jax.Rule`.
+    key: PRNG key of the adapters' initialisation (default ``jax.random.key(0)``).
+    strict: raise instead of merging where a kernel cannot be computed factorised.
+
+  Returns:
+    The adapted model (or ``model`` when LoRA is off in ``config``).
+
+  Raises:
+    ValueError: ``config`` lacks the ``lora`` keys, ``lora_rank`` is not positive, a quantized
+      base (``lora_weight_qtype``) is asked for, the module path matches no module with a
+      kernel, or a kernel carries no logical axes on a mesh of several devices.
+
+  Example:
+    In MaxText's SFT setup (``trainers/post_train/sft/train_sft.py``), in place of its hook::
+
+      from delora_jax.integrations.maxtext import apply_delora_to_model
+
+      with jax.set_mesh(mesh), nn_partitioning.axis_rules(config.logical_axis_rules):
+        model = apply_delora_to_model(model, mesh, config, lam=15.0)
+      optimizer = delora_jax.optimizer(optax.adamw, learning_rate=1e-3, weight_decay=1e-2)
+  """
+  lora = _lora_config(config)
+  if getattr(config, "lora_input_adapters_path", ""):
+    return model  # MaxText's serving path loads its LoRA adapters itself
+  if not lora.enable_lora:
+    return model
+  rank = lora.lora_rank
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    raise ValueError(
+      f"apply_delora_to_model: `config.lora.lora_rank` must be a positive int when lora.enable_lora "
+      f"is True; got {rank!r}. Set e.g. lora.lora_rank=16."
+    )
+  qtype = getattr(lora, "lora_weight_qtype", None)
+  if qtype:
+    raise ValueError(
+      f"apply_delora_to_model: `config.lora.lora_weight_qtype` is {qtype!r}, but a quantized frozen "
+      "base (QDeLoRA) is not supported on NNX models yet (Linen: delora_jax.Rule(quantize=...)). "
+      "Leave lora.lora_weight_qtype unset."
+    )
+  pattern = module_path(config)
+  from delora_jax import nnx as delora_nnx  # noqa: PLC0415 (import cycle)
+
+  rules = getattr(config, "logical_axis_rules", None)
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.set_mesh(mesh))
+    if rules is not None:
+      from flax.linen import partitioning  # noqa: PLC0415
+
+      stack.enter_context(partitioning.axis_rules(rules))
+    inputs = _dummy_inputs(mesh)
+    adapted = delora_nnx.wrap(
+      model,
+      {Modules(pattern): Rule(rank, lam, init=init)},
+      like=lambda m: m(**inputs),
+      key=key,
+      strict=strict,
+    )
+    _shard(adapted, mesh, rules)
+  return adapted
