@@ -95,7 +95,7 @@ def test_nnx_lora_folder_gives_the_delora_outputs(tmp_path):
   x = jax.random.normal(jax.random.key(0), (5, 12))
   adapted = delora_jax.nnx.wrap(NNXMLP(), {delora_jax.Modules("up|down"): delora_jax.Rule(4, 2.0)})
   for path, new in scrambled(adapted).items():
-    ad = getattr(getattr(adapted, path.split("/")[0]), "kernel_delora")
+    ad = getattr(adapted, path.split("/")[0]).kernel_delora
     for f in ("a", "b", "lam"):
       getattr(ad, f).set_value(new[f])
   folder = delora_jax.peft.export_lora(adapted, tmp_path / "lora", module_names=lambda p: p.split("/")[0])
