@@ -33,9 +33,9 @@ import warnings  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import optax  # noqa: E402
-import flax.linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
 from flax.linen import partitioning  # noqa: E402
 from hlo_collectives import collectives  # noqa: E402
