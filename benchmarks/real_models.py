@@ -48,21 +48,25 @@ def _cost(compiled) -> float:
   return float(ca["flops"])
 
 
-def figures(fn, *args) -> dict:
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  ct = time.perf_counter() - t0
+def _compiled_figures(compiled, compile_s: float) -> dict:
+  """XLA's figures of a compiled step: flops, memory, dot counts, the seconds it took to compile."""
   mem = compiled.memory_analysis()
-  hlo = compiled.as_text()
   return {
     "flops": _cost(compiled),
     "temp_bytes": int(mem.temp_size_in_bytes),
     "argument_bytes": int(mem.argument_size_in_bytes),
     "output_bytes": int(mem.output_size_in_bytes),
-    "hlo_dots": len(re.findall(r"\bdot\(", hlo)),
-    "hlo_custom_matmuls": len(re.findall(r"custom-call\(.*matmul", hlo)),
-    "compile_s": round(ct, 3),
+    "hlo_dots": len(re.findall(r"\bdot\(", compiled.as_text())),
+    "compile_s": round(compile_s, 3),
   }
+
+
+def figures(fn, *args) -> dict:
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  out = _compiled_figures(compiled, time.perf_counter() - t0)
+  out["hlo_custom_matmuls"] = len(re.findall(r"custom-call\(.*matmul", compiled.as_text()))
+  return out
 
 
 def xent(logits, tokens):
@@ -269,16 +273,9 @@ def _trainer_step_figures(model, tx, batch, gen_model_input) -> dict:
   step = nnx.jit(trainer.create_train_step_fn(), donate_argnames=("optimizer",))
   t0 = time.perf_counter()
   compiled = step.lower(trainer.model, trainer.optimizer, batch).compile()
-  ct = time.perf_counter() - t0
-  mem, hlo = compiled.memory_analysis(), compiled.as_text()
   lora = nnx.state(model, nnx.LoRAParam)
   return {
-    "flops": _cost(compiled),
-    "temp_bytes": int(mem.temp_size_in_bytes),
-    "argument_bytes": int(mem.argument_size_in_bytes),
-    "output_bytes": int(mem.output_size_in_bytes),
-    "hlo_dots": len(re.findall(r"\bdot\(", hlo)),
-    "compile_s": round(ct, 3),
+    **_compiled_figures(compiled, time.perf_counter() - t0),
     "trainable_params": n_params(lora),
     "trainable_leaves": len(jax.tree_util.tree_leaves(lora)),
   }

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from delora_jax import _kernel, _nnx, _sharding
+from delora_jax import nnx as delora_nnx
 from delora_jax._rule import Modules, Rule
 
 __all__ = ["apply_delora_to_model", "module_path"]
@@ -104,14 +105,14 @@ def _logical(entries: tuple[Any, ...], kernel_names: tuple[Any, ...], kernel_spe
   return tuple(out)
 
 
-def _lead_spec(spec: PartitionSpec, stack: tuple[int, ...], field: str, ndim: int) -> PartitionSpec:
-  """``spec`` of an adapter field in the Linen layout, for the array an NNX adapter stores (its
-  stacked axes first, no padding axes: ``Adapter.stored``)."""
-  entries = list(spec) + [None] * (ndim - len(spec))
+def _lead_spec(spec: PartitionSpec, stack: tuple[int, ...], field: str) -> PartitionSpec:
+  """``spec`` of an adapter field in the Linen layout (one entry per axis, padding axes included,
+  as ``_sharding.kernel_specs`` gives it), for the array an NNX adapter stores (its stacked axes
+  first, no padding axes: ``Adapter.stored``)."""
   nb = _kernel.BODY_NDIM[field]
-  stacks = _kernel._field_stacks(stack, nb, ndim)  # noqa: SLF001
-  own = [entries[i] for i in range(ndim) if i not in stacks][:nb]
-  return PartitionSpec(*[entries[p] for p in stacks], *own)
+  stacks = _kernel._field_stacks(stack, nb, len(spec))  # noqa: SLF001
+  own = [e for i, e in enumerate(spec) if i not in stacks][:nb]
+  return PartitionSpec(*[spec[p] for p in stacks], *own)
 
 
 def _shard(model: nnx.Module, mesh: Any, rules: Any) -> None:
@@ -149,8 +150,7 @@ def _shard(model: nnx.Module, mesh: Any, rules: Any) -> None:
       x = v.get_value()
       spec = specs[field]
       if field in ("w_norm", "res_a", "res_b") and ad.stack:
-        placed_ndim = max(len(ad.stack) + _kernel.BODY_NDIM[field], ad.stack[-1] + 1)
-        spec = _lead_spec(spec, ad.stack, field, placed_ndim)
+        spec = _lead_spec(spec, ad.stack, field)
       entries = tuple(spec) + (None,) * (x.ndim - len(spec))
       logical = _logical(entries, names, kernel_spec)
       if rules is not None:  # placed as MaxText would place it from these names
@@ -242,8 +242,6 @@ def apply_delora_to_model(
       "Leave lora.lora_weight_qtype unset."
     )
   pattern = module_path(config)
-  from delora_jax import nnx as delora_nnx  # noqa: PLC0415 (import cycle)
-
   rules = getattr(config, "logical_axis_rules", None)
   with contextlib.ExitStack() as stack:
     if mesh is not None:

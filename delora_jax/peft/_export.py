@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from delora_jax import _kernel, _tree
+from delora_jax import _tree
 from delora_jax._lora import to_lora
 from delora_jax._wrap import _compile, live_slices, selects
 from delora_jax.peft._extras import export_extras
@@ -218,9 +218,8 @@ def export_lora(tree: Any, directory: str | os.PathLike, *, module_names: Any, f
   names = resolve_all(module_names, ks)
   factors = to_lora(tree)
   tensors, ranks = {}, {}
-  for p, k in ks.items():
-    n_stack = _kernel.lead(k.lam, k.stack, "lam").ndim  # to_lora: stacked axes first, unpadded
-    la, lb = _slices(factors[p]["lora_a"], n_stack), _slices(factors[p]["lora_b"], n_stack)
+  for p, f in factors.items():  # lora_a (*S, in, r), lora_b (*S, r, out): stacked axes first
+    la, lb = (_slices(f[n], f[n].ndim - 2) for n in ("lora_a", "lora_b"))
     for i, name in enumerate(names[p]):
       tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la[i].T)
       tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb[i].T)
