@@ -451,6 +451,19 @@ def test_tp_factors_follow_their_own_side():
   assert derived.arguments - other.arguments < activation / 10
 
 
+def test_a_side_split_only_over_size_1_mesh_axes_counts_as_unsplit():
+  """MaxText's rules name mesh axes of size 1 (``("tensor",)`` on an FSDP-only mesh): under FSDP the
+  factor of that side takes the other side's axes, as for an unsplit side."""
+  from delora_jax import _sharding  # noqa: PLC0415
+
+  sizes = {"fsdp": 8, "tensor": 1}
+  for out_entry in (None, "tensor", ("tensor",)):
+    specs = _sharding.kernel_specs("w", (64, 128), P("fsdp", out_entry), (-2,), (-1,), sizes)
+    assert specs["a"] == P("fsdp", None) and specs["b"] == P(None, "fsdp"), out_entry
+  specs = _sharding.kernel_specs("w", (64, 128), P("fsdp", "tensor"), (-2,), (-1,), {"fsdp": 4, "tensor": 2})
+  assert specs["b"] == P(None, "tensor")  # split for real: its own side
+
+
 def test_fsdp_x_tp_factors_follow_their_own_side():
   """Kernels split on both sides: every factor has its own side's mesh axes (no choice to make)."""
   variants = [cost_shardings("fsdp-x-tp", v)[1] for v in ("derived", "own-side", "other-side")]
