@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
 from delora_jax import _kernel, _layout, _linen, _quant, _tree
@@ -209,26 +208,20 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   key = _path_key(key, path)
   layout: dict[str, Any] = dict(in_axes=in_axes, out_axes=out_axes, stack=stack, dropout=rule.dropout)
   if rule.quantize is not None:
-    _check_quantizable(path, w, rule, in_axes, stack)
+    _check_quantizable(path, w, rule, in_axes)
   if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
     arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes, stack)
-    return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
+    return DeloraKernel(w=_quantized(w, rule, in_axes, stack), **arrays, **layout)
   # A sharded kernel's adapters are built in place on its devices: no host round trip, no
   # gathered kernel.
   shardings = _derived_shardings(path, w, rule, in_axes, out_axes, stack)
   arrays = _compiled_init(rule, in_axes, out_axes, shardings, stack)(w, key)
   # w_norm above is the full-precision kernel's (PEFT's definition); only then is w quantized.
-  return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
+  return DeloraKernel(w=_quantized(w, rule, in_axes, stack), **arrays, **layout)
 
 
-def _check_quantizable(path: str, w: Any, rule: Rule, in_axes, stack) -> None:
-  """``Rule(quantize=...)`` on this kernel: a floating kernel whose innermost input axis the tile
-  divides, stacked axes (if any) leading."""
-  if stack:
-    raise ValueError(
-      f"{path}: Rule(quantize={rule.quantize!r}) with stacked axes at positions {stack} (not leading) is not "
-      "supported yet with quantize=. Quantize a kernel whose stacked axes lead (stack_axes=n), or drop quantize."
-    )
+def _check_quantizable(path: str, w: Any, rule: Rule, in_axes) -> None:
+  """``Rule(quantize=...)`` on this kernel: the tile divides its innermost input axis."""
   if rule.tile_size is not None:
     ax = max(a % w.ndim for a in in_axes)
     n = w.shape[ax]
@@ -240,11 +233,13 @@ def _check_quantizable(path: str, w: Any, rule: Rule, in_axes, stack) -> None:
       )
 
 
-def _quantized(w: Any, rule: Rule, in_axes) -> Any:
+def _quantized(w: Any, rule: Rule, in_axes, stack=()) -> Any:
   """``w`` stored as ``rule.quantize`` says (an abstract kernel: its abstract quantized form)."""
   if rule.quantize is None:
     return w
-  fn = functools.partial(_quant.quantize, scheme=rule.quantize, in_axes=in_axes, tile=rule.tile_size)
+  fn = functools.partial(
+    _quant.quantize, scheme=rule.quantize, in_axes=tuple(in_axes), tile=rule.tile_size, stack=tuple(stack)
+  )
   if not isinstance(w, jax.ShapeDtypeStruct):
     return fn(w)
   q = jax.eval_shape(fn, jax.ShapeDtypeStruct(w.shape, w.dtype))
@@ -255,13 +250,10 @@ def _quantized(w: Any, rule: Rule, in_axes) -> Any:
     for a in in_axes:
       spec[a % w.ndim] = None
     scale_sh = NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sh.memory_kind)
-  return q.__class__(
-    jax.ShapeDtypeStruct(q.values.shape, q.values.dtype, sharding=sh),
-    jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype, sharding=scale_sh),
-    q.scheme,
-    q.base_dtype,
-    q.in_axes,
-    q.tile,
+  return dataclasses.replace(
+    q,
+    values=jax.ShapeDtypeStruct(q.values.shape, q.values.dtype, sharding=sh),
+    scale=jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype, sharding=scale_sh),
   )
 
 
@@ -392,12 +384,6 @@ def wrap_with(
         f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
         "Reorder the rules or remove this one."
       )
-  quantized = sorted(paths[i] for i, (_, rule) in owners.items() if rule.quantize is not None)
-  if quantized and isinstance(params, nnx.State):
-    raise ValueError(
-      f"{_tree.sample_paths(quantized)}: a Flax NNX model or State is not supported yet with quantize=. Quantize "
-      "the base of a Linen model (delora_jax.wrap on its params dict, delora_jax.apply), or drop quantize."
-    )
   if probe is not None:
     uses = probe({paths[i] for i in owners})
     owners = {
