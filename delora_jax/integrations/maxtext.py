@@ -237,9 +237,10 @@ def apply_delora_to_model(
   qtype = getattr(lora, "lora_weight_qtype", None)
   if qtype:
     raise ValueError(
-      f"apply_delora_to_model: `config.lora.lora_weight_qtype` is {qtype!r}, but a quantized frozen "
-      "base (QDeLoRA) is not supported on NNX models yet (Linen: delora_jax.Rule(quantize=...)). "
-      "Leave lora.lora_weight_qtype unset."
+      f"apply_delora_to_model: `config.lora.lora_weight_qtype` is {qtype!r}, but this drop-in does not "
+      "store MaxText's base quantized yet (the scales would need their own logical axes on a sharded "
+      "mesh). Leave lora.lora_weight_qtype unset, or quantize the base yourself with "
+      "delora_jax.nnx.wrap(model, {delora_jax.Modules(path): delora_jax.Rule(r, quantize='nf4', ...)})."
     )
   pattern = module_path(config)
   rules = getattr(config, "logical_axis_rules", None)
