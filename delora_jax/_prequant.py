@@ -4,9 +4,10 @@ delora_jax adapts floating kernels, and stores a base quantized itself with ``Ru
 (``w_norm`` then comes from the float weights, PEFT's definition). A kernel that arrives quantized
 would give ``w_norm`` only from its dequantized values, and its layer runs the user's own quantized op,
 which the factorised path does not call: such kernels are refused at ``wrap``, as are models that
-``qwix.quantize_model`` transformed (``apply`` / ``nnx.wrap`` would run their adapted layers without
-qwix's quantized ops). Nothing here imports qwix or gemma: their types are recognised by name.
-"""
+``qwix.quantize_model`` transformed or gemma's ``IntWrapper`` wraps (``apply``, ``wrap(like=...)`` and
+``nnx.wrap`` ran their adapted layers without the quantized ops, silently). Nothing here imports qwix or
+gemma: their types are recognised by name (qwix's ``WithAux``/``QArray``; in ``nnx.state``, where they
+are flattened, by their ``<path>/array/qvalue`` and ``<path>/array/scale`` leaves)."""
 
 from __future__ import annotations
 
