@@ -129,6 +129,18 @@ def test_recommended_fix_matches_qwix_ptq_model():
   np.testing.assert_allclose(ours, qm.apply({"params": qp}, X), rtol=1e-5, atol=1e-5)
 
 
+def test_recommended_fix_matches_qwix_ptq_nnx_model():
+  """The same on NNX: delora_jax.nnx.wrap of the float model with Rule(quantize='int8') gives, at b = 0, the
+  output of the model quantized by qwix's int8 PTQ, factorised (strict=True)."""
+  model = NnxMLP(nnx.Rngs(1))
+  with jax.numpy_rank_promotion("allow"):  # qwix's NNX Linear adds the bias (out,) to (batch, out)
+    theirs = qwix.quantize_model(
+      model, qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]), X
+    )(X)
+  ours = delora_jax.nnx.wrap(model, {".*kernel": delora_jax.Rule(4, quantize="int8")}, strict=True)(X)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("provider", ["ptq", "qt"])
 def test_qwix_nnx_model_refused(provider):
   """qwix on an nnx.Linear model (PTQ: kernels become WithAux(QArray); QAT: float kernels, fake-quant ops)."""
