@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from delora_jax import _kernel, _layout, _linen, _quant, _tree
+from delora_jax import _kernel, _layout, _linen, _prequant, _quant, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Modules, Rule, as_rule, is_module_kernel, stack_positions
 from delora_jax._sharding import kernel_specs
@@ -67,9 +67,11 @@ def _check_kernel_leaf(path: str, pattern: str, leaf: Any) -> None:
       f"expected a floating-point kernel array. {hint}"
     )
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    quantized = _prequant.integer_kernel(path, pattern, leaf)  # gemma's IntWrapper, gemma.peft.quantize
     raise TypeError(
-      f"{path}: rules pattern {pattern!r} matched an array of dtype "
-      f"{leaf.dtype}, expected a floating-point kernel. {hint}"
+      quantized
+      or f"{path}: rules pattern {pattern!r} matched an array of dtype {leaf.dtype}, expected a floating-point kernel. "
+      f"{hint}"
     )
   if leaf.ndim < 2:
     raise ValueError(
@@ -334,6 +336,7 @@ def wrap_with(
 ) -> Any:
   """`wrap`, with layouts inferred by ``probe(selected paths) -> _interpret.Uses`` if given."""
   compiled = _compile(rules)
+  _prequant.check_tree(params, compiled, selects)
   paths, leaves, treedef = _tree.flatten(params)
   adapted = [p for p, x in zip(paths, leaves) if is_kernel(x)]
   if adapted:
