@@ -76,15 +76,15 @@ def row(scan: bool, size: dict) -> dict:
   from tests import test_maxtext as tm  # noqa: PLC0415
 
   out = {}
-  for kind in ("delora", "lora"):
+  for kind in ("delora", "delora_replicated", "lora"):
     model, _ = tm.build(scan, ici_fsdp_parallelism=4, **size)
     lora = {"enable_lora": True, "lora_rank": RANK, "lora_alpha": 2.0 * RANK}
     cfg = tm.config(scan, ici_fsdp_parallelism=4, lora=lora, **size)
     mesh = maxtext_utils.get_mesh_from_config(cfg)
     with jax.set_mesh(mesh), partitioning.axis_rules(cfg.logical_axis_rules):
       shard_like_maxtext(model, mesh, cfg)
-      if kind == "delora":
-        adapted = apply_delora_to_model(model, mesh, cfg)
+      if kind.startswith("delora"):
+        adapted = apply_delora_to_model(model, mesh, cfg, shard_adapters=kind == "delora")
         wrt, opt = delora_jax.nnx.DeloraParam, delora_jax.optimizer(optax.adamw, learning_rate=1e-3)
       else:
         with warnings.catch_warnings():
@@ -113,6 +113,7 @@ def row(scan: bool, size: dict) -> dict:
       out[kind] = fig
   for k in ("flops", "temp_bytes", "collective_bytes"):
     out[k.replace("_bytes", "") + "_ratio"] = out["delora"][k] / max(out["lora"][k], 1)
+    out[k.replace("_bytes", "") + "_ratio_replicated"] = out["delora_replicated"][k] / max(out["lora"][k], 1)
   return out
 
 
@@ -126,10 +127,16 @@ def main() -> None:
   with jax.numpy_rank_promotion("allow"), warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # MaxText's flax metadata
     rows = {"scanned": row(True, size), "unrolled": row(False, size)}
-  print(f"{'layers':<10}{'flops':>8}{'temp':>8}{'coll. bytes':>13}  {'DeLoRA / LoRA adapter bytes per device':>40}")
+  print(
+    f"{'layers':<10}{'adapters':<12}{'flops':>8}{'temp':>8}{'coll. bytes':>13}  {'adapter bytes/device (LoRA)':>28}"
+  )
   for name, r in rows.items():
-    per = f"{r['delora']['trainable_bytes_per_device']} / {r['lora']['trainable_bytes_per_device']}"
-    print(f"{name:<10}{r['flops_ratio']:>8.4f}{r['temp_ratio']:>8.4f}{r['collective_ratio']:>13.4f}  {per:>40}")
+    for mode, sfx in (("sharded", ""), ("replicated", "_replicated")):
+      per = f"{r['delora' + sfx]['trainable_bytes_per_device']} ({r['lora']['trainable_bytes_per_device']})"
+      print(
+        f"{name:<10}{mode:<12}{r['flops_ratio' + sfx]:>8.4f}{r['temp_ratio' + sfx]:>8.4f}"
+        f"{r['collective_ratio' + sfx]:>13.4f}  {per:>28}"
+      )
   text = json.dumps(
     {"devices": 4, "mesh": "fsdp=4", "rank": RANK, "batch": BATCH, "size": size, "rows": rows}, indent=1
   )

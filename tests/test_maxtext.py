@@ -329,6 +329,25 @@ def test_dropin_shards_each_adapter_like_its_kernel_not_replicated(dropin):
     assert v.sharding.is_fully_replicated
 
 
+def test_dropin_can_replicate_the_adapters_as_maxtext_lora_does(dropin):
+  """shard_adapters=False: every adapter array whole on each chip (MaxText's LoRA placement), the same
+  adapters and outputs as the sharded drop-in's."""
+  from flax.linen import partitioning  # noqa: PLC0415
+
+  scan, cfg, mesh, model, adapted, _ = dropin
+  with jax.set_mesh(mesh), partitioning.axis_rules(cfg.logical_axis_rules):
+    replicated = dl_maxtext.apply_delora_to_model(
+      model, mesh, cfg, lam=2.0, init="random", key=jax.random.key(3), shard_adapters=False
+    )
+  for v in jax.tree.leaves(nnx.state(replicated, (delora_jax.nnx.DeloraParam, delora_jax.nnx.DeloraConst))):
+    assert v.sharding.is_fully_replicated, v.sharding
+  for p, ad in delora_jax.adapters(adapted).items():
+    for f in ("a", "b", "lam"):
+      np.testing.assert_array_equal(delora_jax.adapters(replicated)[p][f], ad[f])
+  args = inputs()
+  assert rel(call(replicated, args), call(adapted, args)) < RTOL
+
+
 def test_dropin_trains_with_delora_optimizer_on_the_mesh(dropin):
   _, cfg, mesh, _, adapted, _ = dropin
   from flax.linen import partitioning  # noqa: PLC0415

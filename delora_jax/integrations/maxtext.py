@@ -115,10 +115,11 @@ def _lead_spec(spec: PartitionSpec, stack: tuple[int, ...], field: str) -> Parti
   return PartitionSpec(*[spec[p] for p in stacks], *own)
 
 
-def _shard(model: nnx.Module, mesh: Any, rules: Any) -> None:
+def _shard(model: nnx.Module, mesh: Any, rules: Any, split: bool = True) -> None:
   """Gives every adapter of ``model`` its kernel's sharding: logical axis names in its metadata,
   each dim named after the kernel axis whose split it takes (``_sharding.kernel_specs``), and, on a
-  mesh of several devices, its arrays placed as those names resolve with ``rules``."""
+  mesh of several devices, its arrays placed as those names resolve with ``rules``. ``split=False``:
+  replicated, as MaxText's LoRA places its adapters (only a stacked layer axis keeps its name)."""
   from flax.linen import logical_to_mesh_axes  # noqa: PLC0415
 
   sizes = dict(mesh.shape) if mesh is not None else None
@@ -139,8 +140,9 @@ def _shard(model: nnx.Module, mesh: Any, rules: Any) -> None:
     w = var.get_value()
     kernel_spec = tuple(logical_to_mesh_axes(names, rules) or ()) if rules is not None else names
     kernel_spec = kernel_spec + (None,) * (w.ndim - len(kernel_spec))
+    given = kernel_spec if split else tuple(e if p in ad.stack else None for p, e in enumerate(kernel_spec))
     specs = _sharding.kernel_specs(
-      path, tuple(w.shape), PartitionSpec(*kernel_spec), ad.in_axes, ad.out_axes, sizes, ad.stack
+      path, tuple(w.shape), PartitionSpec(*given), ad.in_axes, ad.out_axes, sizes, ad.stack
     )
     meta = var.get_metadata()
     for field in ("a", "b", "lam", "w_norm", "res_a", "res_b"):
@@ -174,6 +176,7 @@ def apply_delora_to_model(
   init: str = "peft",
   key: jax.Array | None = None,
   strict: bool = False,
+  shard_adapters: bool = True,
 ) -> nnx.Module:
   """DeLoRA in place of MaxText's LoRA: same signature and contract as
   ``maxtext.utils.lora_utils.apply_lora_to_model(model, mesh, config)``.
@@ -205,6 +208,11 @@ def apply_delora_to_model(
       as in :class:`delora_jax.Rule`.
     key: PRNG key of the adapters' initialisation (default ``jax.random.key(0)``).
     strict: raise instead of merging where a kernel cannot be computed factorised.
+    shard_adapters: split each adapter like its kernel (default: adapter memory per chip falls
+      with the mesh). ``False`` replicates them on every chip as MaxText's LoRA does: more
+      memory, but a step moves the same collective bytes as MaxText's LoRA (no gathers of the
+      factors, one all-reduce of their gradients), which pays off when the adapters are a large
+      fraction of small kernels (``benchmarks/maxtext_fsdp.py``).
 
   Returns:
     The adapted model (or ``model`` when LoRA is off in ``config``).
@@ -259,7 +267,7 @@ def apply_delora_to_model(
       key=key,
       strict=strict,
     )
-    _shard(adapted, mesh, rules)
+    _shard(adapted, mesh, rules, split=shard_adapters)
   return adapted
 
 
