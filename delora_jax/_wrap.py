@@ -13,10 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
-from delora_jax import _kernel, _layout, _linen, _quant, _tree
+from delora_jax import _kernel, _layout, _linen, _prequant, _quant, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Modules, Rule, as_rule, is_module_kernel, stack_positions
 from delora_jax._sharding import kernel_specs, scale_spec
@@ -68,9 +67,11 @@ def _check_kernel_leaf(path: str, pattern: str, leaf: Any) -> None:
       f"expected a floating-point kernel array. {hint}"
     )
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    quantized = _prequant.integer_kernel(path, pattern, leaf)  # gemma's IntWrapper, gemma.peft.quantize
     raise TypeError(
-      f"{path}: rules pattern {pattern!r} matched an array of dtype "
-      f"{leaf.dtype}, expected a floating-point kernel. {hint}"
+      quantized
+      or f"{path}: rules pattern {pattern!r} matched an array of dtype {leaf.dtype}, expected a floating-point kernel. "
+      f"{hint}"
     )
   if leaf.ndim < 2:
     raise ValueError(
@@ -209,26 +210,20 @@ def _adapt(path: str, w: Any, rule: Rule, key: jax.Array) -> DeloraKernel:
   key = _path_key(key, path)
   layout: dict[str, Any] = dict(in_axes=in_axes, out_axes=out_axes, stack=stack, dropout=rule.dropout)
   if rule.quantize is not None:
-    _check_quantizable(path, w, rule, in_axes, stack)
+    _check_quantizable(path, w, rule, in_axes)
   if isinstance(w, jax.ShapeDtypeStruct):  # abstract params (AOT planning): shapes only
     arrays = _abstract_arrays(path, w, key, rule, in_axes, out_axes, stack)
-    return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
+    return DeloraKernel(w=_quantized(w, rule, in_axes, stack), **arrays, **layout)
   # A sharded kernel's adapters are built in place on its devices: no host round trip, no
   # gathered kernel.
   shardings = _derived_shardings(path, w, rule, in_axes, out_axes, stack)
   arrays = _compiled_init(rule, in_axes, out_axes, shardings, stack)(w, key)
   # w_norm above is the full-precision kernel's (PEFT's definition); only then is w quantized.
-  return DeloraKernel(w=_quantized(w, rule, in_axes), **arrays, **layout)
+  return DeloraKernel(w=_quantized(w, rule, in_axes, stack), **arrays, **layout)
 
 
-def _check_quantizable(path: str, w: Any, rule: Rule, in_axes, stack) -> None:
-  """``Rule(quantize=...)`` on this kernel: a floating kernel whose innermost input axis the tile
-  divides, stacked axes (if any) leading."""
-  if stack:
-    raise ValueError(
-      f"{path}: Rule(quantize={rule.quantize!r}) with stacked axes at positions {stack} (not leading) is not "
-      "supported yet with quantize=. Quantize a kernel whose stacked axes lead (stack_axes=n), or drop quantize."
-    )
+def _check_quantizable(path: str, w: Any, rule: Rule, in_axes) -> None:
+  """``Rule(quantize=...)`` on this kernel: the tile divides its innermost input axis."""
   if rule.tile_size is not None:
     ax = max(a % w.ndim for a in in_axes)
     n = w.shape[ax]
@@ -240,11 +235,13 @@ def _check_quantizable(path: str, w: Any, rule: Rule, in_axes, stack) -> None:
       )
 
 
-def _quantized(w: Any, rule: Rule, in_axes) -> Any:
+def _quantized(w: Any, rule: Rule, in_axes, stack=()) -> Any:
   """``w`` stored as ``rule.quantize`` says (an abstract kernel: its abstract quantized form)."""
   if rule.quantize is None:
     return w
-  fn = functools.partial(_quant.quantize, scheme=rule.quantize, in_axes=in_axes, tile=rule.tile_size)
+  fn = functools.partial(
+    _quant.quantize, scheme=rule.quantize, in_axes=tuple(in_axes), tile=rule.tile_size, stack=tuple(stack)
+  )
   if not isinstance(w, jax.ShapeDtypeStruct):
     return fn(w)
   q = jax.eval_shape(fn, jax.ShapeDtypeStruct(w.shape, w.dtype))
@@ -253,13 +250,10 @@ def _quantized(w: Any, rule: Rule, in_axes) -> Any:
   if isinstance(sh, NamedSharding):  # as delora_jax.shardings derives it
     spec = scale_spec(sh.spec, tuple(w.shape), tuple(q.scale.shape), dict(sh.mesh.shape))
     scale_sh = NamedSharding(sh.mesh, spec, memory_kind=sh.memory_kind)
-  return q.__class__(
-    jax.ShapeDtypeStruct(q.values.shape, q.values.dtype, sharding=sh),
-    jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype, sharding=scale_sh),
-    q.scheme,
-    q.base_dtype,
-    q.in_axes,
-    q.tile,
+  return dataclasses.replace(
+    q,
+    values=jax.ShapeDtypeStruct(q.values.shape, q.values.dtype, sharding=sh),
+    scale=jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype, sharding=scale_sh),
   )
 
 
@@ -340,6 +334,7 @@ def wrap_with(
 ) -> Any:
   """`wrap`, with layouts inferred by ``probe(selected paths) -> _interpret.Uses`` if given."""
   compiled = _compile(rules)
+  _prequant.check_tree(params, compiled, selects)
   paths, leaves, treedef = _tree.flatten(params)
   adapted = [p for p, x in zip(paths, leaves) if is_kernel(x)]
   if adapted:
@@ -390,12 +385,6 @@ def wrap_with(
         f"adapt ({_tree.sample_paths(hits[pattern])}); the first matching pattern wins. "
         "Reorder the rules or remove this one."
       )
-  quantized = sorted(paths[i] for i, (_, rule) in owners.items() if rule.quantize is not None)
-  if quantized and isinstance(params, nnx.State):
-    raise ValueError(
-      f"{_tree.sample_paths(quantized)}: a Flax NNX model or State is not supported yet with quantize=. Quantize "
-      "the base of a Linen model (delora_jax.wrap on its params dict, delora_jax.apply), or drop quantize."
-    )
   if probe is not None:
     uses = probe({paths[i] for i in owners})
     owners = {

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from delora_jax import _nnx, _tree
+from delora_jax import _nnx, _prequant, _quant, _tree
 from delora_jax._nnx import DeloraConst as DeloraConst
 from delora_jax._nnx import DeloraParam as DeloraParam
 from delora_jax._rule import Rule
@@ -111,6 +111,7 @@ def wrap(
     The adapted model.
   """
   _require_module(model, "wrap")
+  _prequant.check_model(model, "delora_jax.nnx.wrap")
   if _nnx.kernels(model):
     raise ValueError(
       "delora_jax.nnx.wrap: `model` is already adapted (it holds DeLoRA "
@@ -142,6 +143,8 @@ def wrap(
         "pass rngs=nnx.Rngs(dropout=0) to delora_jax.nnx.wrap."
       )
     found[path] = vars(owner)[name]
+    if _quant.is_quantized(k.w):  # Rule(quantize=...): the Variable holds the quantized base from now on
+      found[path].set_value(k.w)
   # Every module holding the kernel's Variable gets the same adapter (tied weights: one adapter,
   # used by each of them).
   owners: dict[int, tuple[nnx.Module, dict[str, _nnx.Adapter]]] = {}

@@ -532,6 +532,13 @@ QUANT_CASES = [
     P("data", "model", None),
   ),
   (
+    "stacked-inside-tiled",  # MaxText's param_scan_axis=1: the layer axis between input and output
+    (64, 2, 32),
+    P("model", "data", None),
+    dj.Rule(2, stack_axes=(1,), quantize="nf4", tile_size=16),
+    P("model", "data", None),
+  ),
+  (
     "n-d-tiled",
     (8, 16, 12),
     P("data", "model"),

@@ -397,6 +397,15 @@ def test_dropin_bad_input_is_a_clear_error():
     dl_maxtext.apply_delora_to_model(model, mesh, _cfg())
   adapted = dl_maxtext.apply_delora_to_model(model, None, _cfg())  # one device: nothing to shard
   assert sorted(delora_jax.adapters(adapted)) == ["proj/kernel"]
+  # to_maxtext_lora: the LoRA model's alpha and rank must be given and match.
+  with pytest.raises(ValueError, match=r"`config.lora.lora_alpha` must be a positive number .* got None"):
+    dl_maxtext.to_maxtext_lora(adapted, _cfg())
+  with pytest.raises(ValueError, match=r"proj/kernel: its update is a rank-2 LoRA, .* is 4. .*lora_rank=2"):
+    dl_maxtext.to_maxtext_lora(adapted, _cfg(lora_rank=4, lora_alpha=8.0))
+  got = dl_maxtext.to_maxtext_lora(adapted, _cfg(lora_alpha=4.0))
+  f = delora_jax.to_lora(adapted)["proj/kernel"]
+  assert sorted(got) == ["proj/kernel_lora_a", "proj/kernel_lora_b"]
+  np.testing.assert_allclose(got["proj/kernel_lora_b"] * 2.0, f["lora_b"], rtol=1e-7)  # alpha / r = 2
 
 
 def _kernels_from_lora_folder(folder, model):
@@ -457,3 +466,20 @@ def test_docs_maxtext_recipe_trains_checkpoints_merges_and_exports_exact_lora(tm
     vars(owner)["kernel"].set_value(jnp.asarray(w, jnp.float32))
   assert rel(call(served, args), got) < RTOL
   assert rel(call(delora_jax.nnx.unwrap(model), args), got) > 1e-4  # the adapters changed the model
+  # MaxText's own LoRA (qwix), of the recipe's rank and its config's lora_alpha, holding to_maxtext_lora's
+  # parameters: the DeLoRA model's logits.
+  from flax.linen import partitioning  # noqa: PLC0415
+  from maxtext.utils import lora_utils  # noqa: PLC0415
+
+  cfg, mesh = ns["config"], ns["mesh"]
+  with jax.set_mesh(mesh), partitioning.axis_rules(cfg.logical_axis_rules):
+    base = model_creation_utils.from_config(cfg, mesh=mesh, rngs=nnx.Rngs(params=0, dropout=1))
+    maxtext_lora = lora_utils.apply_lora_to_model(base, mesh, cfg)
+  held = dict(nnx.to_flat_state(nnx.state(maxtext_lora, nnx.LoRAParam)))
+  params = ns["maxtext_lora"]
+  assert sorted("/".join(map(str, p)) for p in held) == sorted(params)
+  for p, var in held.items():
+    x = params["/".join(map(str, p))]
+    assert x.shape == var.get_value().shape, p
+    var.set_value(jax.device_put(x, var.get_value().sharding))
+  assert rel(call(maxtext_lora, args), got) < RTOL

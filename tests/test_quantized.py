@@ -8,11 +8,13 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import delora_jax
 from delora_jax import _quant
-from tests import models
+from tests import models, test_engine, test_stacked
 from tests.helpers import REL, rel
 
 SCHEMES = {  # id: (quantize, tile_size)
@@ -101,17 +103,6 @@ def test_wrap_rejects_quantizing_a_kernel_that_is_not_floating():
   with pytest.raises(TypeError) as e:
     delora_jax.wrap(params, {"dense/kernel": delora_jax.Rule(2, quantize="int8")})
   assert "dense/kernel" in str(e.value) and "int8" in str(e.value) and "float" in str(e.value)
-
-
-def test_wrap_refuses_what_quantize_does_not_support_yet():
-  stacked = {"k": _kernel((6, 2, 4))}  # (in, layers, out): stacked axis not leading
-  with pytest.raises(ValueError, match=r"k: .*not supported yet with quantize="):
-    delora_jax.wrap(stacked, {"k": delora_jax.Rule(2, stack_axes=(1,), quantize="int8")})
-  from flax import nnx  # noqa: PLC0415
-
-  model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"kernel.*NNX.*not supported yet with quantize="):
-    delora_jax.nnx.wrap(model, {"kernel": delora_jax.Rule(2, quantize="nf4")})
 
 
 # ---------------------------------------------------------------- wrap / split / merge / unwrap
@@ -345,3 +336,123 @@ def test_conv_scanned_and_bf16_compute_equal_the_merged_model(case):
   tree = delora_jax.wrap(model.init(jax.random.key(0), x)["params"], rules)
   y = jax.jit(lambda t: delora_jax.apply(model, {"params": t}, x, strict=True))(tree)
   assert rel(y, jax.jit(lambda t: model.apply({"params": delora_jax.merge(t)}, x))(tree)) < tol
+
+
+# ---------------------------------------------------------------- stacked axes not leading, ragged_dot
+
+
+@pytest.mark.parametrize("sid", ["int8", "nf4_tile2"])
+def test_linen_scan_over_a_stacked_axis_that_is_not_leading(sid):
+  """nn.scan with the layer axis at 1 (MaxText's param_scan_axis): values and scales keep the layer axis where
+  the kernel has it, each layer gets its slice of both; outputs equal the merged model's."""
+  model, x = test_stacked.Scanned(1), jax.random.normal(jax.random.key(1), (3, 6))
+  params = model.init(jax.random.key(0), x)["params"]
+  tree = delora_jax.wrap(params, _quantized_rules(test_stacked.linen_rules(1, True), sid))
+  q = tree["layers"]["proj"].w  # (in 8, layers 4, heads 2, head_dim 3)
+  assert q.values.shape == (8, 4, 2, 3) and q.scale.shape == ((1, 4, 2, 3) if q.tile is None else (4, 4, 2, 3))
+  y = jax.jit(lambda t: delora_jax.apply(model, {"params": t}, x, strict=True))(tree)
+  assert rel(y, model.apply({"params": delora_jax.merge(tree)}, x)) < REL
+  assert rel(y, model.apply({"params": params}, x)) > 1e-3
+
+
+@pytest.mark.parametrize("sid", ["int8", "nf4_tile2"])
+def test_ragged_dot_experts_on_a_quantized_base(sid):
+  """MoE experts (stacked at 0) contracted by lax.ragged_dot: the dequantized experts plus the per-expert
+  factorised branch; outputs and adapter gradients equal the merged model's."""
+  model, (x, gs) = test_engine.RaggedMoE(), test_engine._moe_inputs()
+  params = model.init(jax.random.key(0), x, gs)["params"]
+  tree = delora_jax.wrap(params, {"experts": _rule(sid, stack_axes=1)})
+  assert isinstance(tree["experts"].w, _quant.QArray)
+  y = delora_jax.apply(model, {"params": tree}, x, gs, strict=True)
+  assert rel(y, model.apply({"params": delora_jax.merge(tree)}, x, gs)) < REL
+  assert delora_jax.explain(model, {"params": tree}, x, gs)["factorised"] == ["experts"]
+  test_engine.moe_grads_equal(model, tree, x, gs)
+
+
+# ---------------------------------------------------------------- NNX
+
+
+class _NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(16, 8, rngs=rngs)  # the fused nnx.Linear path
+    self.proj = models.LaxDot((8, 4), rngs=rngs)  # the generic path (lax.dot_general on the kernel)
+
+  def __call__(self, x):
+    return self.proj(jnp.tanh(self.up(x)))
+
+
+@pytest.mark.parametrize("sid", ["int8", "int4", "nf4_tile2"])
+def test_nnx_model_stores_its_base_quantized_and_trains_factorised(sid, tmp_path):
+  model, x = _NnxMLP(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (3, 16))
+  adapted = delora_jax.nnx.wrap(model, {".*kernel": _rule(sid)})
+  full = delora_jax.nnx.wrap(model, {".*kernel": delora_jax.Rule(2, 3.0, init="random")})
+  # The Variables hold values and scales; no float copy of a kernel anywhere in the model; the given model unchanged.
+  for path in ("up/kernel", "proj/kernel"):
+    assert isinstance(delora_jax._nnx.kernels(adapted)[path].w, _quant.QArray)
+  kernel_shapes = {(16, 8), (8, 4)}
+  for leaf in jax.tree.leaves(nnx.state(adapted)):
+    assert not (tuple(leaf.shape) in kernel_shapes and jnp.issubdtype(leaf.dtype, jnp.floating))
+  assert not any(jnp.issubdtype(x.dtype, jnp.integer) for x in jax.tree.leaves(nnx.state(model)))
+  for p, d in delora_jax.delta(full).items():  # w_norm from the full-precision kernels: the same ΔW
+    np.testing.assert_array_equal(delora_jax.delta(adapted)[p], d)
+  assert delora_jax.explain(adapted, x) == {"factorised": ["proj/kernel", "up/kernel"], "merged": [], "unused": []}
+  merged = delora_jax.nnx.merge(adapted)
+  assert merged.up.kernel.get_value().dtype == jnp.float32
+  assert rel(nnx.jit(lambda m: m(x))(adapted), merged(x)) < REL
+  # unwrap: the dequantized base.
+  np.testing.assert_array_equal(
+    delora_jax.nnx.unwrap(adapted).up.kernel.get_value(), _quant.dequantize(vars(adapted.up)["kernel"].get_value())
+  )
+  # Gradients reach a, b, λ only; they equal the merged model's (same tolerances as the Linen test).
+  grad = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))), argnums=nnx.DiffState(0, delora_jax.nnx.DeloraParam))
+  g = nnx.state(nnx.jit(grad)(adapted))
+  assert {p[-1] for p, _ in nnx.to_flat_state(g)} == {"a", "b", "lam"}
+  _, params = nnx.split(merged, nnx.Param)
+  for path in ("up", "proj"):
+    ad = getattr(adapted, path).kernel_delora
+    k = delora_jax._nnx.kernels(adapted)[f"{path}/kernel"]
+
+    def via_merge(a, b, lam, path=path, k=k):
+      w = delora_jax._kernel.merged(dataclasses.replace(k, a=a, b=b, lam=lam))
+      m = nnx.merge(*nnx.split(merged), copy=True)
+      getattr(m, path).kernel.set_value(w)
+      return jnp.sum(jnp.sin(m(x)))
+
+    want = jax.jit(jax.grad(via_merge, argnums=(0, 1, 2)))(ad.a.get_value(), ad.b.get_value(), ad.lam.get_value())
+    got = g[path]["kernel_delora"]
+    assert rel(got["a"].get_value(), want[0]) < 1e-4 and rel(got["b"].get_value(), want[1]) < 1e-4, path
+    assert rel(got["lam"].get_value(), want[2]) < 1e-4, path
+  # A train step, then an adapter checkpoint round trip onto a fresh quantized wrap.
+  opt = nnx.Optimizer(adapted, delora_jax.optimizer(optax.adam, learning_rate=1e-2), wrt=delora_jax.nnx.DeloraParam)
+
+  @nnx.jit
+  def step(m, opt):
+    loss, grads = nnx.value_and_grad(
+      lambda m: jnp.mean((m(x) - 1.0) ** 2), argnums=nnx.DiffState(0, delora_jax.nnx.DeloraParam)
+    )(m)
+    opt.update(m, grads)
+    return loss
+
+  losses = [float(step(adapted, opt)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  delora_jax.save_adapters(tmp_path / "ck", adapted)
+  back = delora_jax.load_adapters(tmp_path / "ck", delora_jax.nnx.wrap(model, {".*kernel": _rule(sid)}))
+  np.testing.assert_array_equal(back(x), adapted(x))
+  with pytest.raises(ValueError, match=r"base stored .* in the checkpoint"):
+    delora_jax.load_adapters(tmp_path / "ck", full)
+
+
+@pytest.mark.parametrize("sid", ["int8", "nf4_tile2"])
+def test_nnx_scan_as_maxtext_does_on_a_quantized_base(sid):
+  """MaxText's scanned decoder in small (Params stacked at param_scan_axis=1, the scan moves that axis first):
+  the scan slices values and scales; every kernel factorised, outputs equal the merged model's."""
+  model = test_stacked.Decoder(1, nnx.Rngs(0), head_dim=4)  # every input axis even (tile 2)
+  x = jax.random.normal(jax.random.key(1), (2, 3, test_stacked.E))
+  adapted = delora_jax.nnx.wrap(model, _quantized_rules(test_stacked.nnx_rules(1, True), sid))
+  q = delora_jax._nnx.kernels(adapted)["layers/out/kernel"].w  # (heads, layers, head_dim, embed)
+  assert q.values.shape == (test_stacked.H, test_stacked.L, 4, test_stacked.E) and q.stack == (1,)
+  assert q.scale.shape == ((1, test_stacked.L, 1, test_stacked.E) if q.tile is None else (1, test_stacked.L, 2, 8))
+  assert delora_jax.explain(adapted, x)["merged"] == []
+  y = nnx.jit(lambda m: m(x))(adapted)
+  assert rel(y, delora_jax.nnx.merge(adapted)(x)) < REL
+  assert rel(y, model(x)) > 1e-3

@@ -140,3 +140,19 @@ def test_importing_delora_jax_imports_no_integration_target():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
   assert out.stdout.strip() == "[]", out
+
+
+def test_quantized_base_lora_folder_gives_the_delora_outputs_on_the_dequantized_base(tmp_path):
+  """QDeLoRA served: the LoRA folder holds the adapters only; a server applying it to the base it holds (here the
+  dequantized base, what `delora_jax.unwrap` returns) gives the QDeLoRA model's outputs."""
+  x = jax.random.normal(jax.random.key(0), (5, 12))
+  params = MLP().init(jax.random.key(1), x)["params"]
+  tree = scrambled(delora_jax.wrap(params, {".*/kernel": delora_jax.Rule(4, 2.0, quantize="nf4", tile_size=4)}))
+  folder = delora_jax.peft.export_lora(tree, tmp_path / "lora", module_names={"up/kernel": "up", "down/kernel": "down"})
+  lora, base = read_lora(folder), delora_jax.unwrap(tree)
+  for name in ("up", "down"):
+    base[name]["kernel"] = np.asarray(base[name]["kernel"], np.float64) + lora[name]
+  want = delora_jax.apply(MLP(), {"params": tree}, x, strict=True)
+  with jax.enable_x64(True):
+    got = MLP().apply({"params": base}, np.asarray(x, np.float64))
+  assert rel(got, want) < RTOL

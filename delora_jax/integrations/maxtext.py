@@ -24,11 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from delora_jax import _kernel, _nnx, _sharding
+from delora_jax import _kernel, _lora, _nnx, _sharding
 from delora_jax import nnx as delora_nnx
 from delora_jax._rule import Modules, Rule
 
-__all__ = ["apply_delora_to_model", "module_path"]
+__all__ = ["apply_delora_to_model", "module_path", "to_maxtext_lora"]
 
 # The metadata keys flax versions use for a Variable's logical axis names (newest first).
 _NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -237,9 +237,10 @@ def apply_delora_to_model(
   qtype = getattr(lora, "lora_weight_qtype", None)
   if qtype:
     raise ValueError(
-      f"apply_delora_to_model: `config.lora.lora_weight_qtype` is {qtype!r}, but a quantized frozen "
-      "base (QDeLoRA) is not supported on NNX models yet (Linen: delora_jax.Rule(quantize=...)). "
-      "Leave lora.lora_weight_qtype unset."
+      f"apply_delora_to_model: `config.lora.lora_weight_qtype` is {qtype!r}, but this drop-in does not "
+      "store MaxText's base quantized yet (the scales would need their own logical axes on a sharded "
+      "mesh). Leave lora.lora_weight_qtype unset, or quantize the base yourself with "
+      "delora_jax.nnx.wrap(model, {delora_jax.Modules(path): delora_jax.Rule(r, quantize='nf4', ...)})."
     )
   pattern = module_path(config)
   rules = getattr(config, "logical_axis_rules", None)
@@ -260,3 +261,59 @@ def apply_delora_to_model(
     )
     _shard(adapted, mesh, rules)
   return adapted
+
+
+def to_maxtext_lora(model: nnx.Module, config: Any) -> dict[str, Any]:
+  """The DeLoRA updates of ``model`` as MaxText's own LoRA parameters, exactly.
+
+  A DeLoRA update of rank ``r`` is a rank-``r`` LoRA update (:func:`delora_jax.to_lora`). This
+  lays it out as MaxText's LoRA (``apply_lora_to_model``: qwix) holds its adapters, so everything
+  MaxText does with LoRA takes it: its LoRA checkpoints, its HF converters
+  (``checkpoint_conversion/to_huggingface.py``, which read only ``<kernel>_lora_a/_lora_b``),
+  maxengine serving. For every adapted kernel at ``<module>/kernel``: ``<module>/kernel_lora_a``
+  of shape ``(in, r)`` and ``<module>/kernel_lora_b`` of shape ``(r, out)`` (inputs and outputs
+  flattened), a scanned kernel's layer axis at ``config.param_scan_axis`` of both, and ``b``
+  divided by ``lora_alpha / lora_rank`` so that MaxText's scaled update equals ΔW.
+
+  Args:
+    model: an adapted model from :func:`apply_delora_to_model` (or ``delora_jax.nnx.wrap``), with
+      ``init="peft"`` or ``"random"``.
+    config: the MaxText config of the LoRA model that will hold the result: its ``lora_rank``
+      must be the adapters' rank and ``lora_alpha`` gives the scaling.
+
+  Returns:
+    ``{path: array}`` with ``/``-joined paths (e.g. ``decoder/layers/mlp/wi_0/kernel_lora_a``),
+    nest it and ``nnx.update`` MaxText's LoRA model with it (see ``docs/maxtext.md``).
+
+  Raises:
+    ValueError: ``config`` lacks the ``lora`` keys or ``lora_alpha``, or its rank is not the
+      adapters' (a ``init="paper"`` adapter is rank ``2r`` as a LoRA).
+  """
+  lora = _lora_config(config)
+  alpha = getattr(lora, "lora_alpha", None)
+  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+    raise ValueError(
+      f"to_maxtext_lora: `config.lora.lora_alpha` must be a positive number (MaxText's LoRA scales "
+      f"its update by lora_alpha / lora_rank; its default 0.0 turns the update off); got {alpha!r}. Pass "
+      "the config of the MaxText LoRA model that will hold the parameters, with e.g. lora.lora_alpha=16."
+    )
+  psa = int(getattr(config, "param_scan_axis", 1))
+  out: dict[str, Any] = {}
+  for path, f in _lora.to_lora(model).items():
+    a, b = f["lora_a"], f["lora_b"]  # (*S, in, r), (*S, r, out)
+    r = a.shape[-1]
+    if r != lora.lora_rank:
+      raise ValueError(
+        f"{path}: its update is a rank-{r} LoRA, but `config.lora.lora_rank` is {lora.lora_rank}. Give "
+        f"MaxText's LoRA model lora_rank={r} (an init='paper' adapter of rank r is a rank-2r LoRA)."
+      )
+    if a.ndim > 3:
+      raise ValueError(f"{path}: {a.ndim - 2} stacked axes; MaxText's LoRA stacks one layer axis. Convert per stack.")
+    b = (b.astype(jnp.float32) * (r / alpha)).astype(b.dtype)
+    if a.ndim == 3:  # the layer axis where MaxText's scan keeps Params
+      a, b = jnp.moveaxis(a, 0, psa), jnp.moveaxis(b, 0, psa)
+    stem = path.removesuffix("/kernel")
+    if stem == path:
+      raise ValueError(f"{path}: MaxText's LoRA adapts module kernels named 'kernel'; this path is not one.")
+    out[f"{stem}/kernel_lora_a"], out[f"{stem}/kernel_lora_b"] = a, b
+  return out
