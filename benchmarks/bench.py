@@ -37,7 +37,7 @@ import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
 import delora_jax  # noqa: E402
-from delora_jax import _ops  # noqa: E402
+from delora_jax import _ops, _quant  # noqa: E402
 from delora_jax.models import Llama, LlamaConfig  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +60,10 @@ def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 #     (delora_jax._ops.lowrank: one custom-JVP op; on a single-device CPU one matmul
 #     over [x | x@A] and [W; B]), so delora/lora isolates what DeLoRA's normalisation costs;
 #   "plain" (mode lora_plain): the textbook y = x @ W + (x @ A) @ B, autodiff backward.
+# A kernel stored quantized (a delora_jax._quant.QArray: scale.py --quantize) makes either form
+# QLoRA: x contracted with the quantized base as delora_jax.apply does it (delora_jax._ops.qdense:
+# int8 per channel on the int values, the output scaled; otherwise dequantized to the compute dtype,
+# as qwix's weight-only QLoRA), plus the plain LoRA branch.
 # Same compute dtype and accumulation as delora_jax in both.
 
 
@@ -105,8 +109,13 @@ def lora_interceptor(scaling: float, flatten: bool = True, form: str = "plain"):
     # the branch's weight-gradient dots with transposed activation copies, about 25% of the
     # small config's step time (README); a reshape costs nothing on any backend.
     x2 = x.reshape(-1, x.shape[-1]) if flatten or form == "joined" else x
+    kernel = mod.get_variable("params", "kernel")
+    if _quant.is_quantized(kernel):  # QLoRA: the base contracted as delora_jax.apply's quantized Dense does
+      x2 = x2.astype(cdt)
+      y = _ops.qdense(x2, x2, kernel, a, b, None, mod.precision, 1, (kernel.shape[-1],), mod.name)
+      return y.reshape(*x.shape[:-1], y.shape[-1])
     if form == "joined":
-      w = lax.stop_gradient(mod.get_variable("params", "kernel")).astype(cdt)
+      w = lax.stop_gradient(kernel).astype(cdt)
       y = _ops.lowrank(x2.astype(cdt), x2.astype(cdt), w, a, b, mod.precision)
       return y.reshape(*x.shape[:-1], y.shape[-1])
     y = next_fun(x2)

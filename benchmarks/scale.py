@@ -8,7 +8,15 @@ per-device program: its memory (``memory_analysis()``) and the collectives it
 runs (read from the HLO, ``hlo_collectives.py``), for DeLoRA, the harness's
 LoRA (``bench.py``'s ``lora`` mode) and the frozen base on the same mesh.
 
+With ``--quantize nf4|int8|int4`` (and ``--tile-size``) the seven projections' base kernels are
+stored quantized (``Rule(quantize=...)`` on the abstract params): ``delora`` is then QDeLoRA,
+``lora`` the harness's LoRA on the same quantized base (QLoRA), and ``delora_bf16`` the DeLoRA
+step on the bf16 base to compare with; the frozen base's bytes are reported as compiled and at
+their real widths (XLA:CPU stores a 4-bit entry in a byte, TPU and GPU two to a byte).
+
   python benchmarks/scale.py --config 8b --mesh 256,32x8 --out benchmarks/results/scale_cpu_8b.json
+  python benchmarks/scale.py --config 70b --mesh 32x8 --quantize nf4 --tile-size 64 \
+    --out benchmarks/results/scale_cpu_70b_nf4.json
   python benchmarks/scale.py --config tiny --mesh 8,4x2 --seq 36     # CI: tests/test_scale.py, 4x2 only
 
 The device count is set from ``--mesh`` before jax is imported (a mesh of N
@@ -29,7 +37,10 @@ import time
 import warnings
 from pathlib import Path
 
-MODES = ("delora", "lora", "frozen")
+MODES = ("delora", "lora", "frozen")  # the default
+ALL_MODES = (*MODES, "delora_bf16")
+QUANTIZED_MODES = ("delora", "lora", "delora_bf16")  # the default with --quantize
+SCHEMES = ("nf4", "int8", "int4")
 CONFIGS = {  # Hugging Face Llama-3 shapes (rope_theta 500000, rms_norm_eps 1e-5)
   "8b": dict(
     vocab_size=128256,
@@ -89,7 +100,14 @@ def parse(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--lam", type=float, default=15.0)
-  p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+  p.add_argument(
+    "--modes",
+    default=None,
+    help=f"comma-separated subset of {ALL_MODES} (default: {','.join(MODES)}; with --quantize: "
+    f"{','.join(QUANTIZED_MODES)})",
+  )
+  p.add_argument("--quantize", default=None, choices=SCHEMES, help="store the projections' base kernels quantized")
+  p.add_argument("--tile-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
   p.add_argument("--out", default=None, help="write the JSON results here")
   p.add_argument(
     "--dump",
@@ -108,10 +126,16 @@ def parse(argv=None) -> argparse.Namespace:
     args.meshes = [parse_mesh(m) for m in args.mesh.split(",") if m.strip()]
   except argparse.ArgumentTypeError as e:
     p.error(str(e))
+  if args.modes is None:
+    args.modes = ",".join(QUANTIZED_MODES if args.quantize else MODES)
   args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-  bad = [m for m in args.modes if m not in MODES]
+  bad = [m for m in args.modes if m not in ALL_MODES]
   if bad or not args.modes:
-    p.error(f"--modes: unknown {bad}; expected a subset of {list(MODES)}")
+    p.error(f"--modes: unknown {bad}; expected a subset of {list(ALL_MODES)}")
+  if args.tile_size is not None and not args.quantize:
+    p.error(f"--tile-size {args.tile_size} needs --quantize (one of {list(SCHEMES)})")
+  if args.quantize and "frozen" in args.modes:
+    p.error("--modes: frozen (the bf16 frozen-base step) does not take --quantize; compare with delora_bf16")
   return args
 
 
@@ -200,6 +224,23 @@ def sharding_of(tree):
   return jax.tree.map(lambda s: s.sharding, tree)
 
 
+def delora_rules(cfg, args, quantize: bool) -> dict:
+  """``bench.py``'s DeLoRA rules (the seven projections), storing the base as ``--quantize`` and
+  ``--tile-size`` say if ``quantize``."""
+  rules = bench.delora_rules(cfg, args.rank, args.lam)
+  if not (quantize and args.quantize):
+    return rules
+  return {p: dataclasses.replace(r, quantize=args.quantize, tile_size=args.tile_size) for p, r in rules.items()}
+
+
+def quantized_base(params, cfg, args):
+  """``params`` with the seven projections' kernels stored as QDeLoRA's abstract wrap stores them
+  (``QArray``s of ShapeDtypeStructs whose values and scales carry the shardings
+  ``delora_jax.shardings`` derives): QLoRA's frozen base is exactly QDeLoRA's."""
+  tree = dj.wrap(params, delora_rules(cfg, args, True), key=jax.random.key(1))
+  return _tree.map_kernels(lambda _, k: k.w, tree)
+
+
 def lora_abstract(params, rank: int, mesh: Mesh):
   """The harness's LoRA factors for the seven projections, sharded by the rule DeLoRA's a and b
   follow (``delora_jax._sharding.kernel_specs``), so both compare on one layout."""
@@ -263,8 +304,9 @@ def _build(mode: str, model: Llama, params, tokens, args, mesh: Mesh):
       with nn.intercept_methods(bench.lora_interceptor(1.0, True, "joined")):
         return bench.xent(model.apply({"params": bench.deep_merge(f, t)}, input_ids=x), x)
 
-    return loss, lora_abstract(params, args.rank, mesh), params, adamw
-  tree = dj.wrap(params, bench.delora_rules(cfg, args.rank, args.lam), key=jax.random.key(1))
+    frozen = quantized_base(params, cfg, args) if args.quantize else params
+    return loss, lora_abstract(params, args.rank, mesh), frozen, adamw
+  tree = dj.wrap(params, delora_rules(cfg, args, mode == "delora"), key=jax.random.key(1))
   trainable, frozen = dj.split(tree)
   tx = dj.optimizer(optax.adamw, learning_rate=bench.LR, weight_decay=bench.WEIGHT_DECAY)
 
@@ -344,6 +386,26 @@ def heap(dump: Path) -> dict:
   return dict(extent=extent, live_peak=peak, values_without_range=len(values) - len(live))
 
 
+def _bits(dtype) -> int:
+  dt = jnp.dtype(dtype)
+  if jnp.issubdtype(dt, jnp.integer):
+    return jnp.iinfo(dt).bits
+  return jnp.finfo(dt).bits if jnp.issubdtype(dt, jnp.floating) else 8 * dt.itemsize
+
+
+def shard_bytes(leaves, shardings) -> dict:
+  """Per-device bytes of abstract arrays under ``shardings``: ``packed``, each dtype at its own
+  width (4-bit entries two to a byte, as TPU and GPU store them and as XLA's ``memory_analysis()``
+  counts them, on CPU too), and ``cpu_runtime``, what the XLA:CPU runtime allocates (a whole byte
+  per 4-bit entry: ``on_device_size_in_bytes``)."""
+  packed = cpu = 0
+  for leaf, sh in zip(jax.tree.leaves(leaves), jax.tree.leaves(shardings)):
+    n = math.prod(sh.shard_shape(leaf.shape))
+    cpu += n * jnp.dtype(leaf.dtype).itemsize
+    packed += -(-n * _bits(leaf.dtype) // 8)
+  return dict(packed=packed, cpu_runtime=cpu)
+
+
 def compile_mode(mode: str, model: Llama, params, args, mesh: Mesh, batch: int) -> dict:
   tokens = jax.ShapeDtypeStruct((batch, args.seq), jnp.int32, sharding=NamedSharding(mesh, P("fsdp")))
   t0 = time.perf_counter()
@@ -373,6 +435,14 @@ def compile_mode(mode: str, model: Llama, params, args, mesh: Mesh, batch: int) 
     alias=m.alias_size_in_bytes,
   )
   mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+  # The arguments from their shardings (memory_analysis() counts 4-bit entries packed), and the frozen
+  # part (not donated: base kernels or their values and scales, w_norm, norms, embeddings) at both widths.
+  mem["argument_from_shardings"] = shard_bytes(
+    ((trainable, opt_abstract), frozen, tokens), compiled.input_shardings[0]
+  )["packed"]
+  base = shard_bytes(frozen, sharding_of(frozen))
+  mem["frozen"], mem["frozen_cpu_runtime"] = base["packed"], base["cpu_runtime"]
+  mem["total_cpu_runtime"] = mem["total"] - base["packed"] + base["cpu_runtime"]
   coll = hlo_collectives.collectives(compiled.as_text())
   n_train = int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)))
   if dump:
@@ -431,7 +501,14 @@ def compare(res: dict, kshapes: set) -> dict:
   for m, r in res.items():
     r["kernel_gathers"] = moves[m]
   out = {}
-  for a, b in (("delora", "lora"), ("delora", "frozen"), ("lora", "frozen")):
+  pairs = (
+    ("delora", "lora"),
+    ("delora", "frozen"),
+    ("lora", "frozen"),
+    ("delora", "delora_bf16"),
+    ("lora", "delora_bf16"),
+  )
+  for a, b in pairs:
     if a in res and b in res:
       ra, rb = res[a], res[b]
       out[f"{a}/{b}"] = dict(
@@ -500,14 +577,48 @@ def table(data: dict) -> str:
     "|---|---:|---:|---:|---|",
   ]
   for mesh, entry in data["meshes"].items():
-    r = entry["ratios"].get("delora/lora", {})
+    if "delora/lora" not in entry["ratios"]:
+      continue
+    r = entry["ratios"]["delora/lora"]
     checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in entry["checks"].items() if isinstance(v, bool))
     live = f"{r['memory_live_peak']:.4f}" if "memory_live_peak" in r else "-"
     lines.append(
       f"| {mesh} | {r.get('memory', float('nan')):.4f} | {live} | {r.get('collective_bytes') or float('nan'):.4f} "
       f"| {checks} |"
     )
+  if any("delora_bf16" in e["results"] for e in data["meshes"].values()):
+    lines += ["", *quantized_table(data)]
   return "\n".join(lines)
+
+
+def quantized_table(data: dict) -> list[str]:
+  """Per-chip memory of each mode (``--quantize``): ``memory_analysis()``'s, which counts 4-bit
+  entries packed two to a byte as TPU and GPU store them, and with the frozen arguments at the
+  byte per 4-bit entry the XLA:CPU runtime allocates."""
+  mib = 2.0**20
+  q, tile = data["meta"].get("quantize"), data["meta"].get("tile_size")
+  lines = [
+    f"Base stored {q}{f', tile {tile}' if tile else ', per channel'} (delora = QDeLoRA, lora = QLoRA on the same "
+    "base, delora_bf16 = DeLoRA on the bf16 base). Per chip, MiB; 'packed' = memory_analysis() (4-bit two to a "
+    "byte, as TPU/GPU store it), 'CPU runtime' = a byte per 4-bit entry of the frozen arguments:",
+    "",
+    "| mesh | mode | frozen (packed) | frozen (CPU runtime) | args | temp | total (packed) | total (CPU runtime) "
+    "| total / delora_bf16 |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for mesh, entry in data["meshes"].items():
+    ref = entry["results"].get("delora_bf16", {}).get("memory_bytes", {}).get("total")
+    for mode, r in entry["results"].items():
+      m = r["memory_bytes"]
+      if "frozen" not in m:
+        continue
+      ratio = f"{m['total'] / ref:.4f}" if ref else "-"
+      lines.append(
+        f"| {mesh} | {mode} | {m['frozen'] / mib:.1f} | {m['frozen_cpu_runtime'] / mib:.1f} | "
+        f"{m['argument'] / mib:.1f} | {m['temp'] / mib:.1f} | {m['total'] / mib:.1f} | "
+        f"{m['total_cpu_runtime'] / mib:.1f} | {ratio} |"
+      )
+  return lines
 
 
 def run(argv=None) -> dict:
@@ -525,6 +636,8 @@ def run(argv=None) -> dict:
     rank=args.rank,
     lam=args.lam,
     modes=args.modes,
+    quantize=args.quantize,
+    tile_size=args.tile_size,
     jax=jax.__version__,
     flax=flax.__version__,
     python=platform.python_version(),

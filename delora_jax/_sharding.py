@@ -10,6 +10,7 @@ and no full frozen kernel is ever gathered for it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, Singl
 
 from delora_jax import _kernel, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
+from delora_jax._quant import QArray
 
 _SPEC_TYPES = (NamedSharding, PartitionSpec, SingleDeviceSharding)
 
@@ -156,6 +158,20 @@ def kernel_specs(
   return {"a": a, "b": b, "lam": _placed(st_pos, st, []), "w_norm": _placed(st_pos, st, [e_in]), "res_a": a, "res_b": b}
 
 
+def scale_spec(spec: PartitionSpec, shape: tuple[int, ...], scale_shape: tuple[int, ...], sizes) -> PartitionSpec:
+  """The PartitionSpec of a quantized kernel's scale (``_quant.QArray``: ``shape`` is the kernel's,
+  ``scale_shape`` its scale's, of the same rank), from the kernel's ``spec``: an axis the scale
+  holds whole is split as the kernel's, an axis of size 1 (per output channel) is unsplit, and a
+  tiled axis (``n // tile`` entries) is split as the kernel's where the mesh sizes are known and
+  divide it (each device then holds the scales of its own tiles), else unsplit."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  out = []
+  for e, n, m in zip(entries, shape, scale_shape):
+    count = math.prod(sizes[a] for a in _mesh_axes(e)) if sizes is not None else None
+    out.append(e if m == n or (m > 1 and count is not None and m % count == 0) else None)
+  return PartitionSpec(*out)
+
+
 def _mesh_sizes(mesh: Any) -> dict[str, int] | None:
   if mesh is None or mesh.empty:
     return None
@@ -184,6 +200,9 @@ def _node(path: str, k: DeloraKernel, given: Any, mesh: Any) -> DeloraKernel:
   specs = kernel_specs(path, tuple(k.w.shape), spec, k.in_axes, k.out_axes, sizes, k.stack)
   fields = {f: (None if getattr(k, f) is None else make(s)) for f, s in specs.items()}
   w = given if not isinstance(given, PartitionSpec) else make(given)
+  if isinstance(k.w, QArray):  # values as the kernel, the scale by `scale_spec`
+    scale = make(scale_spec(spec, tuple(k.w.shape), tuple(k.w.scale.shape), sizes))
+    w = dataclasses.replace(k.w, values=w, scale=scale)
   return k.replace(w=w, **fields)
 
 
@@ -226,7 +245,7 @@ def _carried(tree: Any) -> Any:
       "or pass `base_shardings`."
     )
 
-  return _tree.map_leaves(one, _tree.map_kernels(lambda _, k: k.w, tree))
+  return _tree.map_leaves(one, _tree.map_kernels(lambda _, k: k.w.values if isinstance(k.w, QArray) else k.w, tree))
 
 
 def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMesh | None = None) -> Any:
@@ -249,6 +268,12 @@ def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMes
   data parallelism), each factor follows its own side only: its input is
   replicated over ``w``'s mesh axes there, and a factor split over them would
   cost activation-sized collectives.
+  A base stored quantized (``Rule(quantize=...)``) gets its values split as
+  the kernel and its scale by the same rule on the axes it shares with the
+  kernel; the scale's per-channel input axes (size 1) are unsplit, and its
+  tiled axis (``n // tile_size`` entries) is split as the kernel's input axis
+  where the mesh size divides it (mesh sizes known), else unsplit. An abstract
+  :func:`wrap` gives its ``ShapeDtypeStruct`` values and scales the same.
   Use it for ``jax.device_put``, ``jax.jit(in_shardings=..., out_shardings=...)``
   and, through :func:`split`, for the trainable half.
 
@@ -298,13 +323,7 @@ def shardings(tree: Any, base_shardings: Any = None, *, mesh: Mesh | AbstractMes
     >>> delora_jax.shardings(delora_jax.wrap(abstract, {"kernel": 2}))["kernel"].a.spec == P("data", None)
     True
   """
-  quantized = [p for p, k in _tree.require_adapted(tree, "shardings").items() if hasattr(k.w, "scheme")]
-  if quantized:
-    raise ValueError(
-      f"shardings: {_tree.sample_paths(quantized)} store their base quantized (Rule(quantize=...)), which is not "
-      "supported yet with quantize=. An abstract wrap of ShapeDtypeStructs carrying shardings gives the values, "
-      "scales and adapters their shardings directly; read them from the wrapped tree."
-    )
+  _tree.require_adapted(tree, "shardings")
   if base_shardings is None:
     base_shardings = _carried(tree)
   if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):

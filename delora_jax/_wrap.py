@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from delora_jax import _kernel, _layout, _linen, _prequant, _quant, _tree
 from delora_jax._kernel import DeloraKernel, is_kernel
 from delora_jax._rule import Modules, Rule, as_rule, is_module_kernel, stack_positions
-from delora_jax._sharding import kernel_specs
+from delora_jax._sharding import kernel_specs, scale_spec
 
 ADAPTER_FIELDS = ("a", "b", "lam", "w_norm")
 RESIDUAL_FIELDS = ("res_a", "res_b")
@@ -247,11 +247,9 @@ def _quantized(w: Any, rule: Rule, in_axes, stack=()) -> Any:
   q = jax.eval_shape(fn, jax.ShapeDtypeStruct(w.shape, w.dtype))
   sh = w.sharding
   scale_sh = sh
-  if isinstance(sh, NamedSharding):  # the scale's input axes (size 1 or n // tile) are not split
-    spec = list(sh.spec) + [None] * (w.ndim - len(sh.spec))
-    for a in in_axes:
-      spec[a % w.ndim] = None
-    scale_sh = NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sh.memory_kind)
+  if isinstance(sh, NamedSharding):  # as delora_jax.shardings derives it
+    spec = scale_spec(sh.spec, tuple(w.shape), tuple(q.scale.shape), dict(sh.mesh.shape))
+    scale_sh = NamedSharding(sh.mesh, spec, memory_kind=sh.memory_kind)
   return dataclasses.replace(
     q,
     values=jax.ShapeDtypeStruct(q.values.shape, q.values.dtype, sharding=sh),

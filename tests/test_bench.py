@@ -117,6 +117,27 @@ def test_lora_baseline_is_w_plus_ab():
     np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+def test_qlora_baseline_is_dequantized_w_plus_ab():
+  """The harness's LoRA on a base stored quantized (scale.py --quantize): the dequantized kernel plus a @ b."""
+  from delora_jax import _quant  # noqa: PLC0415
+
+  cfg = LlamaConfig.preset("tiny")
+  model, x = Llama(cfg), jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  params = model.init(jax.random.key(0), x)["params"]
+  lora = jax.tree.map(lambda v: v + 0.05, bench.lora_init(params, 4, jax.random.key(1)))  # b != 0
+  flat, lflat = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(lora)
+  quantized, want = dict(flat), dict(flat)
+  for path in flat:
+    if path[-2] in bench.TARGETS:
+      quantized[path] = q = _quant.quantize(flat[path], "nf4", (-2,), 4)
+      a, b = lflat[path[:-1] + ("lora_a",)], lflat[path[:-1] + ("lora_b",)]
+      want[path] = _quant.dequantize(q) + 2.0 * a @ b
+  with nn.intercept_methods(bench.lora_interceptor(2.0, True, "joined")):
+    got = model.apply({"params": bench.deep_merge(flax.traverse_util.unflatten_dict(quantized), lora)}, x)
+  want = model.apply({"params": flax.traverse_util.unflatten_dict(want)}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
   "argv, match",
   [

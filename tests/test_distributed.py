@@ -5,6 +5,7 @@ compared with the same 5 training steps on one device.
 """
 
 import collections
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -505,6 +506,83 @@ def test_sharded_wrap_of_a_multi_axis_kernel():
   plain = dj.wrap({"o": w}, {"o": rule})["o"]
   np.testing.assert_array_equal(np.asarray(k.a), np.asarray(plain.a))
   np.testing.assert_allclose(np.asarray(k.w_norm), np.asarray(plain.w_norm), rtol=1e-6)
+
+
+# ------------------------------------------------- quantized base (Rule(quantize=...))
+
+# id: (kernel shape, kernel spec on the (2, 4) mesh, rule, want values spec, want scale spec). The
+# scale: whole axes split as the kernel's, per-channel input axes (size 1) unsplit, a tiled axis
+# (n // tile) split as the kernel's where the mesh size divides it, else unsplit.
+QUANT_CASES = [
+  ("per-channel", (64, 32), P("data", "model"), dj.Rule(2, quantize="int8"), P(None, "model")),
+  ("tiled-divides", (64, 32), P("data", "model"), dj.Rule(2, quantize="nf4", tile_size=16), P("data", "model")),
+  ("tiled-does-not-divide", (64, 32), P("model", "data"), dj.Rule(2, quantize="nf4", tile_size=32), P(None, "data")),
+  (
+    "stacked-per-channel",
+    (2, 64, 32),
+    P("data", "model"),
+    dj.Rule(2, stack_axes=1, quantize="int4"),
+    P("data", None, None),
+  ),
+  (
+    "stacked-tiled",
+    (2, 64, 32),
+    P("data", "model", None),
+    dj.Rule(2, stack_axes=1, quantize="nf4", tile_size=16),
+    P("data", "model", None),
+  ),
+  (
+    "stacked-inside-tiled",  # MaxText's param_scan_axis=1: the layer axis between input and output
+    (64, 2, 32),
+    P("model", "data", None),
+    dj.Rule(2, stack_axes=(1,), quantize="nf4", tile_size=16),
+    P("model", "data", None),
+  ),
+  (
+    "n-d-tiled",
+    (8, 16, 12),
+    P("data", "model"),
+    dj.Rule(2, out_axes=-1, quantize="int8", tile_size=4),
+    P(None, "model", None),
+  ),
+]
+
+
+@pytest.mark.parametrize("shape,spec,rule,want", [c[1:] for c in QUANT_CASES], ids=[c[0] for c in QUANT_CASES])
+def test_quantized_base_shardings_agree_with_the_abstract_wrap(shape, spec, rule, want):
+  """`shardings` of a concrete quantized tree: values as the kernel, the scale by the rule above, the adapters as
+  for the full-precision kernel; an abstract wrap of a kernel carrying the same sharding gives the same."""
+  mesh = make_mesh((2, 4))
+  tree = dj.wrap({"k": jax.random.normal(jax.random.key(0), shape)}, {"k": rule})
+  k = dj.shardings(tree, {"k": spec}, mesh=mesh)["k"]
+  assert (k.w.values, k.w.scale) == (NamedSharding(mesh, spec), NamedSharding(mesh, want))
+  plain = dj.shardings(
+    dj.wrap({"k": jnp.ones(shape)}, {"k": dataclasses.replace(rule, quantize=None, tile_size=None)}),
+    {"k": spec},
+    mesh=mesh,
+  )["k"]
+  assert (k.a, k.b, k.lam, k.w_norm) == (plain.a, plain.b, plain.lam, plain.w_norm)
+  abstract = dj.wrap({"k": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))}, {"k": rule})
+  assert jax.tree.leaves(shardings_of(abstract)) == jax.tree.leaves(k)
+  assert jax.tree.leaves(dj.shardings(abstract)) == jax.tree.leaves(k)  # read from the tree itself
+
+
+def test_quantized_tree_placed_with_derived_shardings_applies_as_on_one_device():
+  """Dense_0 (16, 64) over ("data", "model"): nf4 in 4 tiles, its scale split over data=2 too; Dense_1 (64, 24)
+  over ("model", "data"): int8 per channel (int values into the dot, the output scaled), its scale over data."""
+  rules = {
+    "Dense_0/kernel": dj.Rule(4, init="random", quantize="nf4", tile_size=4),
+    "Dense_1/kernel": dj.Rule(4, init="random", quantize="int8"),
+  }
+  mesh, base_sh, *_ = mesh_setup((2, 4))
+  tree = dj.wrap(PARAMS, rules)
+  sh = dj.shardings(tree, base_sh)
+  assert [sh[m]["kernel"].w.scale.spec for m in sh] == [P("data", "model"), P(None, "data")]
+  placed = jax.device_put(tree, sh)
+  assert jax.tree.leaves(shardings_of(placed)) == jax.tree.leaves(sh)
+  fn = jax.jit(lambda t, x: dj.apply(MODEL, {"params": t}, x, strict=True))
+  got = fn(placed, jax.device_put(X, NamedSharding(mesh, P("data"))))
+  assert rel(got, fn(tree, X)) < RTOL
 
 
 INIT_CASES = [

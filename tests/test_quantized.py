@@ -166,9 +166,8 @@ def test_abstract_wrap_gives_quantized_shapes_and_shardings():
   q = tree["kernel"].w
   assert (q.values.shape, q.values.dtype, q.values.sharding) == ((64, 32), jnp.uint4, sh)
   assert (q.scale.shape, q.scale.dtype) == ((4, 32), jnp.float32)
-  assert q.scale.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-  with pytest.raises(ValueError, match=r"kernel.*not supported yet with quantize="):
-    delora_jax.shardings(tree)
+  assert q.scale.sharding.spec == jax.sharding.PartitionSpec("data", "model")  # 4 tiles over data=2
+  assert jax.tree.leaves(delora_jax.shardings(tree)) == [x.sharding for x in jax.tree.leaves(tree)]
 
 
 def test_adapter_checkpoint_reloads_and_refuses_a_differently_quantized_base(tmp_path):

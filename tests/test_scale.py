@@ -87,6 +87,24 @@ def test_heap_live_peak_is_within_the_temp_extent(tiny):
     assert 0 < entry["ratios"]["delora/lora"]["memory_live_peak"] < 1.05
 
 
+def test_quantized_base_plan(tiny):
+  """--quantize nf4: QDeLoRA and QLoRA on the same quantized base, against the bf16-base run above.
+  memory_analysis() counts the arguments' 4-bit entries packed (two to a byte, as TPU/GPU store them):
+  the arguments equal their bytes from the shardings at the dtypes' own widths, in every mode."""
+  argv = ["--config", "tiny", "--mesh", "4x2", "--seq", "36", "--quantize", "nf4", "--tile-size", "4"]
+  entry = scale.run([*argv, "--modes", "delora,lora"])["meshes"]["4x2"]
+  bf16 = tiny[0]["meshes"]["4x2"]["results"]
+  q = entry["results"]
+  for r in (*q.values(), *bf16.values()):
+    assert r["memory_bytes"]["argument"] == r["memory_bytes"]["argument_from_shardings"]
+  for mode in ("delora", "lora"):
+    mem, ref = q[mode]["memory_bytes"], bf16[mode]["memory_bytes"]
+    assert mem["frozen"] < mem["frozen_cpu_runtime"] and ref["frozen"] == ref["frozen_cpu_runtime"]
+    assert mem["frozen"] < ref["frozen"] and mem["total"] < ref["total"], mode
+    assert q[mode]["opt_state"] == bf16[mode]["opt_state"], mode  # the adapters are the bf16 plan's
+  assert entry["ratios"]["delora/lora"]["memory"] < 1.05
+
+
 def test_collectives_in_a_scan_count_its_trip_count():
   mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
   split = NamedSharding(mesh, P("x"))
@@ -108,8 +126,10 @@ def test_collectives_in_a_scan_count_its_trip_count():
   [
     (["--mesh", "4y2"], "is not a mesh shape"),
     (["--modes", "delora,qlora"], "unknown \\['qlora'\\]"),
+    (["--tile-size", "32"], "--tile-size 32 needs --quantize"),
+    (["--quantize", "nf4", "--modes", "delora,frozen"], "frozen (the bf16 frozen-base step) does not take --quantize"),
   ],
-  ids=["mesh", "mode"],
+  ids=["mesh", "mode", "tile_without_quantize", "frozen_quantized"],
 )
 def test_cli_errors(argv, match, capsys):
   with pytest.raises(SystemExit):
