@@ -585,6 +585,19 @@ def test_quantized_tree_placed_with_derived_shardings_applies_as_on_one_device()
   assert rel(got, fn(tree, X)) < RTOL
 
 
+@pytest.mark.parametrize("scheme,tile", [("nf4", 4), ("int8", None), ("int4", 4)])
+def test_wrap_quantizes_a_sharded_kernel_in_place(scheme, tile):
+  """A kernel already split over the mesh is quantized where it lies: the values keep its sharding (nf4's table
+  lookup included), the scale its derived one; the values equal those of the unsharded kernel."""
+  mesh, base_sh, params, *_ = mesh_setup((2, 4))
+  rule = dj.Rule(4, init="random", quantize=scheme, tile_size=tile)
+  q = dj.wrap(params, {"Dense_0/kernel": rule})["Dense_0"]["kernel"].w
+  want = dj.shardings(dj.wrap(PARAMS, {"Dense_0/kernel": rule}), base_sh)["Dense_0"]["kernel"].w
+  assert q.values.sharding == params["Dense_0"]["kernel"].sharding == NamedSharding(mesh, P("data", "model"))
+  assert q.scale.sharding.is_equivalent_to(want.scale, 2)
+  np.testing.assert_array_equal(q.values, dj.wrap(PARAMS, {"Dense_0/kernel": rule})["Dense_0"]["kernel"].w.values)
+
+
 INIT_CASES = [
   ("dense", (16, 64), P("data", "model"), dj.Rule(4, init="paper")),
   ("reordered-3d", (4, 8, 16), P("model", "data", None), dj.Rule(2, in_axes=(1, 0))),
