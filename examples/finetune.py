@@ -297,37 +297,51 @@ def prepare(args):
   n_train = sum(x.size for x in jax.tree.leaves(delora_jax.split(tree, extra_trainable=HEAD)[0]))
   n_all = sum(x.size for x in jax.tree.leaves(params))
   print(f"trainable: {n_train:,} parameters ({100 * n_train / n_all:.2f}% of {n_all:,})")
-  storage = base_storage(params, bert_tree, base, args)
+  storage = base_storage(params, tree, base, args)
   if args.quantize:
+    mib = lambda bits: f"{bits / 8 / 2**20:.2f} MiB"  # noqa: E731
     print(
-      f"base: the {storage['kernels']} adapted kernels stored {storage['quantize']}; relative error of the "
-      f"dequantized kernels ||W_q - W||_F / ||W||_F: mean {storage['rel_error_mean']:.4f}, "
-      f"max {storage['rel_error_max']:.4f}"
+      f"base: the {storage['kernels']} adapted kernels stored {storage['quantize']}, {mib(storage['base_bits'])} "
+      f"(float32: {mib(storage['base_bits_float'])}); their relative error ||W_q - W||_F / ||W||_F: "
+      f"mean {storage['rel_error_mean']:.4f}, max {storage['rel_error_max']:.4f}"
     )
   return train_set, test_set, model, params, rules, tree, storage
 
 
-def base_storage(params, bert_tree, base, args) -> dict:
-  """How the adapted base kernels are stored (``delora_jax.Rule(quantize=, tile_size=)``) and the
-  error that adds to each: ``||W_q - W||_F / ||W||_F``, ``W_q`` the dequantized kernel."""
+def _bits(tree) -> int:
+  """Bits of the arrays in ``tree``: size times dtype width (4-bit types at 4 bits, as TPU/GPU store them)."""
+  return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree))
+
+
+def base_storage(params, tree, base, args) -> dict:
+  """How the adapted base kernels are stored (``delora_jax.Rule(quantize=, tile_size=)``), their bits
+  against float32, the bits of the whole frozen half of ``split``, and the error quantization adds to
+  each kernel: ``||W_q - W||_F / ||W||_F``, ``W_q`` the dequantized kernel."""
   is_kernel = lambda x: isinstance(x, delora_jax.DeloraKernel)  # noqa: E731
-  errs = jax.tree.leaves(
+  figures = jax.tree.leaves(
     jax.tree.map(
-      lambda k, w, wq: float(jnp.linalg.norm(wq - w) / jnp.linalg.norm(w)) if is_kernel(k) else None,
-      bert_tree,
+      lambda k, w, wq: (
+        (float(jnp.linalg.norm(wq - w) / jnp.linalg.norm(w)), _bits(k.w), _bits(w)) if is_kernel(k) else None
+      ),
+      tree["bert"],
       params,
       base,
       is_leaf=is_kernel,
-    )
+    ),
+    is_leaf=lambda x: isinstance(x, tuple),
   )
-  scheme = args.quantize or "float32"
+  errs, bits, float_bits = (np.array(col) for col in zip(*figures))
+  how = f"{args.quantize} " + (f"tile {args.tile_size}" if args.tile_size else "per channel")
   return {
-    "quantize": scheme + (f" tile {args.tile_size}" if args.tile_size else " per channel" if args.quantize else ""),
+    "quantize": how if args.quantize else "float32 (not quantized)",
     "scheme": args.quantize,
     "tile_size": args.tile_size,
     "kernels": len(errs),
-    "rel_error_mean": float(np.mean(errs)),
-    "rel_error_max": float(np.max(errs)),
+    "base_bits": int(bits.sum()),
+    "base_bits_float": int(float_bits.sum()),
+    "frozen_bits": _bits(delora_jax.split(tree, extra_trainable=HEAD)[1]),
+    "rel_error_mean": float(errs.mean()),
+    "rel_error_max": float(errs.max()),
   }
 
 
