@@ -112,11 +112,12 @@ def test_finetune_quick_on_an_int8_base(finetune_run, tmp_path):
 
 
 def test_finetune_tile_size_needs_quantize(capsys):
+  saved = list(sys.path)
   sys.path.insert(0, EXAMPLES)
   try:
-    import finetune
+    import finetune  # it puts examples/ on sys.path too: restored below
   finally:
-    sys.path.remove(EXAMPLES)
+    sys.path[:] = saved
   with pytest.raises(SystemExit):
     finetune.parse_args(["--tile-size", "32"])
   assert "--tile-size is a block of quantization scales: give it with --quantize" in capsys.readouterr().err
