@@ -456,3 +456,29 @@ def test_nnx_scan_as_maxtext_does_on_a_quantized_base(sid):
   y = nnx.jit(lambda m: m(x))(adapted)
   assert rel(y, delora_jax.nnx.merge(adapted)(x)) < REL
   assert rel(y, model(x)) > 1e-3
+
+
+@pytest.mark.parametrize("sid", ["int8", "nf4_tile2"])
+def test_nnx_layouts_from_like(sid):
+  """tunix's attention output projection (an einsum over two input axes, kernel (heads, head_dim, embed)), its
+  layout inferred from an example input (like=): the scales are per output channel or per tile of the innermost
+  input axis the model contracts; the kernel is factorised and the outputs equal the merged model's."""
+  model = models.TunixEinsum("BTNH,NHD->BTD", (2, 4, 6), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 2, 4))
+  adapted = delora_jax.nnx.wrap(model, {"w": _rule(sid)}, like=(x,))
+  q = delora_jax._nnx.kernels(adapted)["w"].w
+  assert q.input_axes == (0, 1) and q.scale.shape == ((1, 1, 6) if q.tile is None else (1, 2, 6))
+  assert delora_jax.explain(adapted, x)["factorised"] == ["w"]
+  assert rel(adapted(x), delora_jax.nnx.merge(adapted)(x)) < REL
+
+
+@pytest.mark.parametrize("sid", ["int8", "nf4_tile2"])
+def test_nnx_bf16_compute(sid):
+  """nnx.Linear computing in bf16 (dtype=bfloat16, float32 params) on a quantized base: bf16 outputs, equal to
+  the merged model's to bf16 rounding (4 bf16 eps, as the Linen bf16 case)."""
+  model = nnx.Linear(16, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  adapted = delora_jax.nnx.wrap(model, {"kernel": _rule(sid)})
+  y = adapted(x)
+  assert y.dtype == jnp.bfloat16 and delora_jax.explain(adapted, x)["factorised"] == ["kernel"]
+  assert rel(y, delora_jax.nnx.merge(adapted)(x)) < 4 * 2**-8
