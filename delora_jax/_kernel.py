@@ -179,6 +179,31 @@ def body_axis(stack, field: str, ndim: int, i: int) -> int:
   return [q for q in range(ndim) if q not in st][i]
 
 
+def _moveaxis(x: Any, src: tuple[int, ...], dst: tuple[int, ...]) -> Any:
+  """``jnp.moveaxis``, also of an abstract array (a ``ShapeDtypeStruct``: its sharding's spec moved alike)."""
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return jnp.moveaxis(x, src, dst)
+  perm = [p for p in range(x.ndim) if p not in src]
+  for d, s in sorted(zip(dst, src)):
+    perm.insert(d, s)
+  sh = x.sharding
+  if isinstance(sh, jax.sharding.NamedSharding):
+    spec = tuple(sh.spec) + (None,) * (x.ndim - len(sh.spec))
+    sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*(spec[p] for p in perm)))
+  return jax.ShapeDtypeStruct(tuple(x.shape[p] for p in perm), x.dtype, sharding=sh)
+
+
+def _reshape(x: Any, shape: tuple[int, ...]) -> Any:
+  """``x.reshape(shape)`` where only size-1 axes come or go (an abstract array keeps its spec's entries)."""
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return x.reshape(shape)
+  sh = x.sharding
+  if isinstance(sh, jax.sharding.NamedSharding):
+    spec = (tuple(sh.spec) + (None,) * len(shape))[: len(shape)]
+    sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sh)
+
+
 def lead(x: Any, stack, field: str) -> Any:
   """Adapter array ``field`` with its stacked axes first and no padding axes: ``(*S, *own)``."""
   if x is None or not stack:
@@ -187,8 +212,8 @@ def lead(x: Any, stack, field: str) -> Any:
   st = _field_stacks(stack, nb, x.ndim)
   ns = len(st)
   if st != tuple(range(ns)):
-    x = jnp.moveaxis(x, st, tuple(range(ns)))
-  return x if x.ndim == ns + nb else x.reshape(tuple(x.shape[: ns + nb]))
+    x = _moveaxis(x, st, tuple(range(ns)))
+  return x if x.ndim == ns + nb else _reshape(x, tuple(x.shape[: ns + nb]))
 
 
 def place(x: Any, stack, field: str) -> Any:
@@ -199,8 +224,8 @@ def place(x: Any, stack, field: str) -> Any:
   ns, nb = len(stack), BODY_NDIM[field]
   n = max(ns + nb, stack[-1] + 1)
   if n > x.ndim:
-    x = x.reshape(tuple(x.shape) + (1,) * (n - x.ndim))
-  return jnp.moveaxis(x, tuple(range(ns)), tuple(stack))
+    x = _reshape(x, tuple(x.shape) + (1,) * (n - x.ndim))
+  return _moveaxis(x, tuple(range(ns)), tuple(stack))
 
 
 def canonical(k: DeloraKernel) -> dict[str, Any]:

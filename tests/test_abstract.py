@@ -131,3 +131,29 @@ def test_shardings_of_an_abstract_tree_without_shardings_names_the_leaf():
   ):
     dj.shardings(tree)
   dj.shardings(tree, jax.tree.map(lambda s: NamedSharding(MESH, s), SPECS))  # explicit: fine
+
+
+def test_abstract_nnx_model_with_a_layer_axis_inside_its_kernels():
+  """An abstract NNX model (nnx.eval_shape) scanned as MaxText scans (kernels stacked at axis 1, the adapters'
+  frozen arrays layer-first): the adapters are abstract with the shapes of the concrete wrap's, and a kernel
+  sharded over the layer axis gives its w_norm that split on its (moved) layer axis."""
+  from flax import nnx  # noqa: PLC0415
+
+  import delora_jax.nnx  # noqa: F401, PLC0415
+  from tests import test_stacked  # noqa: PLC0415
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(4), ("layers",))
+  rules = test_stacked.nnx_rules(1, True)
+  concrete = dj.nnx.wrap(test_stacked.Decoder(1, nnx.Rngs(0), n_layers=4), rules)
+  abstract = nnx.eval_shape(lambda: test_stacked.Decoder(1, nnx.Rngs(0), n_layers=4))
+  gd, st = nnx.split(abstract)
+  spec = lambda x: P(None, "layers") if x.ndim > 2 else P()  # noqa: E731
+  st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), st)
+  adapted = dj.nnx.wrap(nnx.merge(gd, st), rules)
+  got, want = dj._nnx.kernels(adapted), dj._nnx.kernels(concrete)
+  for p, k in got.items():
+    for f in ("a", "b", "lam", "w_norm"):
+      assert isinstance(getattr(k, f), jax.ShapeDtypeStruct) and getattr(k, f).shape == getattr(want[p], f).shape
+  ad = adapted.layers.query.kernel_delora
+  assert ad.w_norm.get_value().shape == (4, test_stacked.E)  # stored layer-first in NNX
+  assert ad.w_norm.get_value().sharding.spec == P("layers", None)
