@@ -348,6 +348,37 @@ def test_dropin_can_replicate_the_adapters_as_maxtext_lora_does(dropin):
   assert rel(call(replicated, args), call(adapted, args)) < RTOL
 
 
+def test_dropin_declares_the_layer_axis_where_heads_equal_layers():
+  """As many layers as heads (Llama-3 8B: 32 and 32): the scanned out kernel (heads, layers, head_dim, embed)
+  cannot show which axis its scan slices; the drop-in declares it from MaxText's param_scan_axis metadata."""
+  model, _ = build(True, base_num_query_heads=LAYERS, base_num_kv_heads=LAYERS, head_dim=32)
+  cfg = config(
+    True, base_num_query_heads=LAYERS, base_num_kv_heads=LAYERS, head_dim=32, lora={"enable_lora": True, "lora_rank": 4}
+  )
+  adapted = dl_maxtext.apply_delora_to_model(model, None, cfg, lam=2.0, init="random")
+  out = delora_jax._nnx.kernels(adapted)["decoder/layers/self_attention/out/kernel"]
+  assert out.w.shape == (LAYERS, LAYERS, 32, EMBED) and out.stack == (1,)
+  args = inputs()
+  assert delora_jax.explain(adapted, *args, enable_dropout=False)["merged"] == []
+  assert rel(call(adapted, args), call(delora_jax.nnx.merge(adapted), args)) < RTOL
+
+
+def test_dropin_on_maxtext_abstract_model_for_pod_plans():
+  """MaxText's abstract model (create_nnx_abstract_model: ShapeDtypeStructs with its shardings): the adapters
+  come back abstract, sharded as on the concrete model (benchmarks/maxtext_scale.py plans 8B/70B this way)."""
+  from flax.linen import partitioning  # noqa: PLC0415
+
+  cfg = config(True, lora={"enable_lora": True, "lora_rank": 8})
+  mesh = maxtext_utils.get_mesh_from_config(cfg)
+  with jax.set_mesh(mesh), partitioning.axis_rules(cfg.logical_axis_rules):
+    _, abstract = model_creation_utils.create_nnx_abstract_model(cfg, mesh)
+    adapted = dl_maxtext.apply_delora_to_model(abstract, mesh, cfg)
+  leaves = jax.tree.leaves(nnx.state(adapted, delora_jax.nnx.DeloraParam))
+  assert len(leaves) == 3 * len(PROJ) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  a = adapted.decoder.layers.mlp.wi_0.kernel_delora.a.get_value()
+  assert a.shape == (EMBED, LAYERS, 8) and a.sharding.shard_shape(a.shape)[0] == EMBED // mesh.shape["fsdp"]
+
+
 def test_dropin_trains_with_delora_optimizer_on_the_mesh(dropin):
   _, cfg, mesh, _, adapted, _ = dropin
   from flax.linen import partitioning  # noqa: PLC0415

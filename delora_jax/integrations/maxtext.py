@@ -17,6 +17,8 @@ default module paths of MaxText's model families, when ``lora_module_path`` is e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -26,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from delora_jax import _kernel, _lora, _nnx, _sharding
 from delora_jax import nnx as delora_nnx
-from delora_jax._rule import Modules, Rule
+from delora_jax._rule import Modules, Rule, is_module_kernel
 
 __all__ = ["apply_delora_to_model", "module_path", "to_maxtext_lora"]
 
@@ -164,7 +166,27 @@ def _shard(model: nnx.Module, mesh: Any, rules: Any, split: bool = True) -> None
         update["partition_name"] = meta["partition_name"]
       v.set_metadata(**update)
       if several:
-        v.set_value(jax.device_put(x, NamedSharding(mesh, PartitionSpec(*entries))))
+        sh = NamedSharding(mesh, PartitionSpec(*entries))
+        abstract = isinstance(x, jax.ShapeDtypeStruct)  # an abstract model (pod plans): the sharding is recorded
+        v.set_value(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) if abstract else jax.device_put(x, sh))
+
+
+def _rules(model: nnx.Module, pattern: str, rule: Rule) -> dict[Any, Rule]:
+  """``{Modules(pattern): rule}``, with the layer axis declared (``stack_axes``) for each kernel MaxText
+  scans (its ``param_scan_axis`` metadata): where a layer count equals another axis of the kernel
+  (Llama-3 8B: 32 layers and 32 heads in ``out``'s ``(heads, layers, head_dim, embed)``) the model's
+  calls alone cannot tell which axis the scan slices."""
+  regex, key = re.compile(pattern), Modules(pattern)
+  found, scanned = 0, {}
+  for parts, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    path = "/".join(map(str, parts))
+    if not (key.selects(regex, path) and is_module_kernel(path, var.get_value())):
+      continue
+    found += 1
+    psa = var.get_metadata().get("param_scan_axis")
+    if psa is not None:
+      scanned[re.escape(path)] = dataclasses.replace(rule, stack_axes=(int(psa),))
+  return scanned if scanned and len(scanned) == found else {**scanned, key: rule}
 
 
 def apply_delora_to_model(
@@ -262,7 +284,7 @@ def apply_delora_to_model(
     inputs = _dummy_inputs(mesh)
     adapted = delora_nnx.wrap(
       model,
-      {Modules(pattern): Rule(rank, lam, init=init)},
+      _rules(model, pattern, Rule(rank, lam, init=init)),
       like=lambda m: m(**inputs),
       key=key,
       strict=strict,
