@@ -90,7 +90,9 @@ def test_heap_live_peak_is_within_the_temp_extent(tiny):
 def test_quantized_base_plan(tiny):
   """--quantize nf4: QDeLoRA and QLoRA on the same quantized base, against the bf16-base run above.
   memory_analysis() counts the arguments' 4-bit entries packed (two to a byte, as TPU/GPU store them):
-  the arguments equal their bytes from the shardings at the dtypes' own widths, in every mode."""
+  the arguments equal their bytes from the shardings at the dtypes' own widths, in every mode. The arguments
+  shrink by what the frozen base saves; the step's total is not compared: at this size the dequantized kernels'
+  temporaries outweigh the saving (jax 0.12's plan is 0.8% above the bf16 one; 70B: 0.936x, benchmarks/README.md)."""
   argv = ["--config", "tiny", "--mesh", "4x2", "--seq", "36", "--quantize", "nf4", "--tile-size", "4"]
   entry = scale.run([*argv, "--modes", "delora,lora"])["meshes"]["4x2"]
   bf16 = tiny[0]["meshes"]["4x2"]["results"]
@@ -100,7 +102,8 @@ def test_quantized_base_plan(tiny):
   for mode in ("delora", "lora"):
     mem, ref = q[mode]["memory_bytes"], bf16[mode]["memory_bytes"]
     assert mem["frozen"] < mem["frozen_cpu_runtime"] and ref["frozen"] == ref["frozen_cpu_runtime"]
-    assert mem["frozen"] < ref["frozen"] and mem["total"] < ref["total"], mode
+    assert mem["frozen"] < ref["frozen"], mode
+    assert ref["argument"] - mem["argument"] == ref["frozen"] - mem["frozen"], mode
     assert q[mode]["opt_state"] == bf16[mode]["opt_state"], mode  # the adapters are the bf16 plan's
   assert entry["ratios"]["delora/lora"]["memory"] < 1.05
 
