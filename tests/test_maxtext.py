@@ -440,6 +440,10 @@ def test_dropin_bad_input_is_a_clear_error():
     dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_rank=0))
   with pytest.raises(ValueError, match=r"`config.lora.lora_weight_qtype` is 'nf4'"):
     dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_weight_qtype="nf4"))
+  with pytest.raises(
+    ValueError, match=r"rules pattern delora_jax.Modules\('decoder/\('\) is not a valid regular expression"
+  ):
+    dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_module_path="decoder/("))
   with pytest.raises(ValueError, match=r"Modules\('decoder/nothing'\).*proj"):
     dl_maxtext.apply_delora_to_model(model, None, _cfg(lora_module_path="decoder/nothing"))
   mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -156,3 +157,28 @@ def test_quantized_base_lora_folder_gives_the_delora_outputs_on_the_dequantized_
   with jax.enable_x64(True):
     got = MLP().apply({"params": base}, np.asarray(x, np.float64))
   assert rel(got, want) < RTOL
+
+
+def test_to_maxtext_lora_refuses_what_maxtext_lora_cannot_hold():
+  """MaxText's LoRA holds `<module>/kernel_lora_a/_b` with one layer axis: a kernel not named 'kernel', or with two
+  stacked axes, is a clear error naming its path (to_maxtext_lora reads no MaxText; a plain config stands in)."""
+  import types  # noqa: PLC0415
+
+  from delora_jax.integrations import maxtext as dl_maxtext  # noqa: PLC0415
+
+  cfg = types.SimpleNamespace(
+    lora=types.SimpleNamespace(enable_lora=True, lora_rank=2, lora_module_path="", lora_alpha=4.0), param_scan_axis=1
+  )
+  w = jax.random.normal(jax.random.key(0), (6, 4))
+  tree = delora_jax.wrap({"proj": {"w": w}}, {"proj/w": delora_jax.Rule(2, init="random")})
+  with pytest.raises(ValueError, match=r"proj/w: MaxText's LoRA adapts module kernels named 'kernel'"):
+    dl_maxtext.to_maxtext_lora(tree, cfg)
+  w4 = jax.random.normal(jax.random.key(0), (2, 3, 6, 4))
+  tree = delora_jax.wrap({"m": {"kernel": w4}}, {"m/kernel": delora_jax.Rule(2, init="random", stack_axes=2)})
+  with pytest.raises(ValueError, match=r"m/kernel: 2 stacked axes; MaxText's LoRA stacks one layer axis"):
+    dl_maxtext.to_maxtext_lora(tree, cfg)
+  tree = delora_jax.wrap({"m": {"kernel": w}}, {"m/kernel": delora_jax.Rule(2, init="random")})
+  got = dl_maxtext.to_maxtext_lora(tree, cfg)
+  f = delora_jax.to_lora(tree)["m/kernel"]
+  np.testing.assert_array_equal(got["m/kernel_lora_a"], f["lora_a"])
+  np.testing.assert_allclose(got["m/kernel_lora_b"] * 2.0, f["lora_b"], rtol=1e-7)  # alpha / r = 2

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from delora_jax import _kernel, _lora, _nnx, _sharding
+from delora_jax import _kernel, _lora, _nnx, _sharding, _wrap
 from delora_jax import nnx as delora_nnx
 from delora_jax._rule import Modules, Rule, is_module_kernel
 
@@ -176,11 +176,12 @@ def _rules(model: nnx.Module, pattern: str, rule: Rule) -> dict[Any, Rule]:
   scans (its ``param_scan_axis`` metadata): where a layer count equals another axis of the kernel
   (Llama-3 8B: 32 layers and 32 heads in ``out``'s ``(heads, layers, head_dim, embed)``) the model's
   calls alone cannot tell which axis the scan slices."""
-  regex, key = re.compile(pattern), Modules(pattern)
+  key = Modules(pattern)
+  ((_, regex, _),) = _wrap._compile({key: rule})  # noqa: SLF001 (wrap's own selection; a bad regex: its error)
   found, scanned = 0, {}
   for parts, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     path = "/".join(map(str, parts))
-    if not (key.selects(regex, path) and is_module_kernel(path, var.get_value())):
+    if not (_wrap.selects(key, regex, path) and is_module_kernel(path, var.get_value())):
       continue
     found += 1
     psa = var.get_metadata().get("param_scan_axis")
@@ -339,11 +340,11 @@ def to_maxtext_lora(model: nnx.Module, config: Any) -> dict[str, Any]:
       )
     if a.ndim > 3:
       raise ValueError(f"{path}: {a.ndim - 2} stacked axes; MaxText's LoRA stacks one layer axis. Convert per stack.")
-    b = (b.astype(jnp.float32) * (r / alpha)).astype(b.dtype)
-    if a.ndim == 3:  # the layer axis where MaxText's scan keeps Params
-      a, b = jnp.moveaxis(a, 0, psa), jnp.moveaxis(b, 0, psa)
     stem = path.removesuffix("/kernel")
     if stem == path:
       raise ValueError(f"{path}: MaxText's LoRA adapts module kernels named 'kernel'; this path is not one.")
+    b = (b.astype(jnp.float32) * (r / alpha)).astype(b.dtype)
+    if a.ndim == 3:  # the layer axis where MaxText's scan keeps Params
+      a, b = jnp.moveaxis(a, 0, psa), jnp.moveaxis(b, 0, psa)
     out[f"{stem}/kernel_lora_a"], out[f"{stem}/kernel_lora_b"] = a, b
   return out
