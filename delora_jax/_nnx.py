@@ -266,14 +266,12 @@ def _fused_linear(self, ad: Adapter, args, kwargs) -> Any:
   if w.ndim != 2:
     return None
   bias = self.bias.get_value() if self.bias is not None else None
+  u, v = _kernel.factors(ad.kernel(w))
   if _quant.is_quantized(w):  # the base contracted in its quantized form
-    u, v = _kernel.factors(ad.kernel(w))
     x, _, bias = self.promote_dtype((args[0], jnp.zeros((), w.dtype), bias), dtype=self.dtype)
     xd = _ops.branch_input(x, ad.dropout, _dropout_key(ad))
     return _ops.qdense(x, xd, w, u, v, bias, self.precision, 1, (w.shape[1],), ad.path)
   x, w, bias = self.promote_dtype((args[0], w, bias), dtype=self.dtype)
-  k = ad.kernel(w)
-  u, v = _kernel.factors(k)
   xd = _ops.branch_input(x, ad.dropout, _dropout_key(ad))
   return _ops.dense(x, xd, w, u, v, bias, self.precision, 1, (w.shape[1],), ad.path)
 
@@ -423,12 +421,13 @@ def restore(model: nnx.Module, merge: bool) -> nnx.Module:
     cls = type(mod)
     for n in cls._delora_names:  # type: ignore[attr-defined]
       var, ad = vars(mod)[n], vars(mod)[n + SUFFIX]
-      if merge and id(var) not in done:
+      if id(var) not in done:  # once for a tied kernel; unwrap gives a base stored quantized back dequantized
         done.add(id(var))
-        var.set_value(_kernel.merged(ad.kernel(var.get_value())))
-      elif id(var) not in done:  # unwrap: a base stored quantized comes back dequantized
-        done.add(id(var))
-        var.set_value(_quant.array(var.get_value()))
+        w = var.get_value()
+        if merge:
+          var.set_value(_kernel.merged(ad.kernel(w)))
+        elif _quant.is_quantized(w):
+          var.set_value(_quant.dequantize(w))
       delattr(mod, n + SUFFIX)
     mod.__class__ = cls._delora_base  # type: ignore[attr-defined]
   return new
