@@ -369,6 +369,45 @@ def test_factor_bound_rescales_unseen_by_the_model():
   np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6 * float(jnp.abs(before).max()))
 
 
+def test_factor_bound_lands_the_column_past_the_limit_on_it_and_moves_the_rest_by_one_rounding_at_most():
+  import optax  # noqa: PLC0415
+
+  from delora_jax import _optim  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(3), 4)
+  tree = delora_jax.wrap(
+    {"p": jax.random.normal(keys[0], (8, 6)), "q": jax.random.normal(keys[1], (5, 7))},
+    {".*": delora_jax.Rule(3, 2.0, init="random")},
+  )
+  trainable, _ = delora_jax.split(tree)
+  ups = jax.tree.map(lambda x: 10.0 * jax.random.normal(keys[2], x.shape), trainable)
+  grow = ups["p"].a.at[:, 1].set(1e13)  # one column of p's a goes past the limit: the branch runs
+  ups = {"p": ups["p"].replace(a=grow), "q": ups["q"]}
+  got, _ = jax.jit(_optim.bounded_factors().update)(ups, optax.EmptyState(), trainable)
+  new = optax.apply_updates(trainable, got)
+  limit = _optim.factor_limit(jnp.float32)
+  assert float(jnp.linalg.norm(new["p"].a[:, 1])) == pytest.approx(limit, rel=1e-6)
+  plain = optax.apply_updates(trainable, ups)
+  keep = np.array([0, 2])  # p's other columns, and every column and row of q: x + u to one rounding
+  np.testing.assert_array_max_ulp(np.asarray(new["p"].a)[:, keep], np.asarray(plain["p"].a)[:, keep], maxulp=1)
+  for got_x, want in ((new["p"].b, plain["p"].b), (new["q"].a, plain["q"].a), (new["q"].b, plain["q"].b)):
+    np.testing.assert_array_max_ulp(np.asarray(got_x), np.asarray(want), maxulp=1)
+
+
+def test_factor_bound_is_one_branch_for_the_whole_tree():
+  """The norms are checked everywhere; the rescale sits under one lax.cond, so a step with every
+  norm below the limit does not compute it."""
+  import optax  # noqa: PLC0415
+
+  from delora_jax import _optim  # noqa: PLC0415
+
+  tree = delora_jax.wrap({f"k{i}": jnp.ones((6, 4)) for i in range(3)}, {".*": delora_jax.Rule(2, init="random")})
+  trainable, _ = delora_jax.split(tree)
+  jaxpr = jax.make_jaxpr(_optim.bounded_factors().update)(trainable, optax.EmptyState(), trainable)
+  conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == 1 and len(conds[0].outvars) == 6  # a and b of the three kernels
+
+
 @pytest.mark.parametrize("dtype, limit", [("float32", 1e4), ("bfloat16", 1e4), ("float16", 65504**0.5)])
 def test_lam_bound_clips_only_past_the_limit(dtype, limit):
   import optax  # noqa: PLC0415
