@@ -154,7 +154,7 @@ def from_kernel(k: DeloraKernel, w: jax.Array, src: Source, key: Any = None) -> 
   Axes of ``w`` beyond its layout are stacked axes, each slice with its own adapter
   (``_kernel.positions``: leading ones, or wherever the kernel stores them).
   """
-  u, v = _kernel.factors(k)
+  u, v = _kernel.contraction_factors(k, getattr(w, "dtype", None))
   nd = w.ndim
   stacks, ins, outs = _kernel.positions(k, nd)
   stack_shape = tuple(w.shape[p] for p in stacks)

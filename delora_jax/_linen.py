@@ -134,12 +134,13 @@ def _fused_dense(mod: nn.Module, k: _Tracked, args, kwargs) -> jax.Array | None:
     return None  # other contracting axes or a custom dot_general: the generic evaluator
   bias = mod.scope.get_variable("params", "bias") if getattr(mod, "use_bias", False) else None
   promote = getattr(mod, "promote_dtype", nn_dtypes.promote_dtype)
-  u, v = _kernel.factors(k)
   if _quant.is_quantized(k.w):  # the base contracted in its quantized form (_ops.qdense)
     xc, _, bias = promote(x, jnp.zeros((), k.w.dtype), bias, dtype=mod.dtype)
+    u, v = _kernel.contraction_factors(k, k.w.dtype, xc.dtype)
     xd = _ops.branch_input(xc, k.dropout, _dropout_key(mod, k))
     return _ops.qdense(xc, xd, k.w, u, v, bias, mod.precision, n_in, feats, k.path or "kernel")
   xc, w, bias = promote(x, k.w, bias, dtype=mod.dtype)
+  u, v = _kernel.contraction_factors(k, k.w.dtype, xc.dtype)
   xd = _ops.branch_input(xc, k.dropout, _dropout_key(mod, k))
   return _ops.dense(xc, xd, w, u, v, bias, mod.precision, n_in, feats, k.path or "kernel")
 

@@ -266,12 +266,15 @@ def _fused_linear(self, ad: Adapter, args, kwargs) -> Any:
   if w.ndim != 2:
     return None
   bias = self.bias.get_value() if self.bias is not None else None
-  u, v = _kernel.factors(ad.kernel(w))
+  k = ad.kernel(w)
   if _quant.is_quantized(w):  # the base contracted in its quantized form
     x, _, bias = self.promote_dtype((args[0], jnp.zeros((), w.dtype), bias), dtype=self.dtype)
+    u, v = _kernel.contraction_factors(k, w.dtype, x.dtype)
     xd = _ops.branch_input(x, ad.dropout, _dropout_key(ad))
     return _ops.qdense(x, xd, w, u, v, bias, self.precision, 1, (w.shape[1],), ad.path)
+  base_dtype = w.dtype
   x, w, bias = self.promote_dtype((args[0], w, bias), dtype=self.dtype)
+  u, v = _kernel.contraction_factors(k, base_dtype, x.dtype)
   xd = _ops.branch_input(x, ad.dropout, _dropout_key(ad))
   return _ops.dense(x, xd, w, u, v, bias, self.precision, 1, (w.shape[1],), ad.path)
 

@@ -397,3 +397,60 @@ def test_single_device_cpu_programs_use_the_joined_matmul(devices, want):
   proc = subprocess.run([sys.executable, "-c", _FORM_PROBE], env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split("\n")[-2] == want
+
+
+def _scaled_factors(tree, scale):
+  """``tree`` with every ``a`` and ``b`` multiplied by ``scale`` (unseen by the model)."""
+  return jax.tree.map(
+    lambda k: k.replace(a=k.a * scale, b=k.b * scale) if delora_jax._kernel.is_kernel(k) else k,
+    tree,
+    is_leaf=delora_jax._kernel.is_kernel,
+  )
+
+
+def test_contraction_factors_fold_the_scales_into_v_with_the_same_product():
+  from delora_jax import _kernel  # noqa: PLC0415
+
+  tree = delora_jax.wrap(
+    {"kernel": jax.random.normal(jax.random.key(0), (12, 9))}, {"kernel": delora_jax.Rule(4, 3.0, init="random")}
+  )
+  k = tree["kernel"]
+  u, v = _kernel.contraction_factors(k, jnp.float32, jnp.bfloat16)
+  np.testing.assert_array_equal(u, k.w_norm[:, None] * k.a)  # no per-column scale on a's side
+  u0, v0 = _kernel.factors(k)
+  np.testing.assert_allclose(u @ v, u0 @ v0, rtol=1e-5, atol=1e-6 * float(jnp.abs(u0 @ v0).max()))
+
+
+@pytest.mark.parametrize(
+  "case",
+  ["float16 factors", "float16 compute", "float16 base", "paper init"],
+)
+def test_contraction_factors_keep_the_bounded_halves_where_float16_or_a_residual(case):
+  from delora_jax import _kernel  # noqa: PLC0415
+
+  extra = {"dtype": "float16"} if case == "float16 factors" else {}
+  rule = delora_jax.Rule(4, 3.0, init="paper" if case == "paper init" else "random", **extra)
+  k = delora_jax.wrap({"kernel": jax.random.normal(jax.random.key(0), (12, 9))}, {"kernel": rule})["kernel"]
+  dtypes = {"float16 compute": (jnp.float32, jnp.float16), "float16 base": (jnp.float16,)}.get(case, (jnp.float32,))
+  for got, want in zip(_kernel.contraction_factors(k, *dtypes), _kernel.factors(k)):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("module", ["Dense", "DenseGeneral"])
+def test_float16_compute_with_huge_float32_factors_stays_finite(module):
+  """The folded factors are for float32 ranges: a float16 compute dtype (Dense's fused path) or a
+  float16 base (the generic path) keeps the bounded halves, so factors near the optimizer's limit
+  still give finite, right outputs."""
+  if module == "Dense":
+    model, params_dtype = nn.Dense(16, dtype=jnp.float16), jnp.float32
+  else:  # contracting two axes: the generic evaluator, told the compute dtype by the base's
+    model, params_dtype = nn.DenseGeneral(16, axis=(-2, -1), dtype=jnp.float16), jnp.float16
+  x = jax.random.normal(jax.random.key(1), (3, 4, 8)).astype(jnp.float16)
+  params = jax.tree.map(lambda p: p.astype(params_dtype), model.init(jax.random.key(0), x)["params"])
+  rule = delora_jax.Rule(4, 3.0, init="random", dtype="float32")
+  tree = delora_jax.wrap(params, {"kernel": rule}, like=(model, x))
+  big = _scaled_factors(tree, 1e9)  # column norms ~1e9: w_norm * a alone would overflow float16
+  got = delora_jax.apply(model, {"params": big}, x, strict=True)
+  want = delora_jax.apply(model, {"params": tree}, x, strict=True)
+  assert bool(jnp.all(jnp.isfinite(got)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
