@@ -351,8 +351,7 @@ def contraction_factors(k: DeloraKernel, *dtypes: Any) -> tuple[jax.Array, jax.A
   ``|b_k|`` lie between ``NORM_EPS`` and the optimizer's ``factor_limit``. float16 anywhere keeps
   the bounded halves of :func:`normalised`, whose entries float16 holds at any factor scale. The
   generic evaluator passes the base's dtype only (the compute dtype is not known where it builds
-  the factors): a float32 base computed in float16 through it gets the folded factors, finite
-  while ``w_norm`` times an entry of ``a`` stays below float16's 65504.
+  the factors); its contractions in float16 rebalance the factors first (``_ops._factors``).
   """
   c = canonical(k)
   a, b = c["a"], c["b"]
@@ -360,8 +359,11 @@ def contraction_factors(k: DeloraKernel, *dtypes: Any) -> tuple[jax.Array, jax.A
   if not wide or c["res_a"] is not None or any(jnp.dtype(d) == jnp.float16 for d in dtypes if d is not None):
     return factors(k)
   w_norm = lax.stop_gradient(c["w_norm"])
-  v = (b * scales(a, b, c["lam"])[..., :, None]).astype(b.dtype)
-  return w_norm[..., :, None] * a, v
+  # λ/r times the two reciprocals, not λ/r over their product: the derivative of a quotient squares
+  # its denominator, and (|a_k| |b_k|)² passes float32's range at |a_k| |b_k| ~ 1e19 (each factor may
+  # reach 1e12), where its reciprocal flushes to 0 and the norms' gradient terms vanish silently.
+  s = (_wide(c["lam"])[..., None] / a.shape[-1]) * (1.0 / clamped_norm(a, -2)) * (1.0 / clamped_norm(b, -1))
+  return w_norm[..., :, None] * a, (b * s[..., :, None]).astype(b.dtype)
 
 
 def delta_matrix(k: DeloraKernel) -> jax.Array:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from delora_jax import _quant
+from delora_jax import _kernel, _quant
 
 
 def acc(dtype: Any) -> jnp.dtype:
@@ -209,6 +209,25 @@ def qdot(q: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out_dtype: Any) 
 # ---------------------------------------------------------------- generic contractions
 
 
+def _factors(lz: Any, cdt: Any) -> tuple[jax.Array, jax.Array]:
+  """``lz``'s ``u (*S, *ins, r)`` and ``v (*S, r, *outs)`` for a contraction in ``cdt``.
+
+  The generic evaluator builds the factors knowing the base's dtype only, so a float32 base
+  computed in float16 may hold them folded (``_kernel.contraction_factors``: ``u`` of the size of
+  ``a``, ``v`` of its reciprocal), which float16 holds neither way round. In float16 each column of
+  ``u`` is brought to norm 1 in float32 first, ``v`` scaled to match: the same product, and the
+  bounded halves' ranges.
+  """
+  u, v = lz.u, lz.v
+  if jnp.dtype(cdt) != jnp.float16:
+    return u, v
+  ns = len(lz.stacks)
+  c = _kernel.clamped_norm(u.reshape(*u.shape[:ns], -1, u.shape[-1]), -2)  # (*S, r), float32
+  u = (u.astype(c.dtype) / c.reshape(*c.shape[:ns], *(1,) * (u.ndim - ns - 1), -1)).astype(u.dtype)
+  v = (v.astype(c.dtype) * c.reshape(*c.shape, *(1,) * (v.ndim - ns - 1))).astype(v.dtype)
+  return u, v
+
+
 def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) -> jax.Array | None:
   """``out`` (the op on the base) plus the low-rank branch of a ``dot_general``, or None."""
   (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -227,8 +246,9 @@ def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) 
   u_con = tuple(ns + i for i in range(len(lz.ins)))
   x_con = tuple(x_of[p] for p in lz.ins)
   u_b = tuple(lz.stacks.index(p) for p in kb)
+  lu, lv = _factors(lz, cdt)
   h = lax.dot_general(
-    cast(xd, cdt), cast(lz.u, cdt), ((x_con, u_con), (xb, u_b)), precision=precision, preferred_element_type=pref
+    cast(xd, cdt), cast(lu, cdt), ((x_con, u_con), (xb, u_b)), precision=precision, preferred_element_type=pref
   )
   # h: (*batch, *x_free, *rest_stack, r)
   rest = [p for p in lz.stacks if p not in kb]
@@ -237,7 +257,7 @@ def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) 
   v_b = u_b + tuple(lz.stacks.index(p) for p in rest)
   d = lax.dot_general(
     cast(h, cdt),
-    cast(lz.v, cdt),
+    cast(lv, cdt),
     (((h.ndim - 1,), (ns,)), (tuple(range(nb)) + h_rest, v_b)),
     precision=precision,
     preferred_element_type=pref,
@@ -262,8 +282,9 @@ def conv(lz: Any, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | Non
   # u as a conv kernel with r output features at the kernel's output-feature axis.
   src_axis = {p: i for i, p in enumerate(lz.ins)}
   src_axis[o_dim] = len(lz.ins)
-  uk = jnp.transpose(lz.u, [src_axis[p] for p in range(lz.base.ndim)])
   cdt = x.dtype
+  lu, lv = _factors(lz, cdt)
+  uk = jnp.transpose(lu, [src_axis[p] for p in range(lz.base.ndim)])
   pref = None if acc(cdt) == cdt else acc(cdt)
   p = {k: v for k, v in params.items() if k != "preferred_element_type"}
   h = lax.conv_general_dilated_p.bind(
@@ -271,7 +292,7 @@ def conv(lz: Any, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | Non
   )
   f = dn.out_spec[1]
   d = jnp.tensordot(
-    cast(h, cdt), cast(lz.v.reshape(lz.v.shape[0], -1), cdt), axes=((f,), (0,)), preferred_element_type=pref
+    cast(h, cdt), cast(lv.reshape(lv.shape[0], -1), cdt), axes=((f,), (0,)), preferred_element_type=pref
   )
   return out + cast(jnp.moveaxis(d, -1, f), out.dtype)
 
@@ -295,8 +316,9 @@ def ragged_dot(lz: Any, x: jax.Array, group_sizes: jax.Array, params: dict, out:
   # u and v laid out like the kernel: (g, in, r) and (g, r, out) in the kernel's axis order.
   g, i, o = groups[0], lz.ins[0], lz.outs[0]
   order = sorted((g, i, o))
-  u = jnp.transpose(lz.u, [{g: 0, i: 1, o: 2}[p] for p in order])  # r where the output axis is
-  v = jnp.transpose(lz.v, [{g: 0, o: 2, i: 1}[p] for p in order])  # r where the input axis is
+  lu, lv = _factors(lz, cdt)
+  u = jnp.transpose(lu, [{g: 0, i: 1, o: 2}[p] for p in order])  # r where the output axis is
+  v = jnp.transpose(lv, [{g: 0, o: 2, i: 1}[p] for p in order])  # r where the input axis is
   h = lax.ragged_dot_general(
     cast(branch_input(x, lz.src.dropout, lz.key), cdt),
     cast(u, cdt),

@@ -243,10 +243,11 @@ def _over(x: jax.Array, u: jax.Array, axis: int | None) -> tuple[jax.Array, jax.
   if x is None or u is None or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     return None
   limit = factor_limit(jnp.result_type(x))
-  new = x.astype(jnp.float32) + u.astype(jnp.float32)
+  dtype = jnp.promote_types(jnp.promote_types(jnp.result_type(x), jnp.result_type(u)), jnp.float32)
+  new = x.astype(dtype) + u.astype(dtype)  # float64 stays float64 (x64)
   norm = jnp.sqrt(jnp.sum(new * new, axis=axis, keepdims=True))
   over = norm > limit
-  return new, jnp.where(over, limit / norm, 1.0), over
+  return new, jnp.where(over, limit / norm, 1.0).astype(dtype), over
 
 
 def _clip_lam(lam: jax.Array, u: jax.Array) -> jax.Array:
@@ -291,14 +292,15 @@ def _bound(updates: Any, params: Any) -> Any:
     return treedef.unflatten(out)
   # One branch for the whole tree, taken in the rare step where some norm would pass the limit:
   # there x + (new * s - x) lands it on the limit to a few roundings (the terms are of the limit's
-  # size however far past it the update goes) and leaves every other column at x + u to one
-  # rounding. In every other step the updates pass exactly as they came, and the rescale is not
-  # computed at all.
+  # size, where the norm's squares are finite: an entry past ~1e19 in float32 zeroes its column, as
+  # before) and leaves every other column at x + u to one rounding of float32, or of float64 for
+  # float64 factors. In every other step the updates pass exactly as they came, and the rescale is
+  # not computed at all.
   pred = jnp.any(jnp.stack([jnp.any(o[2]) for *_, o in jobs]))
   operands = [(x, u, o[0], o[1]) for _, _, x, u, o in jobs]
   got = lax.cond(
     pred,
-    lambda ops: [lax.convert_element_type(new * s - x.astype(jnp.float32), u.dtype) for x, u, new, s in ops],
+    lambda ops: [lax.convert_element_type(new * s - x.astype(new.dtype), u.dtype) for x, u, new, s in ops],
     lambda ops: [lax.convert_element_type(u, u.dtype) for _, u, _, _ in ops],  # (a weak type dropped)
     operands,
   )

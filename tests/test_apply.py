@@ -436,15 +436,17 @@ def test_contraction_factors_keep_the_bounded_halves_where_float16_or_a_residual
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("module", ["Dense", "DenseGeneral"])
+@pytest.mark.parametrize("module", ["Dense", "Conv f16 base", "Conv f32 base"])
 def test_float16_compute_with_huge_float32_factors_stays_finite(module):
   """The folded factors are for float32 ranges: a float16 compute dtype (Dense's fused path) or a
-  float16 base (the generic path) keeps the bounded halves, so factors near the optimizer's limit
-  still give finite, right outputs."""
+  float16 base (the generic path) keeps the bounded halves, and the generic path rebalances folded
+  factors (a float32 base) before a float16 contraction, so factors near the optimizer's limit
+  still give finite, right outputs and gradients."""
   if module == "Dense":
     model, params_dtype = nn.Dense(16, dtype=jnp.float16), jnp.float32
-  else:  # contracting two axes: the generic evaluator, told the compute dtype by the base's
-    model, params_dtype = nn.DenseGeneral(16, axis=(-2, -1), dtype=jnp.float16), jnp.float16
+  else:  # a convolution: the generic evaluator
+    model = nn.Conv(16, (3,), dtype=jnp.float16)
+    params_dtype = jnp.float16 if "f16" in module else jnp.float32
   x = jax.random.normal(jax.random.key(1), (3, 4, 8)).astype(jnp.float16)
   params = jax.tree.map(lambda p: p.astype(params_dtype), model.init(jax.random.key(0), x)["params"])
   rule = delora_jax.Rule(4, 3.0, init="random", dtype="float32")
@@ -454,3 +456,40 @@ def test_float16_compute_with_huge_float32_factors_stays_finite(module):
   want = delora_jax.apply(model, {"params": tree}, x, strict=True)
   assert bool(jnp.all(jnp.isfinite(got)))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+  def grads(t):
+    trainable, frozen = delora_jax.split(t)
+
+    def loss(tr):
+      y = delora_jax.apply(model, {"params": delora_jax.combine(tr, frozen)}, x, strict=True)
+      return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    return jax.grad(loss)(trainable)["kernel"]
+
+  g_big, g = grads(big), grads(tree)
+  # The model sees a and b through their normalised columns and rows: scaled by 1e9, their gradients
+  # are 1e9 times smaller, λ's the same.
+  for got_g, want_g in ((g_big.a * 1e9, g.a), (g_big.b * 1e9, g.b), (g_big.lam, g.lam)):
+    np.testing.assert_allclose(got_g, want_g, rtol=2e-2, atol=2e-2 * float(jnp.abs(want_g).max()))
+
+
+def test_folded_factors_give_exact_gradients_with_both_factors_near_the_limit():
+  """float32 factors at the optimizer's limit (1e12 each): the scale's gradient terms, with the
+  norms' product near 1e24, stay exact (a quotient by the product squares it past float32)."""
+  model = nn.Dense(7)
+  x = jax.random.normal(jax.random.key(1), (5, 6))
+  params = model.init(jax.random.key(0), x)["params"]
+  tree = delora_jax.wrap(params, {"kernel": delora_jax.Rule(3, 2.0, init="random")})
+
+  def grads(t):
+    trainable, frozen = delora_jax.split(t)
+
+    def loss(tr):
+      return jnp.sum(delora_jax.apply(model, {"params": delora_jax.combine(tr, frozen)}, x, strict=True) ** 2)
+
+    return jax.grad(loss)(trainable)["kernel"]
+
+  scale = 3e11  # column norms of a and row norms of b near 1e12
+  g_big, g = grads(_scaled_factors(tree, scale)), grads(tree)
+  for got_g, want_g in ((g_big.a * scale, g.a), (g_big.b * scale, g.b), (g_big.lam, g.lam)):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6 * float(jnp.abs(want_g).max()))

@@ -394,6 +394,24 @@ def test_factor_bound_lands_the_column_past_the_limit_on_it_and_moves_the_rest_b
     np.testing.assert_array_max_ulp(np.asarray(got_x), np.asarray(want), maxulp=1)
 
 
+def test_factor_bound_branch_keeps_float64_updates_in_float64():
+  """x64: in a step where one column is rescaled, a float64 update elsewhere keeps float64 precision
+  (the branch computes in float32 only for float32 factors)."""
+  import optax  # noqa: PLC0415
+
+  from delora_jax import _optim  # noqa: PLC0415
+
+  with jax.enable_x64(True):
+    rule = delora_jax.Rule(2, 2.0, init="random", dtype="float64")
+    tree = delora_jax.wrap({"p": jnp.ones((6, 4), jnp.float64), "q": jnp.ones((5, 3), jnp.float64)}, {".*": rule})
+    trainable, _ = delora_jax.split(tree)
+    ups = jax.tree.map(lambda x: jnp.full(x.shape, 1e-9, x.dtype), trainable)
+    ups = {"p": ups["p"].replace(a=ups["p"].a.at[:, 0].set(1e13)), "q": ups["q"]}
+    got, _ = _optim.bounded_factors().update(ups, optax.EmptyState(), trainable)
+    assert got["q"].a.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got["q"].a), 1e-9, rtol=1e-6)  # float32 arithmetic gives 0 or 1.2e-7
+
+
 def test_factor_bound_is_one_branch_for_the_whole_tree():
   """The norms are checked everywhere; the rescale sits under one lax.cond, so a step with every
   norm below the limit does not compute it."""
