@@ -273,6 +273,22 @@ def dot(lz: Any, x: jax.Array, lazy_is_lhs: bool, params: dict, out: jax.Array) 
   return out + cast(d, out.dtype)
 
 
+@functools.cache
+def _conv_accumulates_differentiably() -> bool:
+  """Whether this jax differentiates a float16 convolution with a float32 ``preferred_element_type``
+  (jax 0.8's transpose rule refuses it: "requires arguments to have the same dtypes")."""
+
+  def f(x, k):
+    return lax.conv_general_dilated(x, k, (1,), "VALID", preferred_element_type=jnp.float32).sum()
+
+  arg = jax.ShapeDtypeStruct((1, 1, 2), jnp.float16)
+  try:
+    jax.eval_shape(jax.grad(f), arg, arg)
+  except TypeError:
+    return False
+  return True
+
+
 def conv(lz: Any, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | None:
   """``out`` plus the low-rank branch of a ``conv_general_dilated`` (kernel as rhs), or None."""
   dn = params["dimension_numbers"]
@@ -287,9 +303,13 @@ def conv(lz: Any, x: jax.Array, params: dict, out: jax.Array) -> jax.Array | Non
   uk = jnp.transpose(lu, [src_axis[p] for p in range(lz.base.ndim)])
   pref = None if acc(cdt) == cdt else acc(cdt)
   p = {k: v for k, v in params.items() if k != "preferred_element_type"}
+  hdt = cdt
+  if pref is not None and not _conv_accumulates_differentiably():
+    hdt, pref = pref, None  # the branch's convolution in float32 itself
   h = lax.conv_general_dilated_p.bind(
-    cast(branch_input(x, lz.src.dropout, lz.key), cdt), cast(uk, cdt), **p, preferred_element_type=pref
+    cast(branch_input(x, lz.src.dropout, lz.key), hdt), cast(uk, hdt), **p, preferred_element_type=pref
   )
+  pref = None if acc(cdt) == cdt else acc(cdt)
   f = dn.out_spec[1]
   d = jnp.tensordot(
     cast(h, cdt), cast(lv.reshape(lv.shape[0], -1), cdt), axes=((f,), (0,)), preferred_element_type=pref
